@@ -1,0 +1,62 @@
+//! `cargo xtask`: bonsai's command line. Each command lives in its own module as a struct with
+//! `run`; `main` only parses and dispatches. Paths are anchored at [`project_root`].
+
+pub mod boot;
+pub mod build;
+pub mod config;
+pub mod host;
+pub mod list;
+pub mod nix;
+pub mod offline;
+pub mod test;
+pub mod ui;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// bonsai: tiny, reproducible embedded Linux images from Nixpkgs store paths, proven in QEMU.
+#[derive(Parser, Debug)]
+#[command(name = "cargo xtask", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Realise a board's packages and kernel with Nix and write out/<board>/
+    Build(build::Build),
+    /// Boot a built board in QEMU (interactive, or headless with --check)
+    Boot(boot::Boot),
+    /// List boards and profiles, one line each
+    List(list::List),
+    /// Install what the tests need and run the whole test suite
+    Test(test::Test),
+}
+
+/// The repository root (the parent of this crate's folder), whatever the caller's cwd.
+pub fn project_root() -> PathBuf {
+    let dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    dir.parent().map(PathBuf::from).unwrap_or(dir)
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Build(c) => c.run().map(|_| ()),
+        Command::Boot(c) => c.run(),
+        Command::List(c) => c.run(),
+        Command::Test(c) => c.run(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", ui::one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,60 @@
+# bonsai's entry point into Nix. `cargo xtask build` calls
+#   nix-build nix/bonsai.nix --argstr request '<json>' ... -A packages.p0 -A kernelConfig -A kernel
+# request: { "packages": ["busybox", "hello", ...],
+#            "kernel": { "package": "linux" } | { "base": "tinyconfig", "fragments": ["x.config"] } }
+# The package source is the offline set (nix/offline) or a Nixpkgs checkout or flake.
+{ source ? "offline"
+, system
+, hostSystem ? builtins.currentSystem
+, request
+  # offline set
+, debs ? null
+, bootstrap ? null
+, hostTools ? "/usr/bin:/bin"
+, toolchainId ? "unknown"
+  # real Nixpkgs: a path (nixpkgs) or a flake reference (nixpkgsFlake)
+, nixpkgs ? null
+, nixpkgsFlake ? null
+}:
+let
+  req = builtins.fromJSON request;
+
+  pkgs =
+    if source == "offline" then import ./offline { inherit system hostSystem debs bootstrap hostTools toolchainId; }
+    else if source == "nixpkgs" then import ./nixpkgs.nix { inherit nixpkgs nixpkgsFlake system hostSystem; }
+    else throw "bonsai: unknown package source '${source}' (expected offline or nixpkgs)";
+
+  attrByDottedPath = path:
+    let
+      parts = builtins.filter builtins.isString (builtins.split "\\." path);
+      step = acc: part:
+        if builtins.isAttrs acc && acc ? ${part} then acc.${part}
+        else throw "bonsai: package attribute '${path}' does not exist in the ${source} package set";
+    in builtins.foldl' step pkgs parts;
+
+  indexed = list: builtins.listToAttrs (builtins.genList (i: { name = "p${toString i}"; value = builtins.elemAt list i; }) (builtins.length list));
+
+  kernelReq = req.kernel;
+  fromPackage = kernelReq ? package;
+  prebuilt = attrByDottedPath kernelReq.package;
+
+  src = pkgs.linux.src;
+  version = pkgs.linux.version;
+  fragments = map (f: builtins.path { path = ../kernel-configs + "/${f}"; name = f; }) (kernelReq.fragments or [ ]);
+
+  kernelConfig = pkgs.bonsai.mkKernelConfig {
+    inherit src version fragments;
+    base = kernelReq.base or "tinyconfig";
+    script = ./kernel-config.sh;
+  };
+  kernel =
+    if fromPackage then prebuilt
+    else pkgs.linuxManualConfig { inherit src version; configfile = "${kernelConfig}/config"; allowImportFromDerivation = false; };
+in
+{
+  packages = indexed (map attrByDottedPath req.packages);
+  kernelConfig = if fromPackage then null else kernelConfig;
+  inherit kernel;
+  # What the image's SBOM and reports say about the source.
+  meta = { inherit source; linuxVersion = version; };
+}

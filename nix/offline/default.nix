@@ -1,0 +1,242 @@
+# The offline package set: Nixpkgs-shaped derivations built from Debian binary packages.
+#
+# Arguments (passed by `cargo xtask`, which downloads and verifies the .deb files first):
+#   system     the Nix system of the packages ("x86_64-linux", "aarch64-linux")
+#   debs       a folder holding <arch>/<file>.deb for every package in ./<arch>.lock.json
+#   bootstrap  a folder holding the host's static busybox as `busybox` plus `sh -> busybox`
+#   hostTools  PATH of the host toolchain used for C and kernel builds (DESIGN.md: "Host tools
+#              come from the OS"); toolchainId names its version so a new compiler rebuilds
+{ system ? builtins.currentSystem
+, hostSystem ? builtins.currentSystem
+, debs
+, bootstrap
+, hostTools ? "/usr/bin:/bin"
+, toolchainId ? "unknown"
+, hostShell ? "/bin/sh"
+}:
+let
+  archOf = {
+    "x86_64-linux" = { deb = "amd64"; triplet = "x86_64-linux-gnu"; ld = "ld-linux-x86-64.so.2"; kernelArch = "x86_64"; kernelImage = "arch/x86/boot/bzImage"; cross = ""; };
+    "aarch64-linux" = { deb = "arm64"; triplet = "aarch64-linux-gnu"; ld = "ld-linux-aarch64.so.1"; kernelArch = "arm64"; kernelImage = "arch/arm64/boot/Image"; cross = "aarch64-linux-gnu-"; };
+  };
+  unsupported = s: throw "bonsai offline package set: unsupported system ${s} (supported: ${builtins.concatStringsSep ", " (builtins.attrNames archOf)})";
+  target = archOf.${system} or (unsupported system);
+  host = archOf.${hostSystem} or (unsupported hostSystem);
+  # Cross toolchain prefix: empty when building natively.
+  crossPrefix = if system == hostSystem then "" else target.cross;
+
+  # Debian versions without the epoch (store path names cannot hold ':').
+  debVersion = v: let m = builtins.match "[0-9]+:(.*)" v; in if m == null then v else builtins.head m;
+
+  lockFor = a: builtins.fromJSON (builtins.readFile (./. + "/${a.deb}.lock.json"));
+  targetLock = lockFor target;
+  hostLock = lockFor host;
+
+  debFrom = a: lock: name:
+    let p = lock.packages.${name} or (throw "bonsai offline package set: Debian package ${name} is not in nix/offline/${a.deb}.lock.json");
+    in builtins.path { path = debs + "/${a.deb}/${p.file}"; name = p.file; sha256 = p.sha256; recursive = false; };
+  deb = debFrom target targetLock;
+  hostDeb = debFrom host hostLock;
+
+  # The host's static busybox, with a link named `sh` so that argv[0] picks the shell applet.
+  seed = builtins.path { path = bootstrap; name = "bonsai-bootstrap-seed"; };
+
+  # Every busybox applet as a link: the builders' whole userland.
+  tools = derivation {
+    name = "bonsai-bootstrap-tools";
+    system = hostSystem;
+    builder = "${seed}/sh";
+    args = [ "-e" "-c" ''
+      ${seed}/busybox mkdir -p $out/bin
+      ${seed}/busybox cp ${seed}/busybox $out/bin/busybox
+      for a in $(${seed}/busybox --list); do
+        [ "$a" = busybox ] || ${seed}/busybox ln -s busybox $out/bin/$a
+      done
+    '' ];
+  };
+
+  sh = "${tools}/bin/sh";
+
+  # Builds with the host toolchain run under the host's shell: busybox's shell would prefer its
+  # own applets (tar, sed, awk) over the GNU tools that kernel builds expect.
+  runHost = name: env: script: derivation ({
+    inherit name system;
+    builder = hostShell;
+    args = [ "-e" "-c" script ];
+  } // hostBuildEnv // env);
+
+  # A derivation whose builder is a busybox shell script.
+  run = name: env: script: derivation ({
+    inherit name system;
+    builder = sh;
+    args = [ "-e" "-c" script ];
+    PATH = "${tools}/bin";
+  } // env);
+
+  # Lay a Debian package tree out like a Nixpkgs output: usr merged, sbin into bin,
+  # lib/<triplet> into lib, absolute symlinks pointed into $out.
+  layout = a: ''
+    relayout() {
+      u=$1
+      if [ -d $u/usr ]; then cp -a $u/usr/. $u/; rm -rf $u/usr; fi
+      if [ -d $u/sbin ]; then mkdir -p $u/bin; cp -a $u/sbin/. $u/bin/; rm -rf $u/sbin; fi
+      if [ -d $u/lib/${a.triplet} ]; then cp -a $u/lib/${a.triplet}/. $u/lib/; rm -rf $u/lib/${a.triplet}; fi
+      rm -rf $u/lib64
+      mkdir -p $out
+      cp -a $u/. $out/
+      find $out -type l | while read -r l; do
+        t=$(readlink "$l")
+        case "$t" in
+          /*)
+            n=$(echo "$t" | sed -e 's|^/usr/|/|' -e 's|^/sbin/|/bin/|' -e 's|^/lib/${a.triplet}/|/lib/|')
+            if [ -e "$out$n" ] || [ -L "$out$n" ]; then ln -sfn "$out$n" "$l"; else echo "dropping dangling link $l -> $t"; rm -f "$l"; fi ;;
+        esac
+      done
+    }
+  '';
+
+  unpackDebs = list: builtins.concatStringsSep "\n" (map (d: "dpkg-deb -x ${d} $TMPDIR/root") list);
+
+  # Point ELF interpreters at the store glibc and RUNPATHs at the package and its dependencies.
+  patchElves = { glibc, rpath }: ''
+    find $out -type f | while read -r f; do
+      [ "$(head -c 4 "$f" | od -An -c | tr -d ' \n')" = '177ELF' ] || continue
+      if patchelf --print-interpreter "$f" >/dev/null 2>&1; then
+        patchelf --set-interpreter ${glibc}/lib/${target.ld} "$f"
+      fi
+      if [ -n "$(patchelf --print-needed "$f" 2>/dev/null)" ]; then
+        patchelf --set-rpath "${rpath}" "$f"
+      fi
+    done
+  '';
+
+  hostGlibc = run "glibc-${hostLock.packages.libc6.version}" { } ''
+    ${layout host}
+    ${unpackDebsHost [ "libc6" ]}
+    relayout $TMPDIR/root
+  '';
+  unpackDebsHost = names: unpackDebs (map hostDeb names);
+
+  # Debian's patchelf, run through the host glibc's loader (no patching needed to run it).
+  patchelf = run "patchelf-${hostLock.packages.patchelf.version}" { } ''
+    ${layout host}
+    ${unpackDebsHost [ "patchelf" "libstdc++6" "libgcc-s1" ]}
+    relayout $TMPDIR/root
+    mv $out/bin/patchelf $out/bin/.patchelf-real
+    cat > $out/bin/patchelf <<EOS
+    #!${sh}
+    exec ${hostGlibc}/lib/${host.ld} --library-path $out/lib:${hostGlibc}/lib $out/bin/.patchelf-real "\$@"
+    EOS
+    chmod +x $out/bin/patchelf
+  '';
+
+  # mkDeb: one Nixpkgs-like package from one or more Debian packages.
+  mkDeb = { pname, debNames, deps ? [ ], withGlibc ? true, postInstall ? "" }:
+    let
+      version = debVersion targetLock.packages.${builtins.head debNames}.version;
+      rpathDeps = deps ++ (if withGlibc then [ glibc ] else [ ]);
+    in
+    run "${pname}-${version}" { PATH = "${tools}/bin:${patchelf}/bin"; } ''
+      ${layout target}
+      ${unpackDebs (map deb debNames)}
+      relayout $TMPDIR/root
+      ${postInstall}
+      ${if withGlibc then patchElves { inherit glibc; rpath = builtins.concatStringsSep ":" ([ "$out/lib" ] ++ map (d: "${d}/lib") rpathDeps); } else ""}
+    '' // { inherit pname version; meta.debian = map (n: { name = n; inherit (targetLock.packages.${n}) version sha256; }) debNames; };
+
+  glibc = run "glibc-${targetLock.packages.libc6.version}" { } ''
+    ${layout target}
+    ${unpackDebs [ (deb "libc6") ]}
+    relayout $TMPDIR/root
+  '' // { pname = "glibc"; version = targetLock.packages.libc6.version; };
+
+  busybox = mkDeb { pname = "busybox"; debNames = [ "busybox-static" ]; withGlibc = false; postInstall = ''
+    # Nixpkgs' busybox output has bin/busybox plus one link per applet.
+    for a in $($out/bin/busybox --list 2>/dev/null || ${tools}/bin/busybox --list); do
+      [ -e $out/bin/$a ] || ln -s busybox $out/bin/$a
+    done
+  ''; };
+
+  skalibs = mkDeb { pname = "skalibs"; debNames = [ "libskarnet2.13" ]; };
+  execline = mkDeb { pname = "execline"; debNames = [ "execline" "libexecline2.9" ]; deps = [ skalibs ]; };
+  s6 = mkDeb { pname = "s6"; debNames = [ "s6" "libs6-2.11" ]; deps = [ execline skalibs ]; };
+  runit = mkDeb { pname = "runit"; debNames = [ "runit" ]; postInstall = ''
+    # Nixpkgs' runit has runit-init in bin/.
+    ln -s ../lib/runit/runit-init $out/bin/runit-init
+  ''; };
+  zlib = mkDeb { pname = "zlib"; debNames = [ "zlib1g" ]; };
+  libxcrypt = mkDeb { pname = "libxcrypt"; debNames = [ "libcrypt1" ]; };
+  libtommath = mkDeb { pname = "libtommath"; debNames = [ "libtommath1" ]; };
+  libtomcrypt = mkDeb { pname = "libtomcrypt"; debNames = [ "libtomcrypt1" ]; deps = [ libtommath ]; };
+  dropbear = mkDeb { pname = "dropbear"; debNames = [ "dropbear-bin" ]; deps = [ zlib libxcrypt libtomcrypt libtommath ]; };
+
+  kernelSource = run "linux-${targetLock.packages.linux-source.version}.tar.xz" { } ''
+    dpkg-deb -x ${deb "linux-source"} $TMPDIR/root
+    cp $TMPDIR/root/usr/src/linux-source-*.tar.xz $out
+  '';
+
+  # The prebuilt distribution kernel (Debian's cloud flavour): $out/<image>, modules, config.
+  linux = run "linux-${targetLock.packages.linux-image.version}" { } ''
+    dpkg-deb -x ${deb "linux-image"} $TMPDIR/root
+    mkdir -p $out
+    cp $TMPDIR/root/boot/vmlinuz-* $out/${builtins.baseNameOf target.kernelImage}
+    cp $TMPDIR/root/boot/config-* $out/config
+    if [ -d $TMPDIR/root/lib/modules ]; then mkdir -p $out/lib; cp -a $TMPDIR/root/lib/modules $out/lib/; fi
+  '' // {
+    pname = "linux";
+    version = builtins.head (builtins.match "([^-]+)-.*" targetLock.packages.linux-source.version);
+    src = kernelSource;
+    kernelImage = builtins.baseNameOf target.kernelImage;
+  };
+
+  # Kernel builds use the host's C toolchain; the store path changes with toolchainId.
+  hostBuildEnv = {
+    PATH = "${hostTools}:${tools}/bin";
+    inherit toolchainId;
+    KBUILD_BUILD_TIMESTAMP = "1970-01-01";
+    KBUILD_BUILD_USER = "bonsai";
+    KBUILD_BUILD_HOST = "bonsai";
+    SOURCE_DATE_EPOCH = "1";
+  };
+
+  # Same calling convention as Nixpkgs' linuxManualConfig (the subset bonsai uses).
+  linuxManualConfig = { version, src, configfile, modDirVersion ? version, ... }:
+    runHost "linux-${version}" { inherit src configfile; } ''
+      mkdir -p $TMPDIR/src && cd $TMPDIR/src
+      tar -xf $src --strip-components=1
+      cp $configfile .config
+      chmod u+w .config
+      make ARCH=${target.kernelArch} CROSS_COMPILE=${crossPrefix} olddefconfig >/dev/null
+      make ARCH=${target.kernelArch} CROSS_COMPILE=${crossPrefix} -j''${NIX_BUILD_CORES:-2} ${builtins.baseNameOf target.kernelImage}
+      mkdir -p $out
+      cp ${target.kernelImage} $out/
+      cp .config $out/config
+      if grep -q '^CONFIG_MODULES=y' .config; then
+        make ARCH=${target.kernelArch} CROSS_COMPILE=${crossPrefix} -j''${NIX_BUILD_CORES:-2} modules
+        make ARCH=${target.kernelArch} CROSS_COMPILE=${crossPrefix} INSTALL_MOD_PATH=$out INSTALL_MOD_STRIP=1 modules_install
+        rm -f $out/lib/modules/*/build $out/lib/modules/*/source
+      fi
+    '' // { pname = "linux"; inherit version modDirVersion; kernelImage = builtins.baseNameOf target.kernelImage; };
+
+  # A team's own program: C, built with -g (unstripped), dynamically linked to the store glibc.
+  hello = runHost "hello-1.0" { src = ./src/hello.c; PATH = "${hostTools}:${tools}/bin:${patchelf}/bin"; } ''
+    mkdir -p $out/bin
+    ${crossPrefix}gcc -g -O2 -o $out/bin/hello $src
+    patchelf --set-interpreter ${glibc}/lib/${target.ld} --set-rpath ${glibc}/lib $out/bin/hello
+  '' // { pname = "hello"; version = "1.0"; };
+in
+{
+  inherit glibc busybox skalibs execline s6 runit zlib libxcrypt libtommath libtomcrypt dropbear linux linuxManualConfig hello;
+  # Tools for bonsai's own glue (kernel configs): the bootstrap userland and the host toolchain.
+  bonsai = {
+    inherit tools patchelf;
+    kernelArch = target.kernelArch;
+    mkKernelConfig = { src, version, base, fragments, script }:
+      runHost "linux-config-${version}" ({
+        inherit src base;
+        fragments = builtins.concatStringsSep " " (map toString fragments);
+        kernelArch = target.kernelArch;
+        inherit crossPrefix;
+      }) "sh ${script}";
+  };
+}

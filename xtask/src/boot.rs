@@ -1,0 +1,188 @@
+//! `cargo xtask boot --board <b> [--check]`: boot the built image in QEMU. Interactive by
+//! default (serial console on the terminal, Ctrl-A X quits); `--check` boots headless, runs
+//! the checks baked into the image and judges the console. The QEMU command comes from the
+//! board file alone, through the `qemu` crate, for every caller.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::Args;
+
+use qemu::{Accel, Check, Event, Expect, QemuSpec, UserNet};
+
+use crate::build::{read_info, Build, BuildInfo};
+use crate::config::{Board, Config, INITS};
+use crate::{host, project_root, ui};
+
+#[derive(Args, Debug)]
+pub struct Boot {
+    /// Board to boot
+    #[arg(long, default_value = "qemu-x86_64")]
+    pub board: String,
+    /// Profile (rebuilds when out/<board> holds another)
+    #[arg(long)]
+    pub profile: Option<String>,
+    /// Init backend (rebuilds when out/<board> holds another)
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(INITS))]
+    pub init: Option<String>,
+    /// Boot headless, run the checks, exit 0 only if every one passed
+    #[arg(long)]
+    pub check: bool,
+    /// Seconds to wait for the guest (default: the board's qemu.boot-timeout)
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    /// Print the QEMU command line and exit
+    #[arg(long)]
+    pub print: bool,
+    /// Show every console line while checking
+    #[arg(long, short)]
+    pub verbose: bool,
+}
+
+/// The outcome of a check boot.
+pub struct CheckOutcome {
+    pub report: qemu::Report,
+    pub log: PathBuf,
+}
+
+impl Boot {
+    pub fn run(self) -> Result<()> {
+        let root = project_root();
+        let cfg = Config::new(&root);
+        let board = cfg.load_board(&self.board)?;
+        let out = root.join("out").join(&board.name);
+        let info = self.ensure_built(&out)?;
+        let spec = qemu_spec(&board, &out, &info, None)?;
+        if self.print {
+            println!("{}", spec.command_line(qemu::Mode::Interactive));
+            return Ok(());
+        }
+        host::ensure_program(&board.qemu.binary, board.arch.qemu_package())?;
+        if !self.check {
+            ui::step(format!("boot {} (Ctrl-A X quits QEMU)", board.name));
+            qemu::boot_interactive(&spec).map_err(|e| anyhow::anyhow!("{e}"))?;
+            return Ok(());
+        }
+        let timeout = Duration::from_secs(self.timeout.unwrap_or(board.qemu.boot_timeout));
+        let outcome = check(&board, &out, &info, &spec, timeout, self.verbose)?;
+        let r = &outcome.report;
+        println!(
+            "check passed: {} ({}, init {}): ready at {:.2} s guest uptime, {}/{} checks, {:.1} s wall, log {}",
+            board.name,
+            info.profile,
+            info.init,
+            r.ready_uptime,
+            r.checks.len(),
+            r.checks.len(),
+            r.wall.as_secs_f64(),
+            outcome.log.strip_prefix(&root).unwrap_or(&outcome.log).display()
+        );
+        Ok(())
+    }
+
+    fn ensure_built(&self, out: &Path) -> Result<BuildInfo> {
+        let info = read_info(out);
+        let stale = match &info {
+            None => Some("nothing is built yet".to_string()),
+            Some(i) => match (&self.init, &self.profile) {
+                (Some(init), _) if *init != i.init => Some(format!("it holds init {}", i.init)),
+                (_, Some(p)) if *p != i.profile => Some(format!("it holds profile {}", i.profile)),
+                _ => None,
+            },
+        };
+        match stale {
+            None => Ok(info.unwrap()),
+            Some(why) => {
+                ui::step(format!("building {} first ({why})", self.board));
+                let built = Build {
+                    board: self.board.clone(),
+                    profile: self.profile.clone(),
+                    init: self.init.clone(),
+                    ..Build::default()
+                }
+                .run()?;
+                Ok(built.info)
+            }
+        }
+    }
+}
+
+/// The QEMU invocation for a board's built image: the single source of truth.
+pub fn qemu_spec(board: &Board, out: &Path, info: &BuildInfo, host_forward: Option<(u16, u16)>) -> Result<QemuSpec> {
+    let kernel = out.join(&info.kernel);
+    let initrd = out.join(&info.initramfs);
+    for f in [&kernel, &initrd] {
+        if !f.is_file() {
+            bail!("{} is missing; run cargo xtask build --board {}", f.display(), board.name);
+        }
+    }
+    let mut append = format!("console={}", board.console);
+    if !board.kernel.cmdline.trim().is_empty() {
+        append.push(' ');
+        append.push_str(board.kernel.cmdline.trim());
+    }
+    Ok(QemuSpec {
+        binary: board.qemu.binary.clone(),
+        install_hint: Some(format!("apt-get install {}", board.arch.qemu_package())),
+        machine: board.qemu.machine.clone(),
+        cpu: board.qemu.cpu.clone(),
+        memory: board.qemu.memory.clone(),
+        smp: board.qemu.smp,
+        kernel,
+        initrd,
+        dtb: None,
+        append,
+        accel: Accel::detect(),
+        network: board.qemu.net_device.as_ref().map(|d| UserNet {
+            device: d.clone(),
+            host_forwards: host_forward.into_iter().collect(),
+        }),
+        drives: Vec::new(),
+        extra_args: board.qemu.extra_args.clone(),
+    })
+}
+
+/// Boots headless, runs the image's checks and judges the console.
+pub fn check(board: &Board, out: &Path, info: &BuildInfo, spec: &QemuSpec, timeout: Duration, verbose: bool) -> Result<CheckOutcome> {
+    let checks: Vec<Check> = info
+        .checks
+        .iter()
+        .map(|c| Check {
+            name: c.name.clone(),
+            run: c.run.clone(),
+            expect: match (&c.expect, &c.contains) {
+                (Some(e), _) => Some(Expect::Equals(e.clone())),
+                (None, Some(c)) => Some(Expect::Contains(c.clone())),
+                (None, None) => None,
+            },
+            exit: c.exit,
+        })
+        .collect();
+    let nonce = qemu::protocol::new_nonce();
+    let log = out.join("serial.log");
+    ui::step(format!(
+        "boot {} headless under {} and run {} checks (timeout {} s)",
+        board.name,
+        format!("{:?}", spec.accel).to_uppercase(),
+        checks.len(),
+        timeout.as_secs()
+    ));
+    let mut progress = |e: Event| match e {
+        Event::Started { command } => {
+            if verbose {
+                ui::detail(command)
+            }
+        }
+        Event::Ready { uptime } => ui::detail(format!("ready at {uptime:.2} s guest uptime")),
+        Event::CheckDone { name, passed } => ui::detail(format!("{} {name}", if passed { "ok  " } else { "FAIL" })),
+        Event::Line(l) => {
+            if verbose {
+                eprintln!("    | {l}")
+            }
+        }
+    };
+    let report = qemu::boot_check(spec, &nonce, &checks, timeout, &log, &mut progress)
+        .map_err(|e| anyhow::anyhow!("boot check of {} failed: {e} (serial log: {})", board.name, log.display()))?;
+    Ok(CheckOutcome { report, log })
+}

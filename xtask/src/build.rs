@@ -1,0 +1,294 @@
+//! `cargo xtask build --board <b>`: plan, realise with Nix, assemble the root tree, pack,
+//! and write `out/<board>/` atomically (kernel, initramfs, manifest.json, build.json).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+use rootfs::{ComposeSpec, PackOptions, Tree};
+
+use crate::config::{Board, Config, KernelSource, Profile, INITS};
+use crate::nix::{self, Eval, PackageSource};
+use crate::{project_root, ui};
+
+#[derive(Args, Debug, Clone, Default)]
+pub struct Build {
+    /// Board to build (see `cargo xtask list`)
+    #[arg(long, default_value = "qemu-x86_64")]
+    pub board: String,
+    /// Profile to build instead of the board's default
+    #[arg(long)]
+    pub profile: Option<String>,
+    /// Init backend instead of the profile's choice
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(INITS))]
+    pub init: Option<String>,
+    /// Use real Nixpkgs (a path or a flake reference) instead of the offline package set;
+    /// also settable with BONSAI_NIXPKGS
+    #[arg(long)]
+    pub nixpkgs: Option<String>,
+    /// Output folder (default: out/<board>)
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// What a build wrote, kept as out/<board>/build.json.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BuildInfo {
+    pub board: String,
+    pub profile: String,
+    pub init: String,
+    pub source: String,
+    pub kernel: String,
+    pub initramfs: String,
+    pub kernel_bytes: u64,
+    pub initramfs_bytes: u64,
+    pub initramfs_uncompressed_bytes: u64,
+    pub files: u64,
+    pub store_paths: Vec<String>,
+    pub source_date_epoch: u64,
+    /// The checks baked into the image, in order (what `boot --check` judges).
+    pub checks: Vec<crate::config::CheckSpec>,
+}
+
+pub struct Built {
+    pub out: PathBuf,
+    pub info: BuildInfo,
+}
+
+impl Build {
+    pub fn run(self) -> Result<Built> {
+        let timer = ui::Timer::start();
+        let root = project_root();
+        let cfg = Config::new(&root);
+        let board = cfg.load_board(&self.board)?;
+        let profile_name = self.profile.clone().unwrap_or_else(|| board.profile.clone());
+        let profile = cfg.load_profile(&profile_name)?;
+        let init = self.init.clone().unwrap_or_else(|| profile.init.clone());
+        if init != "busybox" {
+            bail!("init backend '{init}' is not available yet; this build supports: busybox");
+        }
+        let source = match self.nixpkgs.clone().or_else(|| std::env::var("BONSAI_NIXPKGS").ok()) {
+            Some(r) => PackageSource::Nixpkgs(r),
+            None => PackageSource::Offline,
+        };
+        let out = self.out.clone().unwrap_or_else(|| root.join("out").join(&board.name));
+        ui::step(format!(
+            "build {} (profile {}, init {init}, packages from {})",
+            board.name,
+            profile.name,
+            source.describe()
+        ));
+
+        if let (PackageSource::Offline, KernelSource::Build { .. }) = (&source, &board.kernel.source) {
+            crate::host::ensure(crate::host::KERNEL_TOOLS, &[crate::host::LIBELF_HEADER])?;
+        }
+        let eval = Eval::new(&root, &board, &profile.packages, &source)?;
+
+        // The kernel's config first: a dropped option must stop the build before a long compile.
+        if let KernelSource::Build { .. } = board.kernel.source {
+            ui::step("realise kernel config");
+            let cfg_dir = eval.build(&["kernelConfig".into()], "kernel config")?.remove(0);
+            let report = nix::read_config_report(&cfg_dir)?;
+            if let Some(bad) = report.iter().find(|o| !o.survived) {
+                bail!(
+                    "kernel option {}={} from kernel-configs/{} was dropped by olddefconfig (it became {}); check its dependencies",
+                    bad.option,
+                    bad.wanted,
+                    bad.fragment,
+                    bad.got
+                );
+            }
+        }
+        ui::step(format!("realise {} packages and the kernel", profile.packages.len()));
+        let mut attrs: Vec<String> = (0..profile.packages.len()).map(|i| format!("packages.p{i}")).collect();
+        attrs.push("kernel".into());
+        let mut paths = eval.build(&attrs, "realising packages")?;
+        let kernel_pkg = paths.pop().unwrap();
+        let kernel_image = nix::kernel_image(&kernel_pkg, board.arch)?;
+
+        ui::step("read closure");
+        let closure = nix::closure(&paths)?;
+        let tree = assemble(&board, &profile, &paths, &closure)?;
+
+        let epoch = source_date_epoch(&root)?;
+        let info = write_output(&board, &profile, &init, &source, &kernel_image, &tree, &closure, epoch, &out)?;
+        println!(
+            "built {}: kernel {} , initramfs {} ({} uncompressed, {} files from {} store paths) in {:.1} s -> {}",
+            board.name,
+            ui::size(info.kernel_bytes),
+            ui::size(info.initramfs_bytes),
+            ui::size(info.initramfs_uncompressed_bytes),
+            info.files,
+            info.store_paths.len(),
+            timer.secs(),
+            display_rel(&root, &out)
+        );
+        Ok(Built { out, info })
+    }
+}
+
+fn display_rel(root: &Path, p: &Path) -> String {
+    p.strip_prefix(root).unwrap_or(p).display().to_string()
+}
+
+/// The first assembly: whole store paths of the closure, plus bonsai's own files.
+fn assemble(
+    board: &Board,
+    profile: &Profile,
+    package_paths: &[PathBuf],
+    closure: &std::collections::BTreeMap<String, nix::PathInfo>,
+) -> Result<Tree> {
+    ui::step(format!("assemble {} store paths", closure.len()));
+    let mut tree = Tree::new();
+    for path in closure.keys() {
+        let rel = path.trim_start_matches('/');
+        tree.add_host_tree(rel, Path::new(path), Some(path.as_str()))
+            .with_context(|| format!("copying {path}"))?;
+    }
+    let mut bin_links = Vec::new();
+    let mut busybox = None;
+    for (attr, pkg) in profile.packages.iter().zip(package_paths) {
+        let pkg_s = pkg.display().to_string();
+        if attr == "busybox" || pkg_s.contains("-busybox-") {
+            busybox.get_or_insert(pkg_s.clone());
+        }
+        let bin = pkg.join("bin");
+        if let Ok(entries) = fs::read_dir(&bin) {
+            let mut names: Vec<String> = entries.filter_map(|e| e.ok()).filter_map(|e| e.file_name().into_string().ok()).collect();
+            names.sort();
+            for n in names {
+                if !n.starts_with('.') {
+                    bin_links.push((n.clone(), format!("{pkg_s}/bin/{n}")));
+                }
+            }
+        }
+    }
+    let busybox = busybox.with_context(|| {
+        format!("profiles/{}.toml: the busybox init needs the busybox package in packages", profile.name)
+    })?;
+    let checks = all_checks(board, profile).into_iter().map(|c| (c.name, c.run)).collect();
+    let spec = ComposeSpec {
+        busybox,
+        bin_links,
+        hostname: board.name.clone(),
+        board: board.name.clone(),
+        profile: profile.name.clone(),
+        checks,
+    };
+    rootfs::compose(&mut tree, &spec)?;
+    Ok(tree)
+}
+
+/// The board's checks, then the profile's.
+pub fn all_checks(board: &Board, profile: &Profile) -> Vec<crate::config::CheckSpec> {
+    board.checks.iter().chain(&profile.checks).cloned().collect()
+}
+
+/// SOURCE_DATE_EPOCH from the environment, else the last commit's time, else 0.
+pub fn source_date_epoch(root: &Path) -> Result<u64> {
+    if let Ok(v) = std::env::var("SOURCE_DATE_EPOCH") {
+        return v.trim().parse().with_context(|| format!("SOURCE_DATE_EPOCH={v} is not a number of seconds"));
+    }
+    let out = std::process::Command::new("git")
+        .args(["log", "-1", "--format=%ct"])
+        .current_dir(root)
+        .output();
+    Ok(out
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(0))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_output(
+    board: &Board,
+    profile: &Profile,
+    init: &str,
+    source: &PackageSource,
+    kernel_image: &Path,
+    tree: &Tree,
+    closure: &std::collections::BTreeMap<String, nix::PathInfo>,
+    epoch: u64,
+    out: &Path,
+) -> Result<BuildInfo> {
+    let parent = out.parent().context("output folder has no parent")?;
+    fs::create_dir_all(parent).with_context(|| format!("cannot create output folder {}", parent.display()))?;
+    let name = out.file_name().context("output folder has no name")?.to_string_lossy().to_string();
+    // Everything is written into a fresh folder beside the output, then swapped in.
+    let stage = tempfile::Builder::new()
+        .prefix(&format!(".{name}.tmp-"))
+        .tempdir_in(parent)
+        .with_context(|| format!("cannot write to output folder {}", parent.display()))?;
+
+    let kernel_bytes = fs::metadata(kernel_image)?.len();
+    if let Some(max) = board.budget.kernel {
+        if kernel_bytes > max {
+            bail!("boards/{}.toml: budget.kernel: kernel is {} ({kernel_bytes} B), over the budget of {} ({max} B)", board.name, ui::size(kernel_bytes), ui::size(max));
+        }
+    }
+    fs::copy(kernel_image, stage.path().join("kernel")).context("copying the kernel")?;
+    let mut perms = fs::metadata(stage.path().join("kernel"))?.permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o644);
+    fs::set_permissions(stage.path().join("kernel"), perms)?;
+
+    ui::step(format!("pack initramfs ({}, {} entries)", board.compression.name(), tree.len()));
+    let initramfs_name = board.compression.file_name();
+    let mtime = u32::try_from(epoch).context("SOURCE_DATE_EPOCH does not fit a cpio mtime")?;
+    let report = rootfs::pack(
+        tree,
+        &PackOptions { compression: board.compression, level: None, mtime },
+        &stage.path().join(initramfs_name),
+    )?;
+    if let Some(max) = board.budget.initramfs {
+        if report.compressed_bytes > max {
+            bail!(
+                "boards/{}.toml: budget.initramfs: initramfs is {}, over the budget of {}",
+                board.name,
+                ui::size(report.compressed_bytes),
+                ui::size(max)
+            );
+        }
+    }
+    let manifest = rootfs::manifest(tree)?;
+    fs::write(stage.path().join("manifest.json"), manifest.to_json())?;
+    let info = BuildInfo {
+        board: board.name.clone(),
+        profile: profile.name.clone(),
+        init: init.to_string(),
+        source: source.describe(),
+        kernel: "kernel".into(),
+        initramfs: initramfs_name.into(),
+        kernel_bytes,
+        initramfs_bytes: report.compressed_bytes,
+        initramfs_uncompressed_bytes: report.cpio.archive_bytes,
+        files: manifest.totals.files,
+        store_paths: closure.keys().cloned().collect(),
+        source_date_epoch: epoch,
+        checks: all_checks(board, profile),
+    };
+    fs::write(stage.path().join("build.json"), serde_json::to_string_pretty(&info)? + "\n")?;
+
+    // Swap the new folder in; the old one is removed only once the new one is in place.
+    let stage = stage.keep();
+    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+    if out.exists() {
+        fs::rename(out, &old).with_context(|| format!("moving the previous {} aside", out.display()))?;
+    }
+    if let Err(e) = fs::rename(&stage, out) {
+        let _ = fs::rename(&old, out);
+        let _ = fs::remove_dir_all(&stage);
+        return Err(e).with_context(|| format!("moving the new output into {}", out.display()));
+    }
+    let _ = fs::remove_dir_all(&old);
+    Ok(info)
+}
+
+/// Reads out/<board>/build.json.
+pub fn read_info(out: &Path) -> Option<BuildInfo> {
+    let text = fs::read_to_string(out.join("build.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}

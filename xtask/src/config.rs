@@ -1,0 +1,680 @@
+//! Boards and profiles: strict TOML, parsed raw, then validated into the forms the rest uses.
+//!
+//! Every error names the file, and where TOML can tell, the line and column
+//! (`boards/x.toml:3:1: unknown field ...`), on one line.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+use rootfs::Compression;
+
+/// The init backends a profile may pick.
+pub const INITS: &[&str] = &["busybox", "runit", "s6", "bonsai-init"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    X86_64,
+    Aarch64,
+}
+
+impl Arch {
+    pub fn parse(s: &str) -> Option<Arch> {
+        match s {
+            "x86_64" => Some(Arch::X86_64),
+            "aarch64" => Some(Arch::Aarch64),
+            _ => None,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64",
+            Arch::Aarch64 => "aarch64",
+        }
+    }
+    /// Debian's name for the architecture.
+    pub fn debian(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "amd64",
+            Arch::Aarch64 => "arm64",
+        }
+    }
+    /// ELF e_machine of the architecture.
+    pub fn elf_machine(self) -> u16 {
+        match self {
+            Arch::X86_64 => 62,
+            Arch::Aarch64 => 183,
+        }
+    }
+    /// The Debian package that holds `qemu-system-<arch>`.
+    pub fn qemu_package(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "qemu-system-x86",
+            Arch::Aarch64 => "qemu-system-arm",
+        }
+    }
+}
+
+// ---------------------------------------------------------------- raw forms (as in the files)
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct RawBoard {
+    description: String,
+    arch: String,
+    nix_system: String,
+    rust_target: String,
+    console: String,
+    profile: String,
+    #[serde(default)]
+    compression: Option<String>,
+    kernel: RawKernel,
+    #[serde(default)]
+    budget: RawBudget,
+    qemu: RawQemu,
+    #[serde(default)]
+    check: Vec<CheckSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct RawKernel {
+    base: Option<String>,
+    #[serde(default)]
+    fragments: Vec<String>,
+    package: Option<String>,
+    #[serde(default)]
+    cmdline: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct RawBudget {
+    kernel: Option<String>,
+    initramfs: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct RawQemu {
+    binary: String,
+    machine: String,
+    cpu: Option<String>,
+    memory: String,
+    #[serde(default = "one")]
+    smp: u32,
+    net_device: Option<String>,
+    #[serde(default)]
+    extra_args: Vec<String>,
+    #[serde(default = "default_timeout")]
+    boot_timeout: u64,
+    #[serde(default)]
+    known_good: Vec<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+fn default_timeout() -> u64 {
+    60
+}
+
+/// One check the guest runs in `boot --check`; its output is judged on the host.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct CheckSpec {
+    pub name: String,
+    /// A shell command (busybox sh) run in the guest.
+    pub run: String,
+    /// The whole output, trimmed, must equal this.
+    pub expect: Option<String>,
+    /// The output must contain this.
+    pub contains: Option<String>,
+    /// The expected exit status (default 0).
+    #[serde(default)]
+    pub exit: i32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct RawProfile {
+    description: String,
+    #[serde(default)]
+    inherit: Vec<String>,
+    #[serde(default)]
+    packages: Vec<String>,
+    init: Option<String>,
+    #[serde(default)]
+    check: Vec<CheckSpec>,
+}
+
+// ---------------------------------------------------------------- validated forms
+
+#[derive(Debug, Clone)]
+pub struct Board {
+    pub name: String,
+    pub file: PathBuf,
+    pub description: String,
+    pub arch: Arch,
+    pub nix_system: String,
+    pub rust_target: String,
+    pub console: String,
+    pub profile: String,
+    pub compression: Compression,
+    pub kernel: KernelSpec,
+    pub budget: Budget,
+    pub qemu: QemuConfig,
+    pub checks: Vec<CheckSpec>,
+}
+
+#[derive(Debug, Clone)]
+pub enum KernelSource {
+    /// Built by Nix from `base` plus fragments under kernel-configs/.
+    Build { base: String, fragments: Vec<String> },
+    /// A prebuilt kernel package (attribute path).
+    Package(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct KernelSpec {
+    pub source: KernelSource,
+    pub cmdline: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Budget {
+    pub kernel: Option<u64>,
+    pub initramfs: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct QemuConfig {
+    pub binary: String,
+    pub machine: String,
+    pub cpu: Option<String>,
+    pub memory: String,
+    pub smp: u32,
+    pub net_device: Option<String>,
+    pub extra_args: Vec<String>,
+    pub boot_timeout: u64,
+    pub known_good: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Profile {
+    pub name: String,
+    pub file: PathBuf,
+    pub description: String,
+    /// Own and inherited packages, parents first, without duplicates.
+    pub packages: Vec<String>,
+    pub init: String,
+    pub checks: Vec<CheckSpec>,
+    /// Profiles this one inherits, directly or not, parents first.
+    pub ancestors: Vec<String>,
+}
+
+// ---------------------------------------------------------------- loading
+
+/// Reads and parses a TOML file strictly, with one-line errors naming file:line:column.
+fn read_toml<T: serde::de::DeserializeOwned>(file: &Path, shown: &str) -> Result<T> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {shown}"))?;
+    toml::from_str(&text).map_err(|e| {
+        let msg = e.message().trim().replace('\n', " ");
+        match e.span() {
+            Some(span) => {
+                let (line, col) = line_col(&text, span.start);
+                anyhow::anyhow!("{shown}:{line}:{col}: {msg}")
+            }
+            None => anyhow::anyhow!("{shown}: {msg}"),
+        }
+    })
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+    (line, col)
+}
+
+/// Lists the names of `*.toml` files in a folder, sorted.
+pub fn list_names(dir: &Path) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    let entries = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+    for e in entries {
+        let path = e?.path();
+        if path.extension().is_some_and(|x| x == "toml") {
+            if let Some(stem) = path.file_stem().and_then(|s| s.to_str()) {
+                names.push(stem.to_string());
+            }
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Parses a size such as `2 MiB`, `512KiB`, `16M` or `1048576` into bytes.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" | "k" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+pub struct Config {
+    pub root: PathBuf,
+}
+
+impl Config {
+    pub fn new(root: &Path) -> Config {
+        Config { root: root.to_path_buf() }
+    }
+
+    pub fn boards_dir(&self) -> PathBuf {
+        self.root.join("boards")
+    }
+    pub fn profiles_dir(&self) -> PathBuf {
+        self.root.join("profiles")
+    }
+
+    pub fn board_names(&self) -> Result<Vec<String>> {
+        list_names(&self.boards_dir())
+    }
+    pub fn profile_names(&self) -> Result<Vec<String>> {
+        list_names(&self.profiles_dir())
+    }
+
+    pub fn load_board(&self, name: &str) -> Result<Board> {
+        let file = self.boards_dir().join(format!("{name}.toml"));
+        let shown = format!("boards/{name}.toml");
+        if !valid_name(name) || !file.is_file() {
+            let known = self.board_names().unwrap_or_default().join(", ");
+            bail!("unknown board '{name}' (no {shown}); known boards: {known}");
+        }
+        let raw: RawBoard = read_toml(&file, &shown)?;
+        let key_err = |key: &str, msg: String| anyhow::anyhow!("{shown}: key '{key}': {msg}");
+
+        let arch = Arch::parse(&raw.arch)
+            .ok_or_else(|| key_err("arch", format!("unknown architecture '{}' (expected x86_64 or aarch64)", raw.arch)))?;
+        let expected_system = format!("{}-linux", arch.name());
+        if raw.nix_system != expected_system {
+            return Err(key_err(
+                "nix-system",
+                format!("'{}' does not match arch {} (expected {expected_system})", raw.nix_system, arch.name()),
+            ));
+        }
+        let compression = match raw.compression.as_deref() {
+            None => Compression::Gzip,
+            Some(c) => c.parse::<Compression>().map_err(|e| key_err("compression", e.to_string()))?,
+        };
+        let source = match (raw.kernel.package, raw.kernel.base) {
+            (Some(_), Some(_)) => {
+                return Err(key_err("kernel.package", "give either a prebuilt package or base + fragments, not both".into()))
+            }
+            (Some(pkg), None) => {
+                if !raw.kernel.fragments.is_empty() {
+                    return Err(key_err("kernel.fragments", "fragments need kernel.base, not kernel.package".into()));
+                }
+                KernelSource::Package(pkg)
+            }
+            (None, base) => {
+                let base = base.unwrap_or_else(|| "tinyconfig".into());
+                if !["tinyconfig", "defconfig", "allnoconfig"].contains(&base.as_str()) {
+                    return Err(key_err(
+                        "kernel.base",
+                        format!("unknown base config '{base}' (expected tinyconfig, defconfig or allnoconfig)"),
+                    ));
+                }
+                for f in &raw.kernel.fragments {
+                    if !valid_file_name(f) || !self.root.join("kernel-configs").join(f).is_file() {
+                        return Err(key_err("kernel.fragments", format!("no fragment kernel-configs/{f}")));
+                    }
+                }
+                KernelSource::Build { base, fragments: raw.kernel.fragments }
+            }
+        };
+        let budget = Budget {
+            kernel: parse_budget(&raw.budget.kernel, "budget.kernel", &shown)?,
+            initramfs: parse_budget(&raw.budget.initramfs, "budget.initramfs", &shown)?,
+        };
+        if raw.qemu.boot_timeout == 0 {
+            return Err(key_err("qemu.boot-timeout", "must be at least 1 second".into()));
+        }
+        validate_checks(&raw.check, &shown)?;
+        if !valid_name(&raw.profile) || !self.profiles_dir().join(format!("{}.toml", raw.profile)).is_file() {
+            let known = self.profile_names().unwrap_or_default().join(", ");
+            return Err(key_err("profile", format!("unknown profile '{}'; known profiles: {known}", raw.profile)));
+        }
+        Ok(Board {
+            name: name.to_string(),
+            file,
+            description: raw.description,
+            arch,
+            nix_system: raw.nix_system,
+            rust_target: raw.rust_target,
+            console: raw.console,
+            profile: raw.profile,
+            compression,
+            kernel: KernelSpec { source, cmdline: raw.kernel.cmdline },
+            budget,
+            qemu: QemuConfig {
+                binary: raw.qemu.binary,
+                machine: raw.qemu.machine,
+                cpu: raw.qemu.cpu,
+                memory: raw.qemu.memory,
+                smp: raw.qemu.smp,
+                net_device: raw.qemu.net_device,
+                extra_args: raw.qemu.extra_args,
+                boot_timeout: raw.qemu.boot_timeout,
+                known_good: raw.qemu.known_good,
+            },
+            checks: raw.check,
+        })
+    }
+
+    /// Loads a profile with everything it inherits. Cycles and diamonds are errors.
+    pub fn load_profile(&self, name: &str) -> Result<Profile> {
+        let mut raws = BTreeMap::new();
+        let mut stack = Vec::new();
+        self.load_raw_profile(name, &mut stack, &mut raws)?;
+        // Diamond check: every ancestor must be reachable along exactly one path.
+        let mut seen: BTreeMap<String, String> = BTreeMap::new();
+        let mut order = Vec::new();
+        self.linearize(name, name, &raws, &mut seen, &mut order)?;
+
+        let own = &raws[name];
+        let mut packages: Vec<String> = Vec::new();
+        let mut checks = Vec::new();
+        let mut init = None;
+        for p in &order {
+            let raw = &raws[p];
+            for pkg in &raw.packages {
+                if !packages.contains(pkg) {
+                    packages.push(pkg.clone());
+                }
+            }
+            checks.extend(raw.check.iter().cloned());
+            if raw.init.is_some() {
+                init = raw.init.clone();
+            }
+        }
+        let shown = format!("profiles/{name}.toml");
+        let init = init.unwrap_or_else(|| "busybox".into());
+        if !INITS.contains(&init.as_str()) {
+            bail!("{shown}: key 'init': unknown init '{init}' (expected one of {})", INITS.join(", "));
+        }
+        if packages.is_empty() {
+            bail!("{shown}: key 'packages': the profile and its parents name no packages");
+        }
+        Ok(Profile {
+            name: name.to_string(),
+            file: self.profiles_dir().join(format!("{name}.toml")),
+            description: own.description.clone(),
+            packages,
+            init,
+            checks,
+            ancestors: order[..order.len() - 1].to_vec(),
+        })
+    }
+
+    fn load_raw_profile(&self, name: &str, stack: &mut Vec<String>, raws: &mut BTreeMap<String, RawProfile>) -> Result<()> {
+        if let Some(pos) = stack.iter().position(|n| n == name) {
+            let mut chain = stack[pos..].join(" -> ");
+            let _ = write!(chain, " -> {name}");
+            bail!("profiles/{}.toml: key 'inherit': inheritance cycle {chain}", stack.last().unwrap());
+        }
+        if raws.contains_key(name) {
+            return Ok(());
+        }
+        let file = self.profiles_dir().join(format!("{name}.toml"));
+        let shown = format!("profiles/{name}.toml");
+        if !valid_name(name) || !file.is_file() {
+            let known = self.profile_names().unwrap_or_default().join(", ");
+            match stack.last() {
+                Some(child) => bail!("profiles/{child}.toml: key 'inherit': unknown profile '{name}'; known profiles: {known}"),
+                None => bail!("unknown profile '{name}' (no {shown}); known profiles: {known}"),
+            }
+        }
+        let raw: RawProfile = read_toml(&file, &shown)?;
+        validate_checks(&raw.check, &shown)?;
+        for p in &raw.packages {
+            if !valid_attr_path(p) {
+                bail!("{shown}: key 'packages': '{p}' is not a Nix attribute path");
+            }
+        }
+        let parents = raw.inherit.clone();
+        raws.insert(name.to_string(), raw);
+        stack.push(name.to_string());
+        for parent in parents {
+            self.load_raw_profile(&parent, stack, raws)?;
+        }
+        stack.pop();
+        Ok(())
+    }
+
+    fn linearize(
+        &self,
+        top: &str,
+        name: &str,
+        raws: &BTreeMap<String, RawProfile>,
+        seen: &mut BTreeMap<String, String>,
+        order: &mut Vec<String>,
+    ) -> Result<()> {
+        for parent in &raws[name].inherit {
+            if let Some(first) = seen.get(parent) {
+                bail!(
+                    "profiles/{top}.toml: key 'inherit': profile '{parent}' is inherited twice (through '{first}' and '{name}'); diamonds are not allowed"
+                );
+            }
+            seen.insert(parent.clone(), name.to_string());
+            self.linearize(top, parent, raws, seen, order)?;
+        }
+        order.push(name.to_string());
+        Ok(())
+    }
+}
+
+fn parse_budget(v: &Option<String>, key: &str, shown: &str) -> Result<Option<u64>> {
+    match v {
+        None => Ok(None),
+        Some(s) => parse_size(s)
+            .map(Some)
+            .ok_or_else(|| anyhow::anyhow!("{shown}: key '{key}': '{s}' is not a size (like 2 MiB, 512 KiB, 1048576)")),
+    }
+}
+
+fn validate_checks(checks: &[CheckSpec], shown: &str) -> Result<()> {
+    for c in checks {
+        if c.expect.is_some() && c.contains.is_some() {
+            bail!("{shown}: check '{}': give expect or contains, not both", c.name);
+        }
+        if c.run.trim().is_empty() {
+            bail!("{shown}: check '{}': key 'run' is empty", c.name);
+        }
+    }
+    Ok(())
+}
+
+/// Board and profile names: what can be a file name without surprises.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        && !s.starts_with('-')
+}
+
+fn valid_file_name(s: &str) -> bool {
+    !s.is_empty() && !s.contains('/') && s != "." && s != ".."
+}
+
+fn valid_attr_path(s: &str) -> bool {
+    !s.is_empty()
+        && s.split('.').all(|p| {
+            !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_'+".contains(c))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, rel: &str, text: &str) {
+        let p = dir.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+
+    fn project() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), "kernel-configs/k.config", "CONFIG_X=y\n");
+        write(d.path(), "profiles/base.toml", "description = \"b\"\npackages = [\"busybox\"]\n");
+        write(
+            d.path(),
+            "boards/b.toml",
+            r#"description = "d"
+arch = "x86_64"
+nix-system = "x86_64-linux"
+rust-target = "x86_64-unknown-linux-musl"
+console = "ttyS0"
+profile = "base"
+[kernel]
+fragments = ["k.config"]
+[qemu]
+binary = "qemu-system-x86_64"
+machine = "q35"
+memory = "256M"
+"#,
+        );
+        d
+    }
+
+    #[test]
+    fn every_shipped_board_and_profile_validates() {
+        let root = crate::project_root();
+        let cfg = Config::new(&root);
+        let boards = cfg.board_names().unwrap();
+        assert!(boards.contains(&"qemu-x86_64".to_string()));
+        for b in boards {
+            let board = cfg.load_board(&b).unwrap_or_else(|e| panic!("{e:#}"));
+            cfg.load_profile(&board.profile).unwrap_or_else(|e| panic!("{e:#}"));
+        }
+        for p in cfg.profile_names().unwrap() {
+            cfg.load_profile(&p).unwrap_or_else(|e| panic!("{e:#}"));
+        }
+    }
+
+    #[test]
+    fn minimal_board_loads_with_defaults() {
+        let d = project();
+        let b = Config::new(d.path()).load_board("b").unwrap();
+        assert_eq!(b.compression, Compression::Gzip);
+        assert_eq!(b.qemu.boot_timeout, 60);
+        assert!(matches!(b.kernel.source, KernelSource::Build { ref base, .. } if base == "tinyconfig"));
+    }
+
+    #[test]
+    fn unknown_board_lists_known_ones() {
+        let d = project();
+        let e = Config::new(d.path()).load_board("nope").unwrap_err().to_string();
+        assert_eq!(e, "unknown board 'nope' (no boards/nope.toml); known boards: b");
+    }
+
+    #[test]
+    fn malformed_toml_names_file_line_and_column() {
+        let d = project();
+        write(d.path(), "boards/bad.toml", "arch = \"x86_64\"\nthis is not toml\n");
+        let e = Config::new(d.path()).load_board("bad").unwrap_err().to_string();
+        assert!(e.starts_with("boards/bad.toml:2:"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let d = project();
+        let text = std::fs::read_to_string(d.path().join("boards/b.toml")).unwrap();
+        write(d.path(), "boards/u.toml", &text.replace("console =", "colour = \"red\"\nconsole ="));
+        let e = Config::new(d.path()).load_board("u").unwrap_err().to_string();
+        assert!(e.starts_with("boards/u.toml:5:1: unknown field `colour`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let d = project();
+        let text = std::fs::read_to_string(d.path().join("boards/b.toml")).unwrap();
+        write(d.path(), "boards/t.toml", &text.replace("memory = \"256M\"", "memory = \"256M\"\nsmp = \"two\""));
+        let e = Config::new(d.path()).load_board("t").unwrap_err().to_string();
+        assert!(e.starts_with("boards/t.toml:13:7: invalid type: string \"two\", expected u32"), "{e}");
+    }
+
+    #[test]
+    fn missing_fragment_is_named() {
+        let d = project();
+        let text = std::fs::read_to_string(d.path().join("boards/b.toml")).unwrap();
+        write(d.path(), "boards/f.toml", &text.replace("k.config", "nope.config"));
+        let e = Config::new(d.path()).load_board("f").unwrap_err().to_string();
+        assert_eq!(e, "boards/f.toml: key 'kernel.fragments': no fragment kernel-configs/nope.config");
+    }
+
+    #[test]
+    fn inheritance_merges_parents_first() {
+        let d = project();
+        write(d.path(), "profiles/mid.toml", "description = \"m\"\ninherit = [\"base\"]\npackages = [\"hello\", \"busybox\"]\ninit = \"runit\"\n");
+        write(d.path(), "profiles/top.toml", "description = \"t\"\ninherit = [\"mid\"]\npackages = [\"s6\"]\n");
+        let p = Config::new(d.path()).load_profile("top").unwrap();
+        assert_eq!(p.packages, ["busybox", "hello", "s6"]);
+        assert_eq!(p.init, "runit");
+        assert_eq!(p.ancestors, ["base", "mid"]);
+    }
+
+    #[test]
+    fn inheritance_cycle_is_an_error() {
+        let d = project();
+        write(d.path(), "profiles/a.toml", "description = \"a\"\ninherit = [\"b\"]\npackages = [\"x\"]\n");
+        write(d.path(), "profiles/b.toml", "description = \"b\"\ninherit = [\"a\"]\n");
+        let e = Config::new(d.path()).load_profile("a").unwrap_err().to_string();
+        assert_eq!(e, "profiles/b.toml: key 'inherit': inheritance cycle a -> b -> a");
+    }
+
+    #[test]
+    fn inheritance_diamond_is_an_error() {
+        let d = project();
+        write(d.path(), "profiles/l.toml", "description = \"l\"\ninherit = [\"base\"]\n");
+        write(d.path(), "profiles/r.toml", "description = \"r\"\ninherit = [\"base\"]\n");
+        write(d.path(), "profiles/top.toml", "description = \"t\"\ninherit = [\"l\", \"r\"]\n");
+        let e = Config::new(d.path()).load_profile("top").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "profiles/top.toml: key 'inherit': profile 'base' is inherited twice (through 'l' and 'r'); diamonds are not allowed"
+        );
+    }
+
+    #[test]
+    fn unknown_parent_and_init_are_named() {
+        let d = project();
+        write(d.path(), "profiles/o.toml", "description = \"o\"\ninherit = [\"ghost\"]\n");
+        let e = Config::new(d.path()).load_profile("o").unwrap_err().to_string();
+        assert!(e.starts_with("profiles/o.toml: key 'inherit': unknown profile 'ghost'"), "{e}");
+        write(d.path(), "profiles/i.toml", "description = \"i\"\npackages = [\"x\"]\ninit = \"systemd\"\n");
+        let e = Config::new(d.path()).load_profile("i").unwrap_err().to_string();
+        assert_eq!(e, "profiles/i.toml: key 'init': unknown init 'systemd' (expected one of busybox, runit, s6, bonsai-init)");
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("2 MiB"), Some(2 << 20));
+        assert_eq!(parse_size("512KiB"), Some(512 << 10));
+        assert_eq!(parse_size("100"), Some(100));
+        assert_eq!(parse_size("2 parsecs"), None);
+    }
+}

@@ -1,0 +1,211 @@
+//! Nix glue: realise a board's packages and kernel through `nix/bonsai.nix`, and read the
+//! closure graph (paths, references, NAR sizes and hashes) with `nix path-info`.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+use crate::config::{Arch, Board, KernelSource};
+use crate::host;
+use crate::offline;
+use crate::ui;
+
+/// Where packages come from.
+#[derive(Debug, Clone)]
+pub enum PackageSource {
+    /// nix/offline, built from pinned Debian packages.
+    Offline,
+    /// A Nixpkgs checkout (path) or flake reference.
+    Nixpkgs(String),
+}
+
+impl PackageSource {
+    pub fn describe(&self) -> String {
+        match self {
+            PackageSource::Offline => "offline".into(),
+            PackageSource::Nixpkgs(r) => format!("nixpkgs {r}"),
+        }
+    }
+}
+
+/// The arguments for one evaluation of nix/bonsai.nix.
+pub struct Eval {
+    pub args: Vec<String>,
+}
+
+impl Eval {
+    pub fn new(root: &Path, board: &Board, packages: &[String], source: &PackageSource) -> Result<Eval> {
+        let kernel = match &board.kernel.source {
+            KernelSource::Build { base, fragments } => serde_json::json!({ "base": base, "fragments": fragments }),
+            KernelSource::Package(p) => serde_json::json!({ "package": p }),
+        };
+        let request = serde_json::json!({ "packages": packages, "kernel": kernel }).to_string();
+        let mut args = vec![
+            root.join("nix/bonsai.nix").display().to_string(),
+            "--argstr".into(),
+            "system".into(),
+            board.nix_system.clone(),
+            "--argstr".into(),
+            "request".into(),
+            request,
+        ];
+        match source {
+            PackageSource::Offline => {
+                let inputs = offline::prepare(root, board.arch)?;
+                let host_arch = offline::host_arch()?;
+                let cc = if board.arch == host_arch { "gcc".to_string() } else { format!("{}-linux-gnu-gcc", board.arch.name()) };
+                let toolchain = if host::find_program(&cc).is_some() { host::version_line(&cc)? } else { "none".into() };
+                args.extend([
+                    "--argstr".into(),
+                    "hostSystem".into(),
+                    format!("{}-linux", host_arch.name()),
+                    "--arg".into(),
+                    "debs".into(),
+                    inputs.debs.display().to_string(),
+                    "--arg".into(),
+                    "bootstrap".into(),
+                    inputs.bootstrap.display().to_string(),
+                    "--argstr".into(),
+                    "toolchainId".into(),
+                    toolchain,
+                ]);
+            }
+            PackageSource::Nixpkgs(r) => {
+                args.extend(["--argstr".into(), "source".into(), "nixpkgs".into()]);
+                let as_path = Path::new(r);
+                if as_path.exists() {
+                    let abs = as_path.canonicalize().with_context(|| format!("resolving --nixpkgs {r}"))?;
+                    args.extend(["--arg".into(), "nixpkgs".into(), abs.display().to_string()]);
+                } else {
+                    args.extend(["--argstr".into(), "nixpkgsFlake".into(), r.clone()]);
+                }
+            }
+        }
+        Ok(Eval { args })
+    }
+
+    /// Builds the given attributes of nix/bonsai.nix and returns their output paths in order.
+    pub fn build(&self, attrs: &[String], what: &str) -> Result<Vec<PathBuf>> {
+        let mut cmd = Command::new("nix-build");
+        cmd.args(&self.args).arg("--no-out-link");
+        for a in attrs {
+            cmd.arg("-A").arg(a);
+        }
+        let out = run_nix(cmd, what)?;
+        let paths: Vec<PathBuf> = out.lines().filter(|l| l.starts_with('/')).map(PathBuf::from).collect();
+        if paths.len() != attrs.len() {
+            bail!("nix-build returned {} paths for {} attributes ({what})", paths.len(), attrs.len());
+        }
+        Ok(paths)
+    }
+}
+
+/// Runs a Nix command, streaming what it builds as progress, and returns its stdout. On
+/// failure, the error is bonsai's own message from the evaluation if there is one, else the
+/// last lines of Nix's log.
+fn run_nix(mut cmd: Command, what: &str) -> Result<String> {
+    host::ensure(&[host::NIX], &[])?;
+    for (k, v) in host::nix_env() {
+        cmd.env(k, v);
+    }
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().context("running nix-build")?;
+    let stdout = child.stdout.take().unwrap();
+    let out_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut BufReader::new(stdout), &mut s);
+        s
+    });
+    let mut log: Vec<String> = Vec::new();
+    let stderr = child.stderr.take().unwrap();
+    for line in BufReader::new(stderr).lines() {
+        let line = line.unwrap_or_default();
+        if let Some(rest) = line.strip_prefix("building '") {
+            let drv = rest.split('\'').next().unwrap_or(rest);
+            let name = drv.rsplit('/').next().unwrap_or(drv);
+            let name = name.get(33..).unwrap_or(name).trim_end_matches(".drv");
+            let hint = if name.starts_with("linux-") && !name.contains("config") && !name.ends_with(".tar.xz") {
+                " (a kernel: several minutes when cold; Nix caches it)"
+            } else {
+                ""
+            };
+            ui::detail(format!("nix: building {name}{hint}"));
+        }
+        log.push(line);
+    }
+    let status = child.wait().context("waiting for nix-build")?;
+    let stdout = out_thread.join().unwrap_or_default();
+    if !status.success() {
+        if let Some(msg) = log.iter().find_map(|l| l.split("error: bonsai: ").nth(1).or_else(|| l.split("bonsai: ").nth(1).filter(|_| l.contains("error")))) {
+            bail!("{what}: {}", msg.trim());
+        }
+        let tail: Vec<&str> = log.iter().rev().filter(|l| !l.trim().is_empty()).take(12).map(|s| s.as_str()).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        bail!("{what} failed; last lines of Nix's log:\n{}", tail.join("\n"));
+    }
+    Ok(stdout)
+}
+
+/// One store path of a closure.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PathInfo {
+    pub path: String,
+    pub nar_hash: String,
+    pub nar_size: u64,
+    #[serde(default)]
+    pub references: Vec<String>,
+}
+
+/// The closure of `roots`: every store path they reference, directly or not.
+pub fn closure(roots: &[PathBuf]) -> Result<BTreeMap<String, PathInfo>> {
+    let mut cmd = Command::new("nix");
+    cmd.args(["path-info", "--json", "--recursive"]).args(roots);
+    let out = run_nix(cmd, "reading the closure")?;
+    let infos: Vec<PathInfo> = serde_json::from_str(&out).context("parsing nix path-info --json")?;
+    Ok(infos.into_iter().map(|i| (i.path.clone(), i)).collect())
+}
+
+/// The kernel image file inside a kernel package's output.
+pub fn kernel_image(kernel: &Path, arch: Arch) -> Result<PathBuf> {
+    let names: &[&str] = match arch {
+        Arch::X86_64 => &["bzImage", "vmlinuz"],
+        Arch::Aarch64 => &["Image", "vmlinuz"],
+    };
+    names
+        .iter()
+        .map(|n| kernel.join(n))
+        .find(|p| p.is_file())
+        .with_context(|| format!("kernel package {} holds no {}", kernel.display(), names.join(" or ")))
+}
+
+/// One line of the kernel-config report: an option a fragment set, and what became of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigOption {
+    pub option: String,
+    pub wanted: String,
+    pub got: String,
+    pub fragment: String,
+    pub survived: bool,
+}
+
+pub fn read_config_report(dir: &Path) -> Result<Vec<ConfigOption>> {
+    let text = std::fs::read_to_string(dir.join("report")).with_context(|| format!("reading {}/report", dir.display()))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            (f.len() == 5).then(|| ConfigOption {
+                option: f[0].into(),
+                wanted: f[1].into(),
+                got: f[2].into(),
+                fragment: f[3].into(),
+                survived: f[4] == "ok",
+            })
+        })
+        .collect())
+}

@@ -1,0 +1,244 @@
+//! The offline package set's inputs: Debian packages pinned in `nix/offline/<arch>.lock.json`,
+//! downloaded with apt-get into bonsai's cache (`$BONSAI_CACHE`, else `$XDG_CACHE_HOME/bonsai`,
+//! else `~/.cache/bonsai`), verified by SHA-256, and the host's static busybox unpacked as the
+//! builders' seed. apt-get runs with its own list folder per architecture, so the host's apt
+//! setup is never changed.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::config::Arch;
+use crate::host;
+use crate::ui;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lock {
+    pub arch: String,
+    pub suite: String,
+    pub packages: BTreeMap<String, LockedDeb>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockedDeb {
+    /// Debian package name.
+    pub package: String,
+    pub version: String,
+    /// File name in the cache (the epoch dropped: store names cannot hold ':').
+    pub file: String,
+    pub sha256: String,
+}
+
+/// Where the offline set's inputs are, for `nix-build --arg debs ... --arg bootstrap ...`.
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    pub debs: PathBuf,
+    pub bootstrap: PathBuf,
+}
+
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("BONSAI_CACHE") {
+        return PathBuf::from(d);
+    }
+    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(d).join("bonsai");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+    home.join(".cache/bonsai")
+}
+
+pub fn load_lock(root: &Path, debian_arch: &str) -> Result<Lock> {
+    let file = root.join(format!("nix/offline/{debian_arch}.lock.json"));
+    let text = fs::read_to_string(&file)
+        .with_context(|| format!("reading nix/offline/{debian_arch}.lock.json (no offline package set for {debian_arch})"))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing nix/offline/{debian_arch}.lock.json"))
+}
+
+/// The host's architecture (builders run there).
+pub fn host_arch() -> Result<Arch> {
+    match std::env::consts::ARCH {
+        "x86_64" => Ok(Arch::X86_64),
+        "aarch64" => Ok(Arch::Aarch64),
+        other => bail!("unsupported host architecture {other} (bonsai's offline set supports x86_64 and aarch64 hosts)"),
+    }
+}
+
+/// Makes sure every pinned .deb for the target (and the host, for the builders' tools) is in
+/// the cache with the right hash, and the busybox seed is unpacked.
+pub fn prepare(root: &Path, target: Arch) -> Result<Inputs> {
+    let cache = cache_dir();
+    let host = host_arch()?;
+    let mut arches = vec![host];
+    if target != host {
+        arches.push(target);
+    }
+    for arch in &arches {
+        let lock = load_lock(root, arch.debian())?;
+        fetch_missing(&cache, arch.debian(), &lock)?;
+    }
+    let host_lock = load_lock(root, host.debian())?;
+    let bootstrap = unpack_seed(&cache, host.debian(), &host_lock)?;
+    Ok(Inputs { debs: cache.join("debs"), bootstrap })
+}
+
+fn fetch_missing(cache: &Path, arch: &str, lock: &Lock) -> Result<()> {
+    let dir = cache.join("debs").join(arch);
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    // A file of the right size is taken as verified here: Nix checks its SHA-256 again on import.
+    let missing: Vec<&LockedDeb> = lock
+        .packages
+        .values()
+        .filter(|d| !dir.join(&d.file).is_file())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    host::ensure(&[host::APT_GET], &[])?;
+    ui::step(format!("downloading {} Debian packages ({arch}) into {}", missing.len(), dir.display()));
+    let apt = AptDir::new(cache, arch);
+    apt.update()?;
+    for deb in missing {
+        ui::detail(format!("{}={}", deb.package, deb.version));
+        apt.download(deb, &dir)?;
+    }
+    Ok(())
+}
+
+/// apt-get with a private state folder for one architecture.
+struct AptDir {
+    lists: PathBuf,
+    cache: PathBuf,
+    arch: String,
+}
+
+impl AptDir {
+    fn new(cache: &Path, arch: &str) -> AptDir {
+        let base = cache.join("apt").join(arch);
+        AptDir { lists: base.join("lists"), cache: base.join("cache"), arch: arch.to_string() }
+    }
+
+    fn command(&self) -> Command {
+        let mut c = Command::new("apt-get");
+        c.arg("-q")
+            .arg(format!("-oAPT::Architecture={}", self.arch))
+            .arg(format!("-oAPT::Architectures={}", self.arch))
+            .arg(format!("-oDir::State::Lists={}", self.lists.display()))
+            .arg(format!("-oDir::Cache={}", self.cache.display()))
+            .arg("-oDebug::NoLocking=1")
+            .arg("-oAPT::Sandbox::User=root");
+        c
+    }
+
+    fn update(&self) -> Result<()> {
+        fs::create_dir_all(self.lists.join("partial"))?;
+        fs::create_dir_all(self.cache.join("archives/partial"))?;
+        let out = self.command().arg("update").output().context("running apt-get update")?;
+        if !out.status.success() {
+            // Third-party sources may fail for a foreign architecture; the download says if
+            // Debian's own lists were enough.
+            let err = String::from_utf8_lossy(&out.stderr);
+            if let Some(l) = err.lines().rev().find(|l| !l.trim().is_empty()) {
+                ui::warn(format!("apt-get update ({}): {l}", self.arch));
+            }
+        }
+        Ok(())
+    }
+
+    fn download(&self, deb: &LockedDeb, dir: &Path) -> Result<()> {
+        let tmp = tempfile::tempdir_in(dir).context("creating a download folder")?;
+        let spec = format!("{}:{}={}", deb.package, self.arch_of(deb), deb.version);
+        let out = self
+            .command()
+            .arg("download")
+            .arg(&spec)
+            .current_dir(tmp.path())
+            .output()
+            .context("running apt-get download")?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+            bail!(
+                "cannot download Debian package {spec} pinned in nix/offline/{}.lock.json: {last} (the archive may have dropped that version; update the pin)",
+                self.arch
+            );
+        }
+        let got = fs::read_dir(tmp.path())?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "deb"))
+            .with_context(|| format!("apt-get download {spec} wrote no .deb"))?;
+        let sum = sha256_file(&got)?;
+        if sum != deb.sha256 {
+            bail!("Debian package {spec}: sha256 {sum} does not match the pin {}", deb.sha256);
+        }
+        fs::rename(&got, dir.join(&deb.file)).with_context(|| format!("moving {} into the cache", deb.file))?;
+        Ok(())
+    }
+
+    /// `linux-source` is `all`; everything else is of the lock's architecture.
+    fn arch_of(&self, deb: &LockedDeb) -> String {
+        if deb.file.ends_with("_all.deb") {
+            "all".into()
+        } else {
+            self.arch.clone()
+        }
+    }
+}
+
+pub fn sha256_file(p: &Path) -> Result<String> {
+    let mut f = fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = std::io::Read::read(&mut f, &mut buf).with_context(|| format!("reading {}", p.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex(&h.finalize()))
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Unpacks the host's static busybox into `<cache>/bootstrap/<arch>-<sha>/` with `sh -> busybox`.
+fn unpack_seed(cache: &Path, arch: &str, lock: &Lock) -> Result<PathBuf> {
+    let deb = lock
+        .packages
+        .get("busybox-static")
+        .with_context(|| format!("nix/offline/{arch}.lock.json pins no busybox-static"))?;
+    let dir = cache.join("bootstrap").join(format!("{arch}-{}", &deb.sha256[..16]));
+    if dir.join("busybox").is_file() && dir.join("sh").exists() {
+        return Ok(dir);
+    }
+    host::ensure(&[host::DPKG_DEB], &[])?;
+    let tmp = tempfile::tempdir_in(cache).context("creating a folder in the cache")?;
+    let src = cache.join("debs").join(arch).join(&deb.file);
+    let status = Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&src)
+        .arg(tmp.path().join("x"))
+        .status()
+        .context("running dpkg-deb")?;
+    if !status.success() {
+        bail!("dpkg-deb could not unpack {}", src.display());
+    }
+    let stage = tmp.path().join("seed");
+    fs::create_dir_all(&stage)?;
+    fs::copy(tmp.path().join("x/bin/busybox"), stage.join("busybox"))
+        .with_context(|| format!("{} holds no bin/busybox", deb.file))?;
+    std::os::unix::fs::symlink("busybox", stage.join("sh"))?;
+    fs::create_dir_all(dir.parent().unwrap())?;
+    let _ = fs::remove_dir_all(&dir);
+    fs::rename(&stage, &dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}

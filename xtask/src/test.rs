@@ -1,0 +1,51 @@
+//! `cargo xtask test`: the whole test suite. Installs what the tests need (as root on
+//! Debian/Ubuntu), then runs every crate's tests, including the end-to-end build and QEMU
+//! boot of the default board.
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use crate::{host, project_root, ui};
+
+#[derive(Args, Debug)]
+pub struct Test {
+    /// Only the fast unit tests (no Nix, no QEMU)
+    #[arg(long)]
+    pub unit: bool,
+    /// Extra arguments for `cargo test` (after --)
+    #[arg(last = true)]
+    pub rest: Vec<String>,
+}
+
+impl Test {
+    pub fn run(self) -> Result<()> {
+        let root = project_root();
+        let timer = ui::Timer::start();
+        if !self.unit {
+            ui::step("check host prerequisites for the end-to-end tests");
+            let mut tools = vec![host::NIX, host::CPIO, host::DPKG_DEB];
+            tools.extend_from_slice(host::KERNEL_TOOLS);
+            host::ensure(&tools, &[host::LIBELF_HEADER, ("/usr/bin/qemu-system-x86_64", "qemu-system-x86")])?;
+        }
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(&root).args(["test", "--workspace", "--release"]);
+        if self.unit {
+            cmd.args(["--lib", "--bins"]);
+        }
+        cmd.args(&self.rest);
+        if !self.unit {
+            // The end-to-end tests boot QEMU; one at a time keeps them inside their timeouts on small machines.
+            cmd.env("BONSAI_E2E", "1");
+        }
+        ui::step(format!("cargo test --workspace{}", if self.unit { " (unit only)" } else { "" }));
+        let status = cmd.status().context("running cargo test")?;
+        if !status.success() {
+            bail!("tests failed after {:.0} s", timer.secs());
+        }
+        ui::step(format!("all tests passed in {:.0} s", timer.secs()));
+        Ok(())
+    }
+}
