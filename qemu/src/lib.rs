@@ -1,0 +1,15 @@
+//! Boots a bonsai image in QEMU, reads its serial console and judges the run.
+//!
+//! - [`spec`]: the one QEMU command per board ([`QemuSpec`]).
+//! - [`protocol`]: the markers the guest prints on its console, and the host's parser.
+//! - [`run`]: booting for a person ([`boot_interactive`]) or for checks ([`boot_check`]).
+//!
+//! **Architecture Invariant:** this crate spawns QEMU and nothing else (its tests spawn fake
+//! QEMU scripts), and never trusts QEMU's exit status alone.
+
+pub mod protocol;
+pub mod run;
+pub mod spec;
+
+pub use run::{boot_check, boot_interactive, Check, CheckResult, Event, Expect, Failure, Report};
+pub use spec::{Accel, Mode, QemuSpec, UserNet};

@@ -1,0 +1,35 @@
+//! The pure core of bonsai: takes files (mostly Nix store paths) and returns an initramfs.
+//!
+//! This half of the crate packs: a [`Tree`] says what goes into the image, [`write_newc`]
+//! turns it into a newc cpio archive, [`compress_writer`] compresses it, [`manifest`]
+//! describes it, and [`pack`] writes the compressed archive to disk atomically.
+//!
+//! Invariants:
+//!
+//! - **Never runs programs.** Everything here is library code over files and bytes; tests may
+//!   spawn GNU `cpio`, `gzip` and `xz` as independent oracles, the crate itself never does.
+//! - **Output is a function of the inputs.** No clocks (the mtime is given by the caller, as
+//!   `SOURCE_DATE_EPOCH`), no host state in the archive (no host paths, owners, inode
+//!   numbers or timestamps), and no hash-map order (trees are sorted maps; compressors are
+//!   single-threaded with fixed headers).
+//! - **Every error names what it is about**: the image path, host file or value, in a
+//!   lowercase message with no trailing period.
+
+mod compress;
+mod cpio;
+mod error;
+mod host;
+mod manifest;
+mod pack;
+mod tree;
+
+pub use crate::compress::{compress_writer, Compression, Encoder, XZ_MAX_DICT_SIZE};
+pub use crate::cpio::{write_newc, CpioOptions, CpioStats};
+pub use crate::error::{Error, Result};
+pub use crate::manifest::{manifest, EntryType, Manifest, ManifestEntry, Totals, MANIFEST_VERSION};
+pub use crate::pack::{pack, write_atomic, PackOptions, PackReport};
+pub use crate::tree::{
+    ImagePath, Node, NodeKind, Source, Tree, IMPLICIT_DIR_MODE, PERMISSION_BITS,
+};
+mod compose;
+pub use crate::compose::{compose, ComposeSpec};

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use qemu::{Accel, Check, Event, Expect, QemuSpec, UserNet};
@@ -38,6 +38,9 @@ pub struct Boot {
     /// Show every console line while checking
     #[arg(long, short)]
     pub verbose: bool,
+    /// Boot the image in this folder instead of out/<board> (never rebuilt)
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 /// The outcome of a check boot.
@@ -51,8 +54,22 @@ impl Boot {
         let root = project_root();
         let cfg = Config::new(&root);
         let board = cfg.load_board(&self.board)?;
-        let out = root.join("out").join(&board.name);
-        let info = self.ensure_built(&out)?;
+        let (out, info) = match &self.out {
+            Some(dir) => {
+                let info = read_info(dir).with_context(|| {
+                    format!(
+                        "{} holds no build.json; is it a bonsai output folder?",
+                        dir.display()
+                    )
+                })?;
+                (dir.clone(), info)
+            }
+            None => {
+                let out = root.join("out").join(&board.name);
+                let info = self.ensure_built(&out)?;
+                (out, info)
+            }
+        };
         let spec = qemu_spec(&board, &out, &info, None)?;
         if self.print {
             println!("{}", spec.command_line(qemu::Mode::Interactive));
@@ -109,12 +126,21 @@ impl Boot {
 }
 
 /// The QEMU invocation for a board's built image: the single source of truth.
-pub fn qemu_spec(board: &Board, out: &Path, info: &BuildInfo, host_forward: Option<(u16, u16)>) -> Result<QemuSpec> {
+pub fn qemu_spec(
+    board: &Board,
+    out: &Path,
+    info: &BuildInfo,
+    host_forward: Option<(u16, u16)>,
+) -> Result<QemuSpec> {
     let kernel = out.join(&info.kernel);
     let initrd = out.join(&info.initramfs);
     for f in [&kernel, &initrd] {
         if !f.is_file() {
-            bail!("{} is missing; run cargo xtask build --board {}", f.display(), board.name);
+            bail!(
+                "{} is missing; run cargo xtask build --board {}",
+                f.display(),
+                board.name
+            );
         }
     }
     let mut append = format!("console={}", board.console);
@@ -144,7 +170,14 @@ pub fn qemu_spec(board: &Board, out: &Path, info: &BuildInfo, host_forward: Opti
 }
 
 /// Boots headless, runs the image's checks and judges the console.
-pub fn check(board: &Board, out: &Path, info: &BuildInfo, spec: &QemuSpec, timeout: Duration, verbose: bool) -> Result<CheckOutcome> {
+pub fn check(
+    board: &Board,
+    out: &Path,
+    info: &BuildInfo,
+    spec: &QemuSpec,
+    timeout: Duration,
+    verbose: bool,
+) -> Result<CheckOutcome> {
     let checks: Vec<Check> = info
         .checks
         .iter()
@@ -175,14 +208,22 @@ pub fn check(board: &Board, out: &Path, info: &BuildInfo, spec: &QemuSpec, timeo
             }
         }
         Event::Ready { uptime } => ui::detail(format!("ready at {uptime:.2} s guest uptime")),
-        Event::CheckDone { name, passed } => ui::detail(format!("{} {name}", if passed { "ok  " } else { "FAIL" })),
+        Event::CheckDone { name, passed } => {
+            ui::detail(format!("{} {name}", if passed { "ok  " } else { "FAIL" }))
+        }
         Event::Line(l) => {
             if verbose {
                 eprintln!("    | {l}")
             }
         }
     };
-    let report = qemu::boot_check(spec, &nonce, &checks, timeout, &log, &mut progress)
-        .map_err(|e| anyhow::anyhow!("boot check of {} failed: {e} (serial log: {})", board.name, log.display()))?;
+    let report =
+        qemu::boot_check(spec, &nonce, &checks, timeout, &log, &mut progress).map_err(|e| {
+            anyhow::anyhow!(
+                "boot check of {} failed: {e} (serial log: {})",
+                board.name,
+                log.display()
+            )
+        })?;
     Ok(CheckOutcome { report, log })
 }

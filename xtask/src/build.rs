@@ -64,17 +64,27 @@ impl Build {
         let root = project_root();
         let cfg = Config::new(&root);
         let board = cfg.load_board(&self.board)?;
-        let profile_name = self.profile.clone().unwrap_or_else(|| board.profile.clone());
+        let profile_name = self
+            .profile
+            .clone()
+            .unwrap_or_else(|| board.profile.clone());
         let profile = cfg.load_profile(&profile_name)?;
         let init = self.init.clone().unwrap_or_else(|| profile.init.clone());
         if init != "busybox" {
             bail!("init backend '{init}' is not available yet; this build supports: busybox");
         }
-        let source = match self.nixpkgs.clone().or_else(|| std::env::var("BONSAI_NIXPKGS").ok()) {
+        let source = match self
+            .nixpkgs
+            .clone()
+            .or_else(|| std::env::var("BONSAI_NIXPKGS").ok())
+        {
             Some(r) => PackageSource::Nixpkgs(r),
             None => PackageSource::Offline,
         };
-        let out = self.out.clone().unwrap_or_else(|| root.join("out").join(&board.name));
+        let out = self
+            .out
+            .clone()
+            .unwrap_or_else(|| root.join("out").join(&board.name));
         ui::step(format!(
             "build {} (profile {}, init {init}, packages from {})",
             board.name,
@@ -82,7 +92,9 @@ impl Build {
             source.describe()
         ));
 
-        if let (PackageSource::Offline, KernelSource::Build { .. }) = (&source, &board.kernel.source) {
+        if let (PackageSource::Offline, KernelSource::Build { .. }) =
+            (&source, &board.kernel.source)
+        {
             crate::host::ensure(crate::host::KERNEL_TOOLS, &[crate::host::LIBELF_HEADER])?;
         }
         let eval = Eval::new(&root, &board, &profile.packages, &source)?;
@@ -90,7 +102,9 @@ impl Build {
         // The kernel's config first: a dropped option must stop the build before a long compile.
         if let KernelSource::Build { .. } = board.kernel.source {
             ui::step("realise kernel config");
-            let cfg_dir = eval.build(&["kernelConfig".into()], "kernel config")?.remove(0);
+            let cfg_dir = eval
+                .build(&["kernelConfig".into()], "kernel config")?
+                .remove(0);
             let report = nix::read_config_report(&cfg_dir)?;
             if let Some(bad) = report.iter().find(|o| !o.survived) {
                 bail!(
@@ -102,8 +116,13 @@ impl Build {
                 );
             }
         }
-        ui::step(format!("realise {} packages and the kernel", profile.packages.len()));
-        let mut attrs: Vec<String> = (0..profile.packages.len()).map(|i| format!("packages.p{i}")).collect();
+        ui::step(format!(
+            "realise {} packages and the kernel",
+            profile.packages.len()
+        ));
+        let mut attrs: Vec<String> = (0..profile.packages.len())
+            .map(|i| format!("packages.p{i}"))
+            .collect();
         attrs.push("kernel".into());
         let mut paths = eval.build(&attrs, "realising packages")?;
         let kernel_pkg = paths.pop().unwrap();
@@ -114,7 +133,17 @@ impl Build {
         let tree = assemble(&board, &profile, &paths, &closure)?;
 
         let epoch = source_date_epoch(&root)?;
-        let info = write_output(&board, &profile, &init, &source, &kernel_image, &tree, &closure, epoch, &out)?;
+        let info = write_output(
+            &board,
+            &profile,
+            &init,
+            &source,
+            &kernel_image,
+            &tree,
+            &closure,
+            epoch,
+            &out,
+        )?;
         println!(
             "built {}: kernel {} , initramfs {} ({} uncompressed, {} files from {} store paths) in {:.1} s -> {}",
             board.name,
@@ -157,7 +186,10 @@ fn assemble(
         }
         let bin = pkg.join("bin");
         if let Ok(entries) = fs::read_dir(&bin) {
-            let mut names: Vec<String> = entries.filter_map(|e| e.ok()).filter_map(|e| e.file_name().into_string().ok()).collect();
+            let mut names: Vec<String> = entries
+                .filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect();
             names.sort();
             for n in names {
                 if !n.starts_with('.') {
@@ -167,9 +199,15 @@ fn assemble(
         }
     }
     let busybox = busybox.with_context(|| {
-        format!("profiles/{}.toml: the busybox init needs the busybox package in packages", profile.name)
+        format!(
+            "profiles/{}.toml: the busybox init needs the busybox package in packages",
+            profile.name
+        )
     })?;
-    let checks = all_checks(board, profile).into_iter().map(|c| (c.name, c.run)).collect();
+    let checks = all_checks(board, profile)
+        .into_iter()
+        .map(|c| (c.name, c.run))
+        .collect();
     let spec = ComposeSpec {
         busybox,
         bin_links,
@@ -184,13 +222,21 @@ fn assemble(
 
 /// The board's checks, then the profile's.
 pub fn all_checks(board: &Board, profile: &Profile) -> Vec<crate::config::CheckSpec> {
-    board.checks.iter().chain(&profile.checks).cloned().collect()
+    board
+        .checks
+        .iter()
+        .chain(&profile.checks)
+        .cloned()
+        .collect()
 }
 
 /// SOURCE_DATE_EPOCH from the environment, else the last commit's time, else 0.
 pub fn source_date_epoch(root: &Path) -> Result<u64> {
     if let Ok(v) = std::env::var("SOURCE_DATE_EPOCH") {
-        return v.trim().parse().with_context(|| format!("SOURCE_DATE_EPOCH={v} is not a number of seconds"));
+        return v
+            .trim()
+            .parse()
+            .with_context(|| format!("SOURCE_DATE_EPOCH={v} is not a number of seconds"));
     }
     let out = std::process::Command::new("git")
         .args(["log", "-1", "--format=%ct"])
@@ -216,8 +262,13 @@ fn write_output(
     out: &Path,
 ) -> Result<BuildInfo> {
     let parent = out.parent().context("output folder has no parent")?;
-    fs::create_dir_all(parent).with_context(|| format!("cannot create output folder {}", parent.display()))?;
-    let name = out.file_name().context("output folder has no name")?.to_string_lossy().to_string();
+    fs::create_dir_all(parent)
+        .with_context(|| format!("cannot create output folder {}", parent.display()))?;
+    let name = out
+        .file_name()
+        .context("output folder has no name")?
+        .to_string_lossy()
+        .to_string();
     // Everything is written into a fresh folder beside the output, then swapped in.
     let stage = tempfile::Builder::new()
         .prefix(&format!(".{name}.tmp-"))
@@ -235,12 +286,20 @@ fn write_output(
     std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o644);
     fs::set_permissions(stage.path().join("kernel"), perms)?;
 
-    ui::step(format!("pack initramfs ({}, {} entries)", board.compression.name(), tree.len()));
+    ui::step(format!(
+        "pack initramfs ({}, {} entries)",
+        board.compression.name(),
+        tree.len()
+    ));
     let initramfs_name = board.compression.file_name();
     let mtime = u32::try_from(epoch).context("SOURCE_DATE_EPOCH does not fit a cpio mtime")?;
     let report = rootfs::pack(
         tree,
-        &PackOptions { compression: board.compression, level: None, mtime },
+        &PackOptions {
+            compression: board.compression,
+            level: None,
+            mtime,
+        },
         &stage.path().join(initramfs_name),
     )?;
     if let Some(max) = board.budget.initramfs {
@@ -270,13 +329,17 @@ fn write_output(
         source_date_epoch: epoch,
         checks: all_checks(board, profile),
     };
-    fs::write(stage.path().join("build.json"), serde_json::to_string_pretty(&info)? + "\n")?;
+    fs::write(
+        stage.path().join("build.json"),
+        serde_json::to_string_pretty(&info)? + "\n",
+    )?;
 
     // Swap the new folder in; the old one is removed only once the new one is in place.
     let stage = stage.keep();
     let old = parent.join(format!(".{name}.old-{}", std::process::id()));
     if out.exists() {
-        fs::rename(out, &old).with_context(|| format!("moving the previous {} aside", out.display()))?;
+        fs::rename(out, &old)
+            .with_context(|| format!("moving the previous {} aside", out.display()))?;
     }
     if let Err(e) = fs::rename(&stage, out) {
         let _ = fs::rename(&old, out);

@@ -173,7 +173,10 @@ pub struct Board {
 #[derive(Debug, Clone)]
 pub enum KernelSource {
     /// Built by Nix from `base` plus fragments under kernel-configs/.
-    Build { base: String, fragments: Vec<String> },
+    Build {
+        base: String,
+        fragments: Vec<String>,
+    },
     /// A prebuilt kernel package (attribute path).
     Package(String),
 }
@@ -278,7 +281,9 @@ pub struct Config {
 
 impl Config {
     pub fn new(root: &Path) -> Config {
-        Config { root: root.to_path_buf() }
+        Config {
+            root: root.to_path_buf(),
+        }
     }
 
     pub fn boards_dir(&self) -> PathBuf {
@@ -305,26 +310,45 @@ impl Config {
         let raw: RawBoard = read_toml(&file, &shown)?;
         let key_err = |key: &str, msg: String| anyhow::anyhow!("{shown}: key '{key}': {msg}");
 
-        let arch = Arch::parse(&raw.arch)
-            .ok_or_else(|| key_err("arch", format!("unknown architecture '{}' (expected x86_64 or aarch64)", raw.arch)))?;
+        let arch = Arch::parse(&raw.arch).ok_or_else(|| {
+            key_err(
+                "arch",
+                format!(
+                    "unknown architecture '{}' (expected x86_64 or aarch64)",
+                    raw.arch
+                ),
+            )
+        })?;
         let expected_system = format!("{}-linux", arch.name());
         if raw.nix_system != expected_system {
             return Err(key_err(
                 "nix-system",
-                format!("'{}' does not match arch {} (expected {expected_system})", raw.nix_system, arch.name()),
+                format!(
+                    "'{}' does not match arch {} (expected {expected_system})",
+                    raw.nix_system,
+                    arch.name()
+                ),
             ));
         }
         let compression = match raw.compression.as_deref() {
             None => Compression::Gzip,
-            Some(c) => c.parse::<Compression>().map_err(|e| key_err("compression", e.to_string()))?,
+            Some(c) => c
+                .parse::<Compression>()
+                .map_err(|e| key_err("compression", e.to_string()))?,
         };
         let source = match (raw.kernel.package, raw.kernel.base) {
             (Some(_), Some(_)) => {
-                return Err(key_err("kernel.package", "give either a prebuilt package or base + fragments, not both".into()))
+                return Err(key_err(
+                    "kernel.package",
+                    "give either a prebuilt package or base + fragments, not both".into(),
+                ))
             }
             (Some(pkg), None) => {
                 if !raw.kernel.fragments.is_empty() {
-                    return Err(key_err("kernel.fragments", "fragments need kernel.base, not kernel.package".into()));
+                    return Err(key_err(
+                        "kernel.fragments",
+                        "fragments need kernel.base, not kernel.package".into(),
+                    ));
                 }
                 KernelSource::Package(pkg)
             }
@@ -338,10 +362,16 @@ impl Config {
                 }
                 for f in &raw.kernel.fragments {
                     if !valid_file_name(f) || !self.root.join("kernel-configs").join(f).is_file() {
-                        return Err(key_err("kernel.fragments", format!("no fragment kernel-configs/{f}")));
+                        return Err(key_err(
+                            "kernel.fragments",
+                            format!("no fragment kernel-configs/{f}"),
+                        ));
                     }
                 }
-                KernelSource::Build { base, fragments: raw.kernel.fragments }
+                KernelSource::Build {
+                    base,
+                    fragments: raw.kernel.fragments,
+                }
             }
         };
         let budget = Budget {
@@ -349,12 +379,23 @@ impl Config {
             initramfs: parse_budget(&raw.budget.initramfs, "budget.initramfs", &shown)?,
         };
         if raw.qemu.boot_timeout == 0 {
-            return Err(key_err("qemu.boot-timeout", "must be at least 1 second".into()));
+            return Err(key_err(
+                "qemu.boot-timeout",
+                "must be at least 1 second".into(),
+            ));
         }
         validate_checks(&raw.check, &shown)?;
-        if !valid_name(&raw.profile) || !self.profiles_dir().join(format!("{}.toml", raw.profile)).is_file() {
+        if !valid_name(&raw.profile)
+            || !self
+                .profiles_dir()
+                .join(format!("{}.toml", raw.profile))
+                .is_file()
+        {
             let known = self.profile_names().unwrap_or_default().join(", ");
-            return Err(key_err("profile", format!("unknown profile '{}'; known profiles: {known}", raw.profile)));
+            return Err(key_err(
+                "profile",
+                format!("unknown profile '{}'; known profiles: {known}", raw.profile),
+            ));
         }
         Ok(Board {
             name: name.to_string(),
@@ -366,7 +407,10 @@ impl Config {
             console: raw.console,
             profile: raw.profile,
             compression,
-            kernel: KernelSpec { source, cmdline: raw.kernel.cmdline },
+            kernel: KernelSpec {
+                source,
+                cmdline: raw.kernel.cmdline,
+            },
             budget,
             qemu: QemuConfig {
                 binary: raw.qemu.binary,
@@ -412,7 +456,10 @@ impl Config {
         let shown = format!("profiles/{name}.toml");
         let init = init.unwrap_or_else(|| "busybox".into());
         if !INITS.contains(&init.as_str()) {
-            bail!("{shown}: key 'init': unknown init '{init}' (expected one of {})", INITS.join(", "));
+            bail!(
+                "{shown}: key 'init': unknown init '{init}' (expected one of {})",
+                INITS.join(", ")
+            );
         }
         if packages.is_empty() {
             bail!("{shown}: key 'packages': the profile and its parents name no packages");
@@ -428,11 +475,19 @@ impl Config {
         })
     }
 
-    fn load_raw_profile(&self, name: &str, stack: &mut Vec<String>, raws: &mut BTreeMap<String, RawProfile>) -> Result<()> {
+    fn load_raw_profile(
+        &self,
+        name: &str,
+        stack: &mut Vec<String>,
+        raws: &mut BTreeMap<String, RawProfile>,
+    ) -> Result<()> {
         if let Some(pos) = stack.iter().position(|n| n == name) {
             let mut chain = stack[pos..].join(" -> ");
             let _ = write!(chain, " -> {name}");
-            bail!("profiles/{}.toml: key 'inherit': inheritance cycle {chain}", stack.last().unwrap());
+            bail!(
+                "profiles/{}.toml: key 'inherit': inheritance cycle {chain}",
+                stack.last().unwrap()
+            );
         }
         if raws.contains_key(name) {
             return Ok(());
@@ -488,16 +543,21 @@ impl Config {
 fn parse_budget(v: &Option<String>, key: &str, shown: &str) -> Result<Option<u64>> {
     match v {
         None => Ok(None),
-        Some(s) => parse_size(s)
-            .map(Some)
-            .ok_or_else(|| anyhow::anyhow!("{shown}: key '{key}': '{s}' is not a size (like 2 MiB, 512 KiB, 1048576)")),
+        Some(s) => parse_size(s).map(Some).ok_or_else(|| {
+            anyhow::anyhow!(
+                "{shown}: key '{key}': '{s}' is not a size (like 2 MiB, 512 KiB, 1048576)"
+            )
+        }),
     }
 }
 
 fn validate_checks(checks: &[CheckSpec], shown: &str) -> Result<()> {
     for c in checks {
         if c.expect.is_some() && c.contains.is_some() {
-            bail!("{shown}: check '{}': give expect or contains, not both", c.name);
+            bail!(
+                "{shown}: check '{}': give expect or contains, not both",
+                c.name
+            );
         }
         if c.run.trim().is_empty() {
             bail!("{shown}: check '{}': key 'run' is empty", c.name);
@@ -510,7 +570,8 @@ fn validate_checks(checks: &[CheckSpec], shown: &str) -> Result<()> {
 pub fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         && !s.starts_with('-')
 }
 
@@ -521,7 +582,9 @@ fn valid_file_name(s: &str) -> bool {
 fn valid_attr_path(s: &str) -> bool {
     !s.is_empty()
         && s.split('.').all(|p| {
-            !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_'+".contains(c))
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_'+".contains(c))
         })
 }
 
@@ -538,7 +601,11 @@ mod tests {
     fn project() -> tempfile::TempDir {
         let d = tempfile::tempdir().unwrap();
         write(d.path(), "kernel-configs/k.config", "CONFIG_X=y\n");
-        write(d.path(), "profiles/base.toml", "description = \"b\"\npackages = [\"busybox\"]\n");
+        write(
+            d.path(),
+            "profiles/base.toml",
+            "description = \"b\"\npackages = [\"busybox\"]\n",
+        );
         write(
             d.path(),
             "boards/b.toml",
@@ -567,7 +634,8 @@ memory = "256M"
         assert!(boards.contains(&"qemu-x86_64".to_string()));
         for b in boards {
             let board = cfg.load_board(&b).unwrap_or_else(|e| panic!("{e:#}"));
-            cfg.load_profile(&board.profile).unwrap_or_else(|e| panic!("{e:#}"));
+            cfg.load_profile(&board.profile)
+                .unwrap_or_else(|e| panic!("{e:#}"));
         }
         for p in cfg.profile_names().unwrap() {
             cfg.load_profile(&p).unwrap_or_else(|e| panic!("{e:#}"));
@@ -580,21 +648,36 @@ memory = "256M"
         let b = Config::new(d.path()).load_board("b").unwrap();
         assert_eq!(b.compression, Compression::Gzip);
         assert_eq!(b.qemu.boot_timeout, 60);
-        assert!(matches!(b.kernel.source, KernelSource::Build { ref base, .. } if base == "tinyconfig"));
+        assert!(
+            matches!(b.kernel.source, KernelSource::Build { ref base, .. } if base == "tinyconfig")
+        );
     }
 
     #[test]
     fn unknown_board_lists_known_ones() {
         let d = project();
-        let e = Config::new(d.path()).load_board("nope").unwrap_err().to_string();
-        assert_eq!(e, "unknown board 'nope' (no boards/nope.toml); known boards: b");
+        let e = Config::new(d.path())
+            .load_board("nope")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "unknown board 'nope' (no boards/nope.toml); known boards: b"
+        );
     }
 
     #[test]
     fn malformed_toml_names_file_line_and_column() {
         let d = project();
-        write(d.path(), "boards/bad.toml", "arch = \"x86_64\"\nthis is not toml\n");
-        let e = Config::new(d.path()).load_board("bad").unwrap_err().to_string();
+        write(
+            d.path(),
+            "boards/bad.toml",
+            "arch = \"x86_64\"\nthis is not toml\n",
+        );
+        let e = Config::new(d.path())
+            .load_board("bad")
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("boards/bad.toml:2:"), "{e}");
         assert!(!e.contains('\n'), "{e}");
     }
@@ -603,34 +686,68 @@ memory = "256M"
     fn unknown_key_is_named_with_its_line() {
         let d = project();
         let text = std::fs::read_to_string(d.path().join("boards/b.toml")).unwrap();
-        write(d.path(), "boards/u.toml", &text.replace("console =", "colour = \"red\"\nconsole ="));
-        let e = Config::new(d.path()).load_board("u").unwrap_err().to_string();
-        assert!(e.starts_with("boards/u.toml:5:1: unknown field `colour`"), "{e}");
+        write(
+            d.path(),
+            "boards/u.toml",
+            &text.replace("console =", "colour = \"red\"\nconsole ="),
+        );
+        let e = Config::new(d.path())
+            .load_board("u")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("boards/u.toml:5:1: unknown field `colour`"),
+            "{e}"
+        );
     }
 
     #[test]
     fn wrong_type_is_named() {
         let d = project();
         let text = std::fs::read_to_string(d.path().join("boards/b.toml")).unwrap();
-        write(d.path(), "boards/t.toml", &text.replace("memory = \"256M\"", "memory = \"256M\"\nsmp = \"two\""));
-        let e = Config::new(d.path()).load_board("t").unwrap_err().to_string();
-        assert!(e.starts_with("boards/t.toml:13:7: invalid type: string \"two\", expected u32"), "{e}");
+        write(
+            d.path(),
+            "boards/t.toml",
+            &text.replace("memory = \"256M\"", "memory = \"256M\"\nsmp = \"two\""),
+        );
+        let e = Config::new(d.path())
+            .load_board("t")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("boards/t.toml:13:7: invalid type: string \"two\", expected u32"),
+            "{e}"
+        );
     }
 
     #[test]
     fn missing_fragment_is_named() {
         let d = project();
         let text = std::fs::read_to_string(d.path().join("boards/b.toml")).unwrap();
-        write(d.path(), "boards/f.toml", &text.replace("k.config", "nope.config"));
-        let e = Config::new(d.path()).load_board("f").unwrap_err().to_string();
-        assert_eq!(e, "boards/f.toml: key 'kernel.fragments': no fragment kernel-configs/nope.config");
+        write(
+            d.path(),
+            "boards/f.toml",
+            &text.replace("k.config", "nope.config"),
+        );
+        let e = Config::new(d.path())
+            .load_board("f")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "boards/f.toml: key 'kernel.fragments': no fragment kernel-configs/nope.config"
+        );
     }
 
     #[test]
     fn inheritance_merges_parents_first() {
         let d = project();
         write(d.path(), "profiles/mid.toml", "description = \"m\"\ninherit = [\"base\"]\npackages = [\"hello\", \"busybox\"]\ninit = \"runit\"\n");
-        write(d.path(), "profiles/top.toml", "description = \"t\"\ninherit = [\"mid\"]\npackages = [\"s6\"]\n");
+        write(
+            d.path(),
+            "profiles/top.toml",
+            "description = \"t\"\ninherit = [\"mid\"]\npackages = [\"s6\"]\n",
+        );
         let p = Config::new(d.path()).load_profile("top").unwrap();
         assert_eq!(p.packages, ["busybox", "hello", "s6"]);
         assert_eq!(p.init, "runit");
@@ -640,19 +757,48 @@ memory = "256M"
     #[test]
     fn inheritance_cycle_is_an_error() {
         let d = project();
-        write(d.path(), "profiles/a.toml", "description = \"a\"\ninherit = [\"b\"]\npackages = [\"x\"]\n");
-        write(d.path(), "profiles/b.toml", "description = \"b\"\ninherit = [\"a\"]\n");
-        let e = Config::new(d.path()).load_profile("a").unwrap_err().to_string();
-        assert_eq!(e, "profiles/b.toml: key 'inherit': inheritance cycle a -> b -> a");
+        write(
+            d.path(),
+            "profiles/a.toml",
+            "description = \"a\"\ninherit = [\"b\"]\npackages = [\"x\"]\n",
+        );
+        write(
+            d.path(),
+            "profiles/b.toml",
+            "description = \"b\"\ninherit = [\"a\"]\n",
+        );
+        let e = Config::new(d.path())
+            .load_profile("a")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "profiles/b.toml: key 'inherit': inheritance cycle a -> b -> a"
+        );
     }
 
     #[test]
     fn inheritance_diamond_is_an_error() {
         let d = project();
-        write(d.path(), "profiles/l.toml", "description = \"l\"\ninherit = [\"base\"]\n");
-        write(d.path(), "profiles/r.toml", "description = \"r\"\ninherit = [\"base\"]\n");
-        write(d.path(), "profiles/top.toml", "description = \"t\"\ninherit = [\"l\", \"r\"]\n");
-        let e = Config::new(d.path()).load_profile("top").unwrap_err().to_string();
+        write(
+            d.path(),
+            "profiles/l.toml",
+            "description = \"l\"\ninherit = [\"base\"]\n",
+        );
+        write(
+            d.path(),
+            "profiles/r.toml",
+            "description = \"r\"\ninherit = [\"base\"]\n",
+        );
+        write(
+            d.path(),
+            "profiles/top.toml",
+            "description = \"t\"\ninherit = [\"l\", \"r\"]\n",
+        );
+        let e = Config::new(d.path())
+            .load_profile("top")
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             e,
             "profiles/top.toml: key 'inherit': profile 'base' is inherited twice (through 'l' and 'r'); diamonds are not allowed"
@@ -662,11 +808,28 @@ memory = "256M"
     #[test]
     fn unknown_parent_and_init_are_named() {
         let d = project();
-        write(d.path(), "profiles/o.toml", "description = \"o\"\ninherit = [\"ghost\"]\n");
-        let e = Config::new(d.path()).load_profile("o").unwrap_err().to_string();
-        assert!(e.starts_with("profiles/o.toml: key 'inherit': unknown profile 'ghost'"), "{e}");
-        write(d.path(), "profiles/i.toml", "description = \"i\"\npackages = [\"x\"]\ninit = \"systemd\"\n");
-        let e = Config::new(d.path()).load_profile("i").unwrap_err().to_string();
+        write(
+            d.path(),
+            "profiles/o.toml",
+            "description = \"o\"\ninherit = [\"ghost\"]\n",
+        );
+        let e = Config::new(d.path())
+            .load_profile("o")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("profiles/o.toml: key 'inherit': unknown profile 'ghost'"),
+            "{e}"
+        );
+        write(
+            d.path(),
+            "profiles/i.toml",
+            "description = \"i\"\npackages = [\"x\"]\ninit = \"systemd\"\n",
+        );
+        let e = Config::new(d.path())
+            .load_profile("i")
+            .unwrap_err()
+            .to_string();
         assert_eq!(e, "profiles/i.toml: key 'init': unknown init 'systemd' (expected one of busybox, runit, s6, bonsai-init)");
     }
 

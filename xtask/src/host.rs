@@ -14,20 +14,53 @@ pub struct Tool {
     pub package: &'static str,
 }
 
-pub const NIX: Tool = Tool { program: "nix-build", package: "nix-bin" };
-pub const CPIO: Tool = Tool { program: "cpio", package: "cpio" };
-pub const DPKG_DEB: Tool = Tool { program: "dpkg-deb", package: "dpkg" };
-pub const APT_GET: Tool = Tool { program: "apt-get", package: "apt" };
+pub const NIX: Tool = Tool {
+    program: "nix-build",
+    package: "nix-bin",
+};
+pub const CPIO: Tool = Tool {
+    program: "cpio",
+    package: "cpio",
+};
+pub const DPKG_DEB: Tool = Tool {
+    program: "dpkg-deb",
+    package: "dpkg",
+};
+pub const APT_GET: Tool = Tool {
+    program: "apt-get",
+    package: "apt",
+};
 
 /// What building a kernel from source needs on the host.
 pub const KERNEL_TOOLS: &[Tool] = &[
-    Tool { program: "gcc", package: "gcc" },
-    Tool { program: "make", package: "make" },
-    Tool { program: "flex", package: "flex" },
-    Tool { program: "bison", package: "bison" },
-    Tool { program: "bc", package: "bc" },
-    Tool { program: "perl", package: "perl" },
-    Tool { program: "xz", package: "xz-utils" },
+    Tool {
+        program: "gcc",
+        package: "gcc",
+    },
+    Tool {
+        program: "make",
+        package: "make",
+    },
+    Tool {
+        program: "flex",
+        package: "flex",
+    },
+    Tool {
+        program: "bison",
+        package: "bison",
+    },
+    Tool {
+        program: "bc",
+        package: "bc",
+    },
+    Tool {
+        program: "perl",
+        package: "perl",
+    },
+    Tool {
+        program: "xz",
+        package: "xz-utils",
+    },
 ];
 /// libelf headers for objtool, found by file rather than by program.
 pub const LIBELF_HEADER: (&str, &str) = ("/usr/include/libelf.h", "libelf-dev");
@@ -45,7 +78,9 @@ pub fn find_program(name: &str) -> Option<PathBuf> {
 
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+    p.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
 }
 
 fn is_root() -> bool {
@@ -103,7 +138,11 @@ fn apt_install(packages: &[&str]) -> Result<()> {
             .context("running apt-get install")?;
         if !out.status.success() && !quiet_fail {
             let err = String::from_utf8_lossy(&out.stderr);
-            let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+            let last = err
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("");
             bail!("apt-get install {} failed: {last}", packages.join(" "));
         }
         Ok(out.status.success())

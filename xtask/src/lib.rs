@@ -37,10 +37,12 @@ pub enum Command {
 }
 
 /// The repository root (the parent of this crate's folder), whatever the caller's cwd.
+/// `BONSAI_ROOT` overrides it (tests point it at a scratch copy of the data folders).
 pub fn project_root() -> PathBuf {
-    let dir = std::env::var_os("CARGO_MANIFEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    if let Some(r) = std::env::var_os("BONSAI_ROOT") {
+        return PathBuf::from(r);
+    }
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     dir.parent().map(PathBuf::from).unwrap_or(dir)
 }
 

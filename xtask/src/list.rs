@@ -14,13 +14,23 @@ impl List {
         let cfg = Config::new(&project_root());
         for name in cfg.board_names()? {
             match cfg.load_board(&name) {
-                Ok(b) => println!("board    {name:<20} {} ({}, profile {})", b.description, b.arch.name(), b.profile),
+                Ok(b) => println!(
+                    "board    {name:<20} {} ({}, profile {})",
+                    b.description,
+                    b.arch.name(),
+                    b.profile
+                ),
                 Err(e) => println!("board    {name:<20} INVALID: {}", crate::ui::one_line(&e)),
             }
         }
         for name in cfg.profile_names()? {
             match cfg.load_profile(&name) {
-                Ok(p) => println!("profile  {name:<20} {} (init {}, packages {})", p.description, p.init, p.packages.join(" ")),
+                Ok(p) => println!(
+                    "profile  {name:<20} {} (init {}, packages {})",
+                    p.description,
+                    p.init,
+                    p.packages.join(" ")
+                ),
                 Err(e) => println!("profile  {name:<20} INVALID: {}", crate::ui::one_line(&e)),
             }
         }

@@ -38,9 +38,16 @@ pub struct Eval {
 }
 
 impl Eval {
-    pub fn new(root: &Path, board: &Board, packages: &[String], source: &PackageSource) -> Result<Eval> {
+    pub fn new(
+        root: &Path,
+        board: &Board,
+        packages: &[String],
+        source: &PackageSource,
+    ) -> Result<Eval> {
         let kernel = match &board.kernel.source {
-            KernelSource::Build { base, fragments } => serde_json::json!({ "base": base, "fragments": fragments }),
+            KernelSource::Build { base, fragments } => {
+                serde_json::json!({ "base": base, "fragments": fragments })
+            }
             KernelSource::Package(p) => serde_json::json!({ "package": p }),
         };
         let request = serde_json::json!({ "packages": packages, "kernel": kernel }).to_string();
@@ -57,8 +64,16 @@ impl Eval {
             PackageSource::Offline => {
                 let inputs = offline::prepare(root, board.arch)?;
                 let host_arch = offline::host_arch()?;
-                let cc = if board.arch == host_arch { "gcc".to_string() } else { format!("{}-linux-gnu-gcc", board.arch.name()) };
-                let toolchain = if host::find_program(&cc).is_some() { host::version_line(&cc)? } else { "none".into() };
+                let cc = if board.arch == host_arch {
+                    "gcc".to_string()
+                } else {
+                    format!("{}-linux-gnu-gcc", board.arch.name())
+                };
+                let toolchain = if host::find_program(&cc).is_some() {
+                    host::version_line(&cc)?
+                } else {
+                    "none".into()
+                };
                 args.extend([
                     "--argstr".into(),
                     "hostSystem".into(),
@@ -78,7 +93,9 @@ impl Eval {
                 args.extend(["--argstr".into(), "source".into(), "nixpkgs".into()]);
                 let as_path = Path::new(r);
                 if as_path.exists() {
-                    let abs = as_path.canonicalize().with_context(|| format!("resolving --nixpkgs {r}"))?;
+                    let abs = as_path
+                        .canonicalize()
+                        .with_context(|| format!("resolving --nixpkgs {r}"))?;
                     args.extend(["--arg".into(), "nixpkgs".into(), abs.display().to_string()]);
                 } else {
                     args.extend(["--argstr".into(), "nixpkgsFlake".into(), r.clone()]);
@@ -96,9 +113,17 @@ impl Eval {
             cmd.arg("-A").arg(a);
         }
         let out = run_nix(cmd, what)?;
-        let paths: Vec<PathBuf> = out.lines().filter(|l| l.starts_with('/')).map(PathBuf::from).collect();
+        let paths: Vec<PathBuf> = out
+            .lines()
+            .filter(|l| l.starts_with('/'))
+            .map(PathBuf::from)
+            .collect();
         if paths.len() != attrs.len() {
-            bail!("nix-build returned {} paths for {} attributes ({what})", paths.len(), attrs.len());
+            bail!(
+                "nix-build returned {} paths for {} attributes ({what})",
+                paths.len(),
+                attrs.len()
+            );
         }
         Ok(paths)
     }
@@ -128,7 +153,10 @@ fn run_nix(mut cmd: Command, what: &str) -> Result<String> {
             let drv = rest.split('\'').next().unwrap_or(rest);
             let name = drv.rsplit('/').next().unwrap_or(drv);
             let name = name.get(33..).unwrap_or(name).trim_end_matches(".drv");
-            let hint = if name.starts_with("linux-") && !name.contains("config") && !name.ends_with(".tar.xz") {
+            let hint = if name.starts_with("linux-")
+                && !name.contains("config")
+                && !name.ends_with(".tar.xz")
+            {
                 " (a kernel: several minutes when cold; Nix caches it)"
             } else {
                 ""
@@ -140,12 +168,25 @@ fn run_nix(mut cmd: Command, what: &str) -> Result<String> {
     let status = child.wait().context("waiting for nix-build")?;
     let stdout = out_thread.join().unwrap_or_default();
     if !status.success() {
-        if let Some(msg) = log.iter().find_map(|l| l.split("error: bonsai: ").nth(1).or_else(|| l.split("bonsai: ").nth(1).filter(|_| l.contains("error")))) {
+        if let Some(msg) = log.iter().find_map(|l| {
+            l.split("error: bonsai: ")
+                .nth(1)
+                .or_else(|| l.split("bonsai: ").nth(1).filter(|_| l.contains("error")))
+        }) {
             bail!("{what}: {}", msg.trim());
         }
-        let tail: Vec<&str> = log.iter().rev().filter(|l| !l.trim().is_empty()).take(12).map(|s| s.as_str()).collect();
+        let tail: Vec<&str> = log
+            .iter()
+            .rev()
+            .filter(|l| !l.trim().is_empty())
+            .take(12)
+            .map(|s| s.as_str())
+            .collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
-        bail!("{what} failed; last lines of Nix's log:\n{}", tail.join("\n"));
+        bail!(
+            "{what} failed; last lines of Nix's log:\n{}",
+            tail.join("\n")
+        );
     }
     Ok(stdout)
 }
@@ -166,7 +207,8 @@ pub fn closure(roots: &[PathBuf]) -> Result<BTreeMap<String, PathInfo>> {
     let mut cmd = Command::new("nix");
     cmd.args(["path-info", "--json", "--recursive"]).args(roots);
     let out = run_nix(cmd, "reading the closure")?;
-    let infos: Vec<PathInfo> = serde_json::from_str(&out).context("parsing nix path-info --json")?;
+    let infos: Vec<PathInfo> =
+        serde_json::from_str(&out).context("parsing nix path-info --json")?;
     Ok(infos.into_iter().map(|i| (i.path.clone(), i)).collect())
 }
 
@@ -180,7 +222,13 @@ pub fn kernel_image(kernel: &Path, arch: Arch) -> Result<PathBuf> {
         .iter()
         .map(|n| kernel.join(n))
         .find(|p| p.is_file())
-        .with_context(|| format!("kernel package {} holds no {}", kernel.display(), names.join(" or ")))
+        .with_context(|| {
+            format!(
+                "kernel package {} holds no {}",
+                kernel.display(),
+                names.join(" or ")
+            )
+        })
 }
 
 /// One line of the kernel-config report: an option a fragment set, and what became of it.
@@ -194,7 +242,8 @@ pub struct ConfigOption {
 }
 
 pub fn read_config_report(dir: &Path) -> Result<Vec<ConfigOption>> {
-    let text = std::fs::read_to_string(dir.join("report")).with_context(|| format!("reading {}/report", dir.display()))?;
+    let text = std::fs::read_to_string(dir.join("report"))
+        .with_context(|| format!("reading {}/report", dir.display()))?;
     Ok(text
         .lines()
         .filter_map(|l| {

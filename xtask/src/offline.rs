@@ -50,7 +50,9 @@ pub fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
         return PathBuf::from(d).join("bonsai");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"));
     home.join(".cache/bonsai")
 }
 
@@ -58,7 +60,8 @@ pub fn load_lock(root: &Path, debian_arch: &str) -> Result<Lock> {
     let file = root.join(format!("nix/offline/{debian_arch}.lock.json"));
     let text = fs::read_to_string(&file)
         .with_context(|| format!("reading nix/offline/{debian_arch}.lock.json (no offline package set for {debian_arch})"))?;
-    serde_json::from_str(&text).with_context(|| format!("parsing nix/offline/{debian_arch}.lock.json"))
+    serde_json::from_str(&text)
+        .with_context(|| format!("parsing nix/offline/{debian_arch}.lock.json"))
 }
 
 /// The host's architecture (builders run there).
@@ -85,7 +88,10 @@ pub fn prepare(root: &Path, target: Arch) -> Result<Inputs> {
     }
     let host_lock = load_lock(root, host.debian())?;
     let bootstrap = unpack_seed(&cache, host.debian(), &host_lock)?;
-    Ok(Inputs { debs: cache.join("debs"), bootstrap })
+    Ok(Inputs {
+        debs: cache.join("debs"),
+        bootstrap,
+    })
 }
 
 fn fetch_missing(cache: &Path, arch: &str, lock: &Lock) -> Result<()> {
@@ -101,7 +107,11 @@ fn fetch_missing(cache: &Path, arch: &str, lock: &Lock) -> Result<()> {
         return Ok(());
     }
     host::ensure(&[host::APT_GET], &[])?;
-    ui::step(format!("downloading {} Debian packages ({arch}) into {}", missing.len(), dir.display()));
+    ui::step(format!(
+        "downloading {} Debian packages ({arch}) into {}",
+        missing.len(),
+        dir.display()
+    ));
     let apt = AptDir::new(cache, arch);
     apt.update()?;
     for deb in missing {
@@ -121,7 +131,11 @@ struct AptDir {
 impl AptDir {
     fn new(cache: &Path, arch: &str) -> AptDir {
         let base = cache.join("apt").join(arch);
-        AptDir { lists: base.join("lists"), cache: base.join("cache"), arch: arch.to_string() }
+        AptDir {
+            lists: base.join("lists"),
+            cache: base.join("cache"),
+            arch: arch.to_string(),
+        }
     }
 
     fn command(&self) -> Command {
@@ -139,7 +153,11 @@ impl AptDir {
     fn update(&self) -> Result<()> {
         fs::create_dir_all(self.lists.join("partial"))?;
         fs::create_dir_all(self.cache.join("archives/partial"))?;
-        let out = self.command().arg("update").output().context("running apt-get update")?;
+        let out = self
+            .command()
+            .arg("update")
+            .output()
+            .context("running apt-get update")?;
         if !out.status.success() {
             // Third-party sources may fail for a foreign architecture; the download says if
             // Debian's own lists were enough.
@@ -163,7 +181,12 @@ impl AptDir {
             .context("running apt-get download")?;
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr);
-            let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
+            let last = err
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .trim();
             bail!(
                 "cannot download Debian package {spec} pinned in nix/offline/{}.lock.json: {last} (the archive may have dropped that version; update the pin)",
                 self.arch
@@ -176,9 +199,13 @@ impl AptDir {
             .with_context(|| format!("apt-get download {spec} wrote no .deb"))?;
         let sum = sha256_file(&got)?;
         if sum != deb.sha256 {
-            bail!("Debian package {spec}: sha256 {sum} does not match the pin {}", deb.sha256);
+            bail!(
+                "Debian package {spec}: sha256 {sum} does not match the pin {}",
+                deb.sha256
+            );
         }
-        fs::rename(&got, dir.join(&deb.file)).with_context(|| format!("moving {} into the cache", deb.file))?;
+        fs::rename(&got, dir.join(&deb.file))
+            .with_context(|| format!("moving {} into the cache", deb.file))?;
         Ok(())
     }
 
@@ -197,7 +224,8 @@ pub fn sha256_file(p: &Path) -> Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
-        let n = std::io::Read::read(&mut f, &mut buf).with_context(|| format!("reading {}", p.display()))?;
+        let n = std::io::Read::read(&mut f, &mut buf)
+            .with_context(|| format!("reading {}", p.display()))?;
         if n == 0 {
             break;
         }
@@ -216,7 +244,9 @@ fn unpack_seed(cache: &Path, arch: &str, lock: &Lock) -> Result<PathBuf> {
         .packages
         .get("busybox-static")
         .with_context(|| format!("nix/offline/{arch}.lock.json pins no busybox-static"))?;
-    let dir = cache.join("bootstrap").join(format!("{arch}-{}", &deb.sha256[..16]));
+    let dir = cache
+        .join("bootstrap")
+        .join(format!("{arch}-{}", &deb.sha256[..16]));
     if dir.join("busybox").is_file() && dir.join("sh").exists() {
         return Ok(dir);
     }

@@ -27,11 +27,18 @@ impl Test {
             ui::step("check host prerequisites for the end-to-end tests");
             let mut tools = vec![host::NIX, host::CPIO, host::DPKG_DEB];
             tools.extend_from_slice(host::KERNEL_TOOLS);
-            host::ensure(&tools, &[host::LIBELF_HEADER, ("/usr/bin/qemu-system-x86_64", "qemu-system-x86")])?;
+            host::ensure(
+                &tools,
+                &[
+                    host::LIBELF_HEADER,
+                    ("/usr/bin/qemu-system-x86_64", "qemu-system-x86"),
+                ],
+            )?;
         }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.current_dir(&root).args(["test", "--workspace", "--release"]);
+        cmd.current_dir(&root)
+            .args(["test", "--workspace", "--release"]);
         if self.unit {
             cmd.args(["--lib", "--bins"]);
         }
@@ -40,7 +47,10 @@ impl Test {
             // The end-to-end tests boot QEMU; one at a time keeps them inside their timeouts on small machines.
             cmd.env("BONSAI_E2E", "1");
         }
-        ui::step(format!("cargo test --workspace{}", if self.unit { " (unit only)" } else { "" }));
+        ui::step(format!(
+            "cargo test --workspace{}",
+            if self.unit { " (unit only)" } else { "" }
+        ));
         let status = cmd.status().context("running cargo test")?;
         if !status.success() {
             bail!("tests failed after {:.0} s", timer.secs());

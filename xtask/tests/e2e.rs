@@ -1,0 +1,269 @@
+//! End to end: the real Nix build of qemu-x86_64 from the offline package set and real QEMU
+//! boots. Needs Nix, QEMU, GNU cpio and the kernel toolchain: `cargo xtask test` installs them.
+//! These tests fail (never skip) when something is missing.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Mutex;
+
+/// The tests share out/qemu-x86_64 and a 2-core machine: one at a time.
+static LOCK: Mutex<()> = Mutex::new(());
+
+const BOARD: &str = "qemu-x86_64";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn xtask(args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("running the xtask binary");
+    eprintln!(
+        "$ xtask {}\n{}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = xtask(args);
+    assert!(
+        out.status.success(),
+        "xtask {} failed:\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn sha256(p: &Path) -> String {
+    let out = Command::new("sha256sum").arg(p).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn require(program: &str, package: &str) {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {program}"))
+        .output()
+        .unwrap()
+        .status
+        .success();
+    assert!(found, "{program} is not installed: run `cargo xtask test` (it installs {package}) or apt-get install {package}");
+}
+
+fn out_dir() -> PathBuf {
+    root().join("out").join(BOARD)
+}
+
+fn built() {
+    ok(&["build", "--board", BOARD]);
+}
+
+#[test]
+fn build_is_sane_and_reproducible() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    require("cpio", "cpio");
+    built();
+    let out = out_dir();
+    let initramfs = out.join("initramfs.cpio.gz");
+    let first = sha256(&initramfs);
+    let kernel = std::fs::metadata(out.join("kernel")).unwrap().len();
+    assert!(
+        kernel <= 2 * 1024 * 1024,
+        "kernel is {kernel} bytes, over 2 MiB"
+    );
+
+    // GNU cpio is the oracle for the archive.
+    let list = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "gzip -dc '{}' | cpio -itv --quiet",
+            initramfs.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        list.status.success(),
+        "GNU cpio cannot list the initramfs: {}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    let listing = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        listing.lines().any(|l| l.ends_with(" init")),
+        "no /init in:\n{listing}"
+    );
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.contains(" nix/store/") && l.contains("-glibc-")),
+        "no glibc store path"
+    );
+    assert!(
+        listing.lines().any(|l| l.contains("-hello-1.0/bin/hello")),
+        "no hello program"
+    );
+    assert!(
+        listing
+            .lines()
+            .all(|l| l.contains(" root     root ") || l.contains(" 0        0 ")),
+        "entries not owned by 0:0"
+    );
+
+    // The manifest lists every file with its hash and owner.
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    let files = manifest["files"].as_array().unwrap();
+    let hello = files
+        .iter()
+        .find(|f| f["path"].as_str().unwrap().ends_with("/bin/hello") && f["type"] == "file")
+        .expect("hello in manifest");
+    assert_eq!(hello["sha256"].as_str().unwrap().len(), 64);
+    assert!(hello["store_path"].as_str().unwrap().contains("-hello-1.0"));
+
+    // A second build gives the same bytes.
+    built();
+    assert_eq!(first, sha256(&initramfs), "two builds differ");
+}
+
+#[test]
+fn boot_check_passes() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    require("qemu-system-x86_64", "qemu-system-x86");
+    built();
+    let stdout = ok(&["boot", "--board", BOARD, "--check"]);
+    assert!(stdout.contains("check passed"), "{stdout}");
+    let log = std::fs::read_to_string(out_dir().join("serial.log")).unwrap();
+    assert!(
+        log.contains("BONSAI-READY "),
+        "ready marker not in the serial log"
+    );
+    assert!(
+        log.contains("Hello, world!"),
+        "the C application's output is not in the serial log"
+    );
+}
+
+/// Copies the built output to a scratch folder for corrupting.
+fn scratch_copy() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    for f in ["kernel", "initramfs.cpio.gz", "manifest.json", "build.json"] {
+        std::fs::copy(out_dir().join(f), d.path().join(f)).unwrap();
+    }
+    d
+}
+
+#[test]
+fn boot_check_fails_on_a_truncated_initramfs() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    built();
+    let d = scratch_copy();
+    let p = d.path().join("initramfs.cpio.gz");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() / 3]).unwrap();
+    let out = xtask(&[
+        "boot",
+        "--board",
+        BOARD,
+        "--check",
+        "--timeout",
+        "30",
+        "--out",
+        d.path().to_str().unwrap(),
+    ]);
+    assert!(
+        !out.status.success(),
+        "check passed on a truncated initramfs"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("boot check of qemu-x86_64 failed"), "{err}");
+}
+
+#[test]
+fn boot_check_fails_when_the_ready_marker_never_comes() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    built();
+    let d = scratch_copy();
+    // An init that never says it is ready: a second archive appended to the first replaces /init.
+    let mut tree = rootfs::Tree::new();
+    tree.insert(
+        "init",
+        rootfs::Node::file(
+            rootfs::Source::Bytes(b"#!/bin/sh\necho silent init\nexec sleep 3600\n".to_vec()),
+            0o755,
+        ),
+    )
+    .unwrap();
+    let extra = d.path().join("extra.cpio.gz");
+    rootfs::pack(
+        &tree,
+        &rootfs::PackOptions {
+            compression: rootfs::Compression::Gzip,
+            level: None,
+            mtime: 0,
+        },
+        &extra,
+    )
+    .unwrap();
+    let mut bytes = std::fs::read(d.path().join("initramfs.cpio.gz")).unwrap();
+    bytes.extend(std::fs::read(&extra).unwrap());
+    std::fs::write(d.path().join("initramfs.cpio.gz"), bytes).unwrap();
+    let out = xtask(&[
+        "boot",
+        "--board",
+        BOARD,
+        "--check",
+        "--timeout",
+        "20",
+        "--out",
+        d.path().to_str().unwrap(),
+    ]);
+    assert!(!out.status.success(), "check passed without a ready marker");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no ready marker within 20 s"), "{err}");
+}
+
+#[test]
+fn unknown_package_attribute_is_one_clear_line() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let scratch = tempfile::tempdir().unwrap();
+    for d in ["boards", "profiles", "kernel-configs", "nix"] {
+        let status = Command::new("cp")
+            .arg("-r")
+            .arg(root().join(d))
+            .arg(scratch.path())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    std::fs::write(
+        scratch.path().join("profiles/minimal.toml"),
+        "description = \"x\"\ninherit = [\"base\"]\npackages = [\"no-such-package\"]\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["build", "--board", BOARD])
+        .env("BONSAI_ROOT", scratch.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap();
+    assert_eq!(last, "error: realising packages: package attribute 'no-such-package' does not exist in the offline package set");
+    assert!(
+        !scratch.path().join("out").join(BOARD).exists(),
+        "a failed build left an output folder"
+    );
+}
