@@ -18,6 +18,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// The service description or init backend cannot be rendered.
+    #[error("{message}")]
+    Compose { message: String },
+
     /// A path inside the image failed validation.
     #[error("invalid image path {path:?}: {reason}")]
     InvalidPath { path: String, reason: &'static str },

@@ -31,5 +31,8 @@ pub use crate::pack::{pack, write_atomic, PackOptions, PackReport};
 pub use crate::tree::{
     ImagePath, Node, NodeKind, Source, Tree, IMPLICIT_DIR_MODE, PERMISSION_BITS,
 };
+pub mod backends;
 mod compose;
+pub mod system;
+pub use crate::backends::{Backend, InitInputs};
 pub use crate::compose::{compose, ComposeSpec};

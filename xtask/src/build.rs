@@ -51,6 +51,9 @@ pub struct BuildInfo {
     pub source_date_epoch: u64,
     /// The checks baked into the image, in order (what `boot --check` judges).
     pub checks: Vec<crate::config::CheckSpec>,
+    /// Console lines expected while the guest shuts down after the checks.
+    #[serde(default)]
+    pub shutdown_expect: Vec<String>,
 }
 
 pub struct Built {
@@ -70,8 +73,13 @@ impl Build {
             .unwrap_or_else(|| board.profile.clone());
         let profile = cfg.load_profile(&profile_name)?;
         let init = self.init.clone().unwrap_or_else(|| profile.init.clone());
-        if init != "busybox" {
-            bail!("init backend '{init}' is not available yet; this build supports: busybox");
+        let backend = rootfs::Backend::parse(&init).with_context(|| format!("unknown init '{init}'"))?;
+        // Every backend's scripts run on busybox; runit and s6 bring their own package.
+        let mut packages = profile.packages.clone();
+        for needed in ["busybox"].into_iter().chain(backend.package()) {
+            if !packages.iter().any(|p| p == needed) {
+                packages.push(needed.to_string());
+            }
         }
         let source = match self
             .nixpkgs
@@ -97,7 +105,7 @@ impl Build {
         {
             crate::host::ensure(crate::host::KERNEL_TOOLS, &[crate::host::LIBELF_HEADER])?;
         }
-        let eval = Eval::new(&root, &board, &profile.packages, &source)?;
+        let eval = Eval::new(&root, &board, &packages, &source)?;
 
         // The kernel's config first: a dropped option must stop the build before a long compile.
         if let KernelSource::Build { .. } = board.kernel.source {
@@ -118,9 +126,9 @@ impl Build {
         }
         ui::step(format!(
             "realise {} packages and the kernel",
-            profile.packages.len()
+            packages.len()
         ));
-        let mut attrs: Vec<String> = (0..profile.packages.len())
+        let mut attrs: Vec<String> = (0..packages.len())
             .map(|i| format!("packages.p{i}"))
             .collect();
         attrs.push("kernel".into());
@@ -130,7 +138,11 @@ impl Build {
 
         ui::step("read closure");
         let closure = nix::closure(&paths)?;
-        let tree = assemble(&board, &profile, &paths, &closure)?;
+        let pid1 = match backend {
+            rootfs::Backend::BonsaiInit => Some(crate::pid1::build(&root, &board)?),
+            _ => None,
+        };
+        let tree = assemble(&board, &profile, &packages, &paths, &closure, backend, pid1)?;
 
         let epoch = source_date_epoch(&root)?;
         let info = write_output(
@@ -167,8 +179,11 @@ fn display_rel(root: &Path, p: &Path) -> String {
 fn assemble(
     board: &Board,
     profile: &Profile,
+    packages: &[String],
     package_paths: &[PathBuf],
     closure: &std::collections::BTreeMap<String, nix::PathInfo>,
+    backend: rootfs::Backend,
+    pid1: Option<PathBuf>,
 ) -> Result<Tree> {
     ui::step(format!("assemble {} store paths", closure.len()));
     let mut tree = Tree::new();
@@ -178,18 +193,12 @@ fn assemble(
             .with_context(|| format!("copying {path}"))?;
     }
     let mut bin_links = Vec::new();
-    let mut busybox = None;
-    for (attr, pkg) in profile.packages.iter().zip(package_paths) {
+    let find = |attr: &str| packages.iter().position(|p| p == attr).map(|i| package_paths[i].display().to_string());
+    for pkg in package_paths {
         let pkg_s = pkg.display().to_string();
-        if attr == "busybox" || pkg_s.contains("-busybox-") {
-            busybox.get_or_insert(pkg_s.clone());
-        }
         let bin = pkg.join("bin");
         if let Ok(entries) = fs::read_dir(&bin) {
-            let mut names: Vec<String> = entries
-                .filter_map(|e| e.ok())
-                .filter_map(|e| e.file_name().into_string().ok())
-                .collect();
+            let mut names: Vec<String> = entries.filter_map(|e| e.ok()).filter_map(|e| e.file_name().into_string().ok()).collect();
             names.sort();
             for n in names {
                 if !n.starts_with('.') {
@@ -198,23 +207,30 @@ fn assemble(
             }
         }
     }
-    let busybox = busybox.with_context(|| {
-        format!(
-            "profiles/{}.toml: the busybox init needs the busybox package in packages",
-            profile.name
-        )
-    })?;
-    let checks = all_checks(board, profile)
-        .into_iter()
-        .map(|c| (c.name, c.run))
-        .collect();
+    let busybox = find("busybox").context("the busybox package is missing")?;
+    let init = rootfs::InitInputs { backend, busybox, runit: find("runit"), s6: find("s6"), bonsai_init: pid1 };
+    let bin_names: std::collections::BTreeSet<String> = bin_links.iter().map(|(n, _)| n.clone()).collect();
+    let program_exists = |p: &str| -> bool {
+        if let Some(name) = p.strip_prefix("/bin/").or_else(|| p.strip_prefix("/sbin/")) {
+            bin_names.contains(name) || (name == "bonsai-init" && backend == rootfs::Backend::BonsaiInit)
+        } else if p.starts_with("/nix/store/") {
+            closure.keys().any(|c| p.starts_with(c.as_str())) && Path::new(p).exists()
+        } else if p.starts_with('/') {
+            p.starts_with("/etc/bonsai/")
+        } else {
+            bin_names.contains(p)
+        }
+    };
+    let system = rootfs::system::validate(&profile.system, &board.name.replace('_', "-"), &program_exists)
+        .map_err(|e| anyhow::anyhow!("profiles/{}.toml: {e}", profile.name))?;
+    let checks = all_checks(board, profile).into_iter().map(|c| (c.name, c.run)).collect();
     let spec = ComposeSpec {
-        busybox,
         bin_links,
-        hostname: board.name.clone(),
         board: board.name.clone(),
         profile: profile.name.clone(),
         checks,
+        system,
+        init,
     };
     rootfs::compose(&mut tree, &spec)?;
     Ok(tree)
@@ -328,6 +344,7 @@ fn write_output(
         store_paths: closure.keys().cloned().collect(),
         source_date_epoch: epoch,
         checks: all_checks(board, profile),
+        shutdown_expect: profile.shutdown_expect.clone(),
     };
     fs::write(
         stage.path().join("build.json"),

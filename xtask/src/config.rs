@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
+use rootfs::system::{GroupSpec, ServiceSpec, SetupSpec, SystemSpec, UserSpec};
 use rootfs::Compression;
 
 /// The init backends a profile may pick.
@@ -149,6 +150,17 @@ struct RawProfile {
     init: Option<String>,
     #[serde(default)]
     check: Vec<CheckSpec>,
+    #[serde(default)]
+    services: BTreeMap<String, ServiceSpec>,
+    #[serde(default)]
+    setup: Option<SetupSpec>,
+    #[serde(default)]
+    users: BTreeMap<String, UserSpec>,
+    #[serde(default)]
+    groups: BTreeMap<String, GroupSpec>,
+    /// Lines the console must show after the checks, while the system shuts down.
+    #[serde(default)]
+    shutdown_expect: Vec<String>,
 }
 
 // ---------------------------------------------------------------- validated forms
@@ -217,6 +229,10 @@ pub struct Profile {
     pub checks: Vec<CheckSpec>,
     /// Profiles this one inherits, directly or not, parents first.
     pub ancestors: Vec<String>,
+    /// Services, setup, users and groups merged from the parents (the child wins by name;
+    /// setup lists are appended, the hostname overridden).
+    pub system: SystemSpec,
+    pub shutdown_expect: Vec<String>,
 }
 
 // ---------------------------------------------------------------- loading
@@ -441,8 +457,29 @@ impl Config {
         let mut packages: Vec<String> = Vec::new();
         let mut checks = Vec::new();
         let mut init = None;
+        let mut system = SystemSpec::default();
+        let mut shutdown_expect = Vec::new();
         for p in &order {
             let raw = &raws[p];
+            for (k, v) in &raw.services {
+                system.services.insert(k.clone(), v.clone());
+            }
+            for (k, v) in &raw.users {
+                system.users.insert(k.clone(), v.clone());
+            }
+            for (k, v) in &raw.groups {
+                system.groups.insert(k.clone(), v.clone());
+            }
+            if let Some(setup) = &raw.setup {
+                if setup.hostname.is_some() {
+                    system.setup.hostname = setup.hostname.clone();
+                }
+                system.setup.dirs.extend(setup.dirs.iter().cloned());
+                system.setup.files.extend(setup.files.iter().cloned());
+                system.setup.symlinks.extend(setup.symlinks.iter().cloned());
+                system.setup.interfaces.extend(setup.interfaces.iter().cloned());
+            }
+            shutdown_expect.extend(raw.shutdown_expect.iter().cloned());
             for pkg in &raw.packages {
                 if !packages.contains(pkg) {
                     packages.push(pkg.clone());
@@ -472,6 +509,8 @@ impl Config {
             init,
             checks,
             ancestors: order[..order.len() - 1].to_vec(),
+            system,
+            shutdown_expect,
         })
     }
 

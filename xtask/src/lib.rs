@@ -8,6 +8,7 @@ pub mod host;
 pub mod list;
 pub mod nix;
 pub mod offline;
+pub mod pid1;
 pub mod test;
 pub mod ui;
 

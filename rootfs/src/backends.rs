@@ -1,0 +1,629 @@
+//! The init backends: each renders the same [`System`] into its own files.
+//!
+//! Shared by all four (so the result in the guest is the same whichever runs):
+//! - `/etc/bonsai/setup`: mounts, hostname, tmpfiles, loopback, addresses and routes, in the
+//!   order of [`System::steps`] and [`System::network`]; bonsai-init applies the same steps
+//!   from `/etc/bonsai/init.json`, calling the same `ip` commands.
+//! - `/etc/bonsai/svc/<name>/run`: waits for dependencies, marks the service started, drops
+//!   privileges with busybox `setpriv`, clears the environment and execs the command.
+//! - `/etc/bonsai/svc/<name>/finish`: restart policy and exponential backoff.
+//! - `/etc/bonsai/svc/<name>/log`: the console prefixer or the log file writer.
+//! - `/etc/bonsai/harness`: waits for every longrun, reports on the console, runs the checks.
+//! - `/etc/bonsai/shutdown`: stops longruns in reverse order (stop command, then signal, then
+//!   KILL after the timeout), then asks the backend to reboot, halt or power off.
+//!
+//! The backends differ only in who supervises: runit's runsv, s6-supervise, a shell loop under
+//! busybox init (which has no backoff or restart policy of its own), or bonsai-init.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::system::{Kind, Output, Restart, Service, Step, System};
+use crate::tree::{Node, Source, Tree};
+
+/// Which init runs as PID 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Busybox,
+    Runit,
+    S6,
+    BonsaiInit,
+}
+
+impl Backend {
+    pub fn parse(s: &str) -> Option<Backend> {
+        match s {
+            "busybox" => Some(Backend::Busybox),
+            "runit" => Some(Backend::Runit),
+            "s6" => Some(Backend::S6),
+            "bonsai-init" => Some(Backend::BonsaiInit),
+            _ => None,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Busybox => "busybox",
+            Backend::Runit => "runit",
+            Backend::S6 => "s6",
+            Backend::BonsaiInit => "bonsai-init",
+        }
+    }
+    /// The package attribute the backend needs besides busybox.
+    pub fn package(self) -> Option<&'static str> {
+        match self {
+            Backend::Runit => Some("runit"),
+            Backend::S6 => Some("s6"),
+            _ => None,
+        }
+    }
+}
+
+/// Store paths (and the bonsai-init binary) a backend renders against.
+#[derive(Debug, Clone)]
+pub struct InitInputs {
+    pub backend: Backend,
+    /// Store path of busybox (the shell of every script).
+    pub busybox: String,
+    pub runit: Option<String>,
+    pub s6: Option<String>,
+    /// Host path of the static bonsai-init binary.
+    pub bonsai_init: Option<PathBuf>,
+}
+
+fn file(text: impl Into<Vec<u8>>, mode: u32) -> Node {
+    Node::file(Source::Bytes(text.into()), mode)
+}
+
+/// Quotes a word for sh.
+pub fn sh_quote(s: &str) -> String {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+fn sh_words(words: &[String]) -> String {
+    words.iter().map(|w| sh_quote(w)).collect::<Vec<_>>().join(" ")
+}
+
+const MOUNTS: &[(&str, &str, &str, &str)] = &[
+    ("proc", "/proc", "proc", "nosuid,nodev,noexec"),
+    ("sysfs", "/sys", "sysfs", "nosuid,nodev,noexec"),
+    ("devtmpfs", "/dev", "devtmpfs", "nosuid,mode=0755"),
+    ("devpts", "/dev/pts", "devpts", "nosuid,noexec,gid=5,mode=620"),
+    ("tmpfs", "/dev/shm", "tmpfs", "nosuid,nodev,mode=1777"),
+    ("tmpfs", "/run", "tmpfs", "nosuid,nodev,mode=0755"),
+    ("tmpfs", "/tmp", "tmpfs", "nosuid,nodev,mode=1777"),
+];
+
+/// Run-time folders every backend's scripts use.
+const RUN_DIRS: &[&str] = &[
+    "/run/bonsai/started",
+    "/run/bonsai/up",
+    "/run/bonsai/done",
+    "/run/bonsai/delay",
+    "/run/bonsai/down",
+    "/run/bonsai/pid",
+    "/run/log",
+];
+
+fn setup_script(sys: &System) -> String {
+    let mut s = String::from("#!/bin/sh\n# bonsai boot-time setup (the same steps bonsai-init applies natively)\n");
+    for (src, target, fstype, opts) in MOUNTS {
+        let _ = writeln!(s, "mkdir -p {target} && mount -t {fstype} -o {opts} {src} {target}");
+    }
+    let _ = writeln!(s, "mkdir -p {}", RUN_DIRS.join(" "));
+    let _ = writeln!(s, "hostname {}", sh_quote(&sys.hostname));
+    for (i, step) in sys.steps.iter().enumerate() {
+        match step {
+            Step::Dir { path, mode, uid, gid } => {
+                let p = sh_quote(path);
+                let _ = writeln!(s, "mkdir -p {p} && chown {uid}:{gid} {p} && chmod {mode:o} {p}");
+            }
+            Step::File { path, mode, uid, gid, .. } => {
+                let p = sh_quote(path);
+                let _ = writeln!(
+                    s,
+                    "mkdir -p \"$(dirname {p})\" && cp /etc/bonsai/setup-files/{i} {p} && chown {uid}:{gid} {p} && chmod {mode:o} {p}"
+                );
+            }
+            Step::Symlink { path, target } => {
+                let p = sh_quote(path);
+                let _ = writeln!(s, "mkdir -p \"$(dirname {p})\" && ln -sfn {} {p}", sh_quote(target));
+            }
+        }
+    }
+    s.push_str("ip link set lo up\n");
+    for cmd in &sys.network {
+        let _ = writeln!(s, "ip {} || echo \"bonsai: ip {} failed\" >/dev/console", sh_words(cmd), sh_words(cmd).replace('"', ""));
+    }
+    s.push_str("exit 0\n");
+    s
+}
+
+fn run_script(svc: &Service, sys: &System) -> String {
+    let mut s = format!("#!/bin/sh\n# service {} ({})\nexec 2>&1\n", svc.name, kind_name(svc.kind));
+    for dep in &svc.after {
+        let dep_svc = sys.services.iter().find(|d| &d.name == dep);
+        match dep_svc.map(|d| d.kind) {
+            Some(Kind::Oneshot) => {
+                let _ = writeln!(
+                    s,
+                    "[ -e /run/bonsai/done/{dep} ] || {{ echo \"{}: not starting: oneshot {dep} did not succeed\"; exit 1; }}",
+                    svc.name
+                );
+            }
+            _ => {
+                let _ = writeln!(s, "while [ ! -e /run/bonsai/up/{dep} ]; do usleep 10000; done");
+            }
+        }
+    }
+    if svc.kind == Kind::Longrun {
+        let _ = writeln!(
+            s,
+            "read -r up _ </proc/uptime; echo \"${{up%.*}}\" >/run/bonsai/started/{n}; : >/run/bonsai/up/{n}",
+            n = svc.name
+        );
+    }
+    let _ = writeln!(s, "cd {} || exit 1", sh_quote(&svc.working_directory));
+    let mut exec = String::from("exec env -i PATH=/bin");
+    for (k, v) in &svc.environment {
+        let _ = write!(exec, " {}", sh_quote(&format!("{k}={v}")));
+    }
+    if svc.uid != 0 || svc.gid != 0 {
+        let _ = write!(exec, " setpriv --reuid={} --regid={} --clear-groups --", svc.uid, svc.gid);
+    }
+    let _ = writeln!(s, "{exec} {}", sh_words(&svc.argv));
+    s
+}
+
+fn kind_name(k: Kind) -> &'static str {
+    match k {
+        Kind::Longrun => "longrun",
+        Kind::Oneshot => "oneshot",
+    }
+}
+
+/// The log side of a service: reads its output on stdin.
+fn log_script(svc: &Service, backend: Backend) -> String {
+    match svc.output {
+        Output::Console => format!(
+            "#!/bin/sh\n# prefixes {n}'s output on the console\nwhile IFS= read -r line; do printf '[{n}] %s\\n' \"$line\"; done >/dev/console\n",
+            n = svc.name
+        ),
+        Output::Log => {
+            let dir = format!("/run/log/{}", svc.name);
+            let exec = match backend {
+                Backend::Runit => format!("exec svlogd {dir}"),
+                Backend::S6 => format!("exec s6-log {dir}"),
+                // busybox has no rotating logger: append.
+                _ => format!("exec cat >>{dir}/current"),
+            };
+            format!("#!/bin/sh\n# writes {n}'s output to {dir}/current\nmkdir -p {dir}\n{exec}\n", n = svc.name)
+        }
+    }
+}
+
+/// Called with the exit code (and signal) when the service's process ended.
+fn finish_script(svc: &Service, backend: Backend) -> String {
+    let n = &svc.name;
+    let down = match backend {
+        Backend::Runit => format!("sv down /etc/service/{n} >/dev/null 2>&1; : >/run/bonsai/down/{n}"),
+        Backend::S6 => format!("s6-svc -d /etc/s6/scan/{n}; : >/run/bonsai/down/{n}"),
+        _ => format!(": >/run/bonsai/down/{n}"),
+    };
+    let stay_down = match svc.restart {
+        Restart::Always => String::new(),
+        Restart::OnFailure => format!("if [ \"$code\" = 0 ]; then {down}; exit 0; fi\n"),
+        Restart::Never => format!("{down}; exit 0\n"),
+    };
+    format!(
+        r#"#!/bin/sh
+# {n}: restart policy {policy}, backoff {init} ms doubling to {max} ms (reset after 10 s up)
+rm -f /run/bonsai/up/{n}
+code=${{1:-1}}
+[ -e /run/bonsai/stopping ] && exit 0
+echo "[{n}] exited (code $code)" >/dev/console
+{stay_down}read -r now _ </proc/uptime; now=${{now%.*}}
+started=$(cat /run/bonsai/started/{n} 2>/dev/null || echo 0)
+delay=$(cat /run/bonsai/delay/{n} 2>/dev/null || echo {init})
+[ $((now - started)) -ge 10 ] && delay={init}
+usleep $((delay * 1000))
+next=$((delay * 2)); [ $next -gt {max} ] && next={max}
+echo $next >/run/bonsai/delay/{n}
+exit 0
+"#,
+        policy = svc.restart.as_str(),
+        init = svc.restart_delay_ms,
+        max = svc.restart_max_delay_ms,
+    )
+}
+
+/// Runs the oneshots in dependency order (shell backends' stage 1).
+fn oneshots_script(sys: &System) -> String {
+    let mut s = String::from("#!/bin/sh\n# oneshots, dependencies first\nset -o pipefail\n");
+    for svc in sys.oneshots() {
+        let n = &svc.name;
+        let _ = writeln!(
+            s,
+            "if /etc/bonsai/svc/{n}/run | /etc/bonsai/svc/{n}/log; then : >/run/bonsai/done/{n}; else echo \"bonsai: oneshot {n} failed\" >/dev/console; fi"
+        );
+    }
+    s
+}
+
+fn harness_script(sys: &System, wait: bool) -> String {
+    let mut s = String::from(
+        "#!/bin/sh\n# reports readiness on the console and, with bonsai.check=1, runs the checks and reboots\nexport PATH=/bin HOME=/root\n",
+    );
+    if wait {
+        for svc in sys.longruns() {
+            let _ = writeln!(s, "while [ ! -e /run/bonsai/started/{} ]; do usleep 10000; done", svc.name);
+        }
+    }
+    s.push_str(
+        r#"nonce=
+check=
+for w in $(cat /proc/cmdline); do
+	case "$w" in
+	bonsai.nonce=*) nonce=${w#bonsai.nonce=} ;;
+	bonsai.check=1) check=1 ;;
+	esac
+done
+read -r up _ </proc/uptime
+printf 'BONSAI-READY %s %s\n' "${nonce:-none}" "$up" >/dev/console
+printf 'BONSAI-SERVICES-UP %s %s\n' "${nonce:-none}" "$up" >/dev/console
+if [ -n "$check" ]; then
+	echo 1 >/proc/sys/kernel/printk
+	/etc/bonsai/run-checks "$nonce" >/dev/console 2>&1
+	printf 'BONSAI-DONE %s\n' "$nonce" >/dev/console
+	exec /etc/bonsai/shutdown reboot
+fi
+echo "bonsai: $(hostname) is up ($(cat /etc/bonsai/init-name)); leave the shell to power off" >/dev/console
+setsid cttyhack sh -l
+exec /etc/bonsai/shutdown poweroff
+"#,
+    );
+    s
+}
+
+/// Stops longruns in reverse order, then asks PID 1 to end the system.
+fn shutdown_script(sys: &System, backend: Backend) -> String {
+    let mut s = String::from(
+        "#!/bin/sh\n# bonsai shutdown: stop longruns in reverse dependency order, then reboot/poweroff/halt\nexport PATH=/bin\naction=${1:-poweroff}\n[ -e /run/bonsai/stopping ] && exit 0\n: >/run/bonsai/stopping\necho \"$action\" >/run/bonsai/action\n",
+    );
+    let longruns: Vec<&Service> = sys.longruns().collect();
+    for svc in longruns.iter().rev() {
+        let n = &svc.name;
+        if let Some(cmd) = &svc.stop_command {
+            let _ = writeln!(s, "{} </dev/null >/dev/console 2>&1", sh_words(cmd));
+        }
+        let secs = svc.stop_timeout_ms.div_ceil(1000).max(1);
+        let (sig, _) = &svc.stop_signal;
+        let stop = match backend {
+            Backend::Runit => format!("sv -w {secs} down /etc/service/{n} >/dev/null 2>&1 || sv kill /etc/service/{n} >/dev/null 2>&1"),
+            Backend::S6 => format!(
+                "s6-svc -wD -T {} -d /etc/s6/scan/{n} 2>/dev/null || s6-svc -k /etc/s6/scan/{n}",
+                svc.stop_timeout_ms.max(1)
+            ),
+            _ => format!(
+                ": >/run/bonsai/down/{n}; p=$(cat /run/bonsai/pid/{n} 2>/dev/null); if [ -n \"$p\" ]; then kill -{sig} \"$p\" 2>/dev/null; i=0; while kill -0 \"$p\" 2>/dev/null && [ $i -lt {t} ]; do usleep 10000; i=$((i + 1)); done; kill -KILL \"$p\" 2>/dev/null; fi",
+                t = svc.stop_timeout_ms / 10
+            ),
+        };
+        let _ = writeln!(s, "{stop}\necho \"bonsai: stopped {n}\" >/dev/console");
+    }
+    s.push_str("sync\n");
+    s.push_str(match backend {
+        Backend::Runit => {
+            "case \"$action\" in reboot) exec runit-init 6 ;; *) exec runit-init 0 ;; esac\n"
+        }
+        Backend::S6 => "exec s6-svscanctl -t /etc/s6/scan\n",
+        // busybox init's own shutdown calls this script again (a no-op), then kills and reboots.
+        Backend::Busybox => "case \"$action\" in reboot) exec busybox reboot ;; halt) exec busybox halt ;; *) exec busybox poweroff ;; esac\n",
+        Backend::BonsaiInit => "exec bonsai-init \"$action\"\n",
+    });
+    s
+}
+
+/// The final step after s6-svscan or runit have stopped everything.
+const FINAL: &str = r#"#!/bin/sh
+# the last thing before the kernel call
+export PATH=/bin
+sync
+case "$(cat /run/bonsai/action 2>/dev/null)" in
+halt) exec halt -f ;;
+poweroff) exec poweroff -f ;;
+*) exec reboot -f ;;
+esac
+"#;
+
+/// busybox init has no supervisor with policies: one shell loop per longrun.
+fn supervise_script(svc: &Service) -> String {
+    let n = &svc.name;
+    format!(
+        r#"#!/bin/sh
+# supervises {n} under busybox init: run, log, finish (policy and backoff), again
+export PATH=/bin
+mkfifo /run/bonsai/pid/{n}.fifo 2>/dev/null
+/etc/bonsai/svc/{n}/log </run/bonsai/pid/{n}.fifo &
+exec 3>/run/bonsai/pid/{n}.fifo
+while [ ! -e /run/bonsai/down/{n} ] && [ ! -e /run/bonsai/stopping ]; do
+	/etc/bonsai/svc/{n}/run >&3 2>&3 &
+	echo $! >/run/bonsai/pid/{n}
+	wait $!
+	code=$?
+	[ -e /run/bonsai/stopping ] && break
+	/etc/bonsai/svc/{n}/finish "$code"
+done
+"#
+    )
+}
+
+/// `/etc/bonsai/init.json` for bonsai-init.
+#[derive(Serialize)]
+struct InitJson<'a> {
+    hostname: &'a str,
+    console: &'a str,
+    mounts: Vec<MountJson>,
+    tmpfiles: Vec<serde_json::Value>,
+    setup: Vec<Vec<String>>,
+    services: Vec<serde_json::Value>,
+    after_start: Vec<Vec<String>>,
+    shutdown_timeout_ms: u64,
+}
+
+#[derive(Serialize)]
+struct MountJson {
+    source: String,
+    target: String,
+    fstype: String,
+    options: String,
+    mode: Option<u32>,
+}
+
+fn init_json(sys: &System) -> String {
+    let tmpfiles = sys
+        .steps
+        .iter()
+        .map(|s| match s {
+            Step::Dir { path, mode, uid, gid } => {
+                serde_json::json!({"type": "dir", "path": path, "mode": mode, "uid": uid, "gid": gid})
+            }
+            Step::File { path, content, mode, uid, gid } => {
+                serde_json::json!({"type": "file", "path": path, "content": content, "mode": mode, "uid": uid, "gid": gid})
+            }
+            Step::Symlink { path, target } => serde_json::json!({"type": "symlink", "path": path, "target": target}),
+        });
+    let mut setup: Vec<Vec<String>> = vec![vec!["/bin/mkdir".into(), "-p".into()]];
+    setup[0].extend(RUN_DIRS.iter().map(|d| d.to_string()));
+    setup.push(["/bin/ip", "link", "set", "lo", "up"].map(String::from).to_vec());
+    for cmd in &sys.network {
+        let mut argv = vec!["/bin/ip".to_string()];
+        argv.extend(cmd.iter().cloned());
+        setup.push(argv);
+    }
+    let services = sys
+        .services
+        .iter()
+        .map(|svc| {
+            let output = match svc.output {
+                Output::Console => serde_json::json!({"console": format!("[{}] ", svc.name)}),
+                Output::Log => serde_json::json!({"file": format!("/run/log/{}/current", svc.name)}),
+            };
+            serde_json::json!({
+                "name": svc.name,
+                "argv": svc.argv,
+                "kind": kind_name(svc.kind),
+                "after": svc.after,
+                "restart": svc.restart.as_str(),
+                "backoff_initial_ms": svc.restart_delay_ms,
+                "backoff_max_ms": svc.restart_max_delay_ms,
+                "uid": svc.uid,
+                "gid": svc.gid,
+                "env": svc.environment.iter().map(|(k, v)| [k, v]).collect::<Vec<_>>(),
+                "cwd": svc.working_directory,
+                "output": output,
+                "stop_signal": svc.stop_signal.1,
+                "stop_command": svc.stop_command,
+                "stop_timeout_ms": svc.stop_timeout_ms,
+                "ready_file": format!("/run/bonsai/up/{}", svc.name),
+            })
+        })
+        .collect();
+    let json = InitJson {
+        hostname: &sys.hostname,
+        console: "/dev/console",
+        mounts: MOUNTS
+            .iter()
+            .map(|(src, target, fstype, opts)| MountJson {
+                source: src.to_string(),
+                target: target.to_string(),
+                fstype: fstype.to_string(),
+                options: opts.to_string(),
+                mode: None,
+            })
+            .collect(),
+        tmpfiles: tmpfiles.collect(),
+        setup,
+        services,
+        after_start: vec![vec!["/etc/bonsai/harness".into()]],
+        shutdown_timeout_ms: sys.longruns().map(|s| s.stop_timeout_ms).sum::<u64>().max(3000) + 2000,
+    };
+    serde_json::to_string_pretty(&json).unwrap_or_default() + "\n"
+}
+
+/// The path `/proc/1/exe` must show once the backend runs.
+pub fn expected_pid1(inputs: &InitInputs) -> String {
+    match inputs.backend {
+        Backend::Busybox => format!("{}/bin/busybox", inputs.busybox),
+        Backend::Runit => format!("{}/bin/runit", inputs.runit.as_deref().unwrap_or("")),
+        Backend::S6 => format!("{}/bin/s6-svscan", inputs.s6.as_deref().unwrap_or("")),
+        Backend::BonsaiInit => "/bin/bonsai-init".into(),
+    }
+}
+
+/// Adds the backend's files and the shared service files to `tree`.
+pub fn render(tree: &mut Tree, sys: &System, inputs: &InitInputs) -> Result<()> {
+    let backend = inputs.backend;
+    let exe = |p: &str, text: String| -> (String, Node) { (p.to_string(), file(text, 0o755)) };
+    let mut files: Vec<(String, Node)> = vec![
+        exe("etc/bonsai/setup", setup_script(sys)),
+        exe("etc/bonsai/oneshots", oneshots_script(sys)),
+        exe("etc/bonsai/harness", harness_script(sys, backend != Backend::BonsaiInit)),
+        exe("etc/bonsai/shutdown", shutdown_script(sys, backend)),
+        exe("etc/bonsai/final", FINAL.to_string()),
+        ("etc/bonsai/init-name".into(), file(format!("{}\n", backend.name()), 0o644)),
+        ("etc/bonsai/expected-pid1".into(), file(format!("{}\n", expected_pid1(inputs)), 0o644)),
+        exe(
+            "etc/bonsai/stage1",
+            "#!/bin/sh\n# stage 1 of the shell backends: setup, then oneshots in order\n/etc/bonsai/setup\n/etc/bonsai/oneshots\n".into(),
+        ),
+    ];
+    for (i, step) in sys.steps.iter().enumerate() {
+        if let Step::File { content, .. } = step {
+            files.push((format!("etc/bonsai/setup-files/{i}"), file(content.clone(), 0o600)));
+        }
+    }
+    for svc in &sys.services {
+        let base = format!("etc/bonsai/svc/{}", svc.name);
+        files.push(exe(&format!("{base}/run"), run_script(svc, sys)));
+        files.push(exe(&format!("{base}/log"), log_script(svc, backend)));
+        files.push(exe(&format!("{base}/finish"), finish_script(svc, backend)));
+    }
+    // Shutdown commands that go through bonsai's ordered stop.
+    for (name, action) in [("poweroff", "poweroff"), ("reboot", "reboot"), ("halt", "halt")] {
+        if matches!(backend, Backend::Runit | Backend::S6) {
+            files.push(exe(&format!("bin/{name}"), format!("#!/bin/sh\nexec /etc/bonsai/shutdown {action}\n")));
+        }
+    }
+
+    match backend {
+        Backend::Busybox => {
+            files.push(("init".into(), Node::symlink(format!("{}/bin/busybox", inputs.busybox))));
+            let mut inittab = String::from("# generated by bonsai: busybox init (SysV-style)\n::sysinit:/etc/bonsai/stage1\n");
+            for svc in sys.longruns() {
+                let _ = writeln!(inittab, "::once:/etc/bonsai/svc/{}/supervise", svc.name);
+                files.push(exe(&format!("etc/bonsai/svc/{}/supervise", svc.name), supervise_script(svc)));
+            }
+            inittab.push_str("::once:/etc/bonsai/harness\n::ctrlaltdel:/bin/reboot\n::shutdown:/etc/bonsai/shutdown\n");
+            files.push(("etc/inittab".into(), file(inittab, 0o644)));
+        }
+        Backend::Runit => {
+            let runit = inputs.runit.clone().unwrap_or_default();
+            files.push(("init".into(), Node::symlink(format!("{runit}/bin/runit-init"))));
+            files.push(exe("etc/runit/1", "#!/bin/sh\nexec /etc/bonsai/stage1\n".into()));
+            files.push(exe(
+                "etc/runit/2",
+                "#!/bin/sh\n/etc/bonsai/harness &\nexec env - PATH=/bin runsvdir -P /etc/service\n".into(),
+            ));
+            files.push(exe("etc/runit/3", "#!/bin/sh\nexport PATH=/bin\n/etc/bonsai/shutdown \"$(cat /run/bonsai/action 2>/dev/null || echo poweroff)\" >/dev/null 2>&1 </dev/null &\nsync\n".into()));
+            tree.insert("etc/service", Node::dir(0o755))?;
+            for svc in sys.longruns() {
+                let d = format!("etc/service/{}", svc.name);
+                let n = &svc.name;
+                files.push(exe(&format!("{d}/run"), format!("#!/bin/sh\nexec /etc/bonsai/svc/{n}/run\n")));
+                files.push(exe(&format!("{d}/finish"), format!("#!/bin/sh\nexec /etc/bonsai/svc/{n}/finish \"$@\"\n")));
+                files.push(exe(&format!("{d}/log/run"), format!("#!/bin/sh\nexec /etc/bonsai/svc/{n}/log\n")));
+                if svc.stop_signal.0 != "TERM" {
+                    files.push(exe(
+                        &format!("{d}/control/d"),
+                        format!("#!/bin/sh\nkill -{} \"$(cat supervise/pid)\"\n", svc.stop_signal.0),
+                    ));
+                }
+            }
+        }
+        Backend::S6 => {
+            files.push(exe(
+                "init",
+                "#!/bin/sh\n# s6: stage 1, then s6-svscan as PID 1\nexport PATH=/bin\n/etc/bonsai/stage1\n/etc/bonsai/harness &\nexec s6-svscan /etc/s6/scan\n".into(),
+            ));
+            files.push(exe("etc/s6/scan/.s6-svscan/finish", "#!/bin/sh\nexec /etc/bonsai/final\n".into()));
+            files.push(exe("etc/s6/scan/.s6-svscan/crash", "#!/bin/sh\nexec /bin/sh\n".into()));
+            for svc in sys.longruns() {
+                let d = format!("etc/s6/scan/{}", svc.name);
+                let n = &svc.name;
+                files.push(exe(&format!("{d}/run"), format!("#!/bin/sh\nexec /etc/bonsai/svc/{n}/run\n")));
+                files.push(exe(&format!("{d}/finish"), format!("#!/bin/sh\nexec /etc/bonsai/svc/{n}/finish \"$@\"\n")));
+                files.push(exe(&format!("{d}/log/run"), format!("#!/bin/sh\nexec /etc/bonsai/svc/{n}/log\n")));
+                files.push((format!("{d}/timeout-finish"), file(format!("{}\n", svc.restart_max_delay_ms + 2000), 0o644)));
+                files.push((format!("{d}/down-signal"), file(format!("SIG{}\n", svc.stop_signal.0), 0o644)));
+            }
+        }
+        Backend::BonsaiInit => {
+            let bin = inputs.bonsai_init.clone().ok_or_else(|| crate::error::Error::Compose {
+                message: "bonsai-init backend needs the bonsai-init binary".into(),
+            })?;
+            files.push(("bin/bonsai-init".into(), Node::file(Source::Host(bin), 0o755)));
+            files.push(("init".into(), Node::symlink("bin/bonsai-init")));
+            files.push(("etc/bonsai/init.json".into(), file(init_json(sys), 0o644)));
+        }
+    }
+    for (path, node) in files {
+        tree.insert(&path, node)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::system::{validate, ServiceSpec, SystemSpec};
+
+    fn system() -> System {
+        let mut spec = SystemSpec::default();
+        let svc: ServiceSpec = serde_json::from_str(r#"{"command": ["/bin/sleep", "1000"], "stop-signal": "INT"}"#).unwrap();
+        spec.services.insert("sleeper".into(), svc);
+        let one: ServiceSpec = serde_json::from_str(r#"{"command": ["/bin/true"], "kind": "oneshot"}"#).unwrap();
+        spec.services.insert("prep".into(), one);
+        validate(&spec, "host", &|_| true).unwrap()
+    }
+
+    fn inputs(b: Backend) -> InitInputs {
+        InitInputs {
+            backend: b,
+            busybox: "/nix/store/b-busybox".into(),
+            runit: Some("/nix/store/r-runit".into()),
+            s6: Some("/nix/store/s-s6".into()),
+            bonsai_init: Some("/dev/null".into()),
+        }
+    }
+
+    #[test]
+    fn every_backend_renders_its_pid1_and_the_shared_scripts() {
+        for b in [Backend::Busybox, Backend::Runit, Backend::S6, Backend::BonsaiInit] {
+            let mut t = Tree::new();
+            render(&mut t, &system(), &inputs(b)).unwrap();
+            assert!(t.contains("init"), "{b:?}");
+            assert!(t.contains("etc/bonsai/svc/sleeper/run"), "{b:?}");
+            assert!(t.contains("etc/bonsai/harness"), "{b:?}");
+        }
+        let mut t = Tree::new();
+        render(&mut t, &system(), &inputs(Backend::Busybox)).unwrap();
+        let Some(Node { kind: crate::tree::NodeKind::File { source: Source::Bytes(b) }, .. }) = t.get("etc/inittab") else {
+            panic!("no inittab")
+        };
+        let inittab = String::from_utf8(b.clone()).unwrap();
+        assert!(inittab.contains("::once:/etc/bonsai/svc/sleeper/supervise"));
+        assert!(!inittab.contains("prep/supervise"), "oneshots are not supervised");
+    }
+
+    #[test]
+    fn quoting_survives_awkward_words() {
+        assert_eq!(sh_quote("plain/path"), "plain/path");
+        assert_eq!(sh_quote("it's"), "'it'\\''s'");
+        assert_eq!(sh_quote(""), "''");
+    }
+
+    #[test]
+    fn init_json_carries_services_in_order() {
+        let json: serde_json::Value = serde_json::from_str(&init_json(&system())).unwrap();
+        let names: Vec<&str> = json["services"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["prep", "sleeper"]);
+        assert_eq!(json["services"][1]["stop_signal"], 2);
+    }
+}

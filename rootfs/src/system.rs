@@ -1,0 +1,636 @@
+//! The service description: one schema in the profile (`[services.<name>]`, `[setup]`,
+//! `[users.<name>]`, `[groups.<name>]`) that every init backend renders.
+//!
+//! This module holds the schema as profiles spell it (serde, strict) and its validation into a
+//! [`System`]: services in a dependency order, users and groups resolved to numbers, setup
+//! steps in the one order every backend applies them (mounts, hostname, directories, files,
+//! symlinks, loopback, interfaces, addresses, routes).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+/// `[services.<name>]` as written in a profile.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// argv; the program is a store path or a name found in /bin.
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub kind: Kind,
+    /// Services this one starts after (oneshots: after they finished; longruns: once up).
+    #[serde(default)]
+    pub after: Vec<String>,
+    #[serde(default)]
+    pub restart: Restart,
+    /// First restart delay; it doubles on each quick restart up to `restart-max-delay-ms`.
+    #[serde(default = "default_delay")]
+    pub restart_delay_ms: u64,
+    #[serde(default = "default_max_delay")]
+    pub restart_max_delay_ms: u64,
+    pub user: Option<String>,
+    pub group: Option<String>,
+    #[serde(default)]
+    pub environment: BTreeMap<String, String>,
+    pub working_directory: Option<String>,
+    #[serde(default)]
+    pub output: Output,
+    /// TERM (default), INT, HUP, QUIT, KILL, USR1 or USR2.
+    pub stop_signal: Option<String>,
+    /// Run at shutdown before the stop signal is sent (like ExecStop).
+    pub stop_command: Option<Vec<String>>,
+    #[serde(default = "default_stop_timeout")]
+    pub stop_timeout_ms: u64,
+}
+
+fn default_delay() -> u64 {
+    100
+}
+fn default_max_delay() -> u64 {
+    5000
+}
+fn default_stop_timeout() -> u64 {
+    3000
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    #[default]
+    Longrun,
+    Oneshot,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Restart {
+    #[default]
+    Always,
+    OnFailure,
+    Never,
+}
+
+impl Restart {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Restart::Always => "always",
+            Restart::OnFailure => "on-failure",
+            Restart::Never => "never",
+        }
+    }
+}
+
+/// Where a service's stdout and stderr go.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Output {
+    /// The console, every line prefixed with `[<name>] `.
+    #[default]
+    Console,
+    /// `/run/log/<name>/current`, rotated by the backend's logger where it has one.
+    Log,
+}
+
+/// `[setup]`: what the system does at boot before any service.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SetupSpec {
+    pub hostname: Option<String>,
+    #[serde(default)]
+    pub dirs: Vec<DirSpec>,
+    #[serde(default)]
+    pub files: Vec<FileSpec>,
+    #[serde(default)]
+    pub symlinks: Vec<SymlinkSpec>,
+    #[serde(default)]
+    pub interfaces: Vec<InterfaceSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct DirSpec {
+    pub path: String,
+    #[serde(default = "default_dir_mode")]
+    pub mode: String,
+    pub user: Option<String>,
+    pub group: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct FileSpec {
+    pub path: String,
+    pub content: String,
+    #[serde(default = "default_file_mode")]
+    pub mode: String,
+    pub user: Option<String>,
+    pub group: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SymlinkSpec {
+    pub path: String,
+    pub target: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct InterfaceSpec {
+    pub name: String,
+    /// `10.0.2.15/24`, `fec0::15/64`.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    #[serde(default)]
+    pub routes: Vec<RouteSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RouteSpec {
+    /// `default`, `10.1.0.0/16`, `::/0`.
+    pub to: String,
+    pub via: Option<String>,
+}
+
+fn default_dir_mode() -> String {
+    "0755".into()
+}
+fn default_file_mode() -> String {
+    "0644".into()
+}
+
+/// `[users.<name>]`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct UserSpec {
+    pub uid: u32,
+    /// Primary group name (default: a group of the user's name, which must exist).
+    pub group: Option<String>,
+    #[serde(default = "default_home")]
+    pub home: String,
+    #[serde(default = "default_shell")]
+    pub shell: String,
+}
+
+fn default_home() -> String {
+    "/var/empty".into()
+}
+fn default_shell() -> String {
+    "/bin/false".into()
+}
+
+/// `[groups.<name>]`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct GroupSpec {
+    pub gid: u32,
+}
+
+/// The whole description, as merged from a profile and its parents.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SystemSpec {
+    pub services: BTreeMap<String, ServiceSpec>,
+    pub setup: SetupSpec,
+    pub users: BTreeMap<String, UserSpec>,
+    pub groups: BTreeMap<String, GroupSpec>,
+}
+
+// ------------------------------------------------------------------ validated form
+
+/// A validated service: names resolved, numbers checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub argv: Vec<String>,
+    pub kind: Kind,
+    pub after: Vec<String>,
+    pub restart: Restart,
+    pub restart_delay_ms: u64,
+    pub restart_max_delay_ms: u64,
+    pub uid: u32,
+    pub gid: u32,
+    pub environment: Vec<(String, String)>,
+    pub working_directory: String,
+    pub output: Output,
+    pub stop_signal: (String, i32),
+    pub stop_command: Option<Vec<String>>,
+    pub stop_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: String,
+    pub shell: String,
+}
+
+/// One boot-time step, in the order every backend applies them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    Dir { path: String, mode: u32, uid: u32, gid: u32 },
+    File { path: String, content: String, mode: u32, uid: u32, gid: u32 },
+    Symlink { path: String, target: String },
+}
+
+/// The validated system: services in a topological order (dependencies first, then by name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct System {
+    pub hostname: String,
+    pub services: Vec<Service>,
+    pub steps: Vec<Step>,
+    /// `ip` argument lists (without the program), applied after loopback is up.
+    pub network: Vec<Vec<String>>,
+    pub users: Vec<User>,
+    pub groups: Vec<(String, u32)>,
+}
+
+impl System {
+    pub fn longruns(&self) -> impl Iterator<Item = &Service> {
+        self.services.iter().filter(|s| s.kind == Kind::Longrun)
+    }
+    pub fn oneshots(&self) -> impl Iterator<Item = &Service> {
+        self.services.iter().filter(|s| s.kind == Kind::Oneshot)
+    }
+}
+
+const SIGNALS: &[(&str, i32)] = &[
+    ("HUP", 1),
+    ("INT", 2),
+    ("QUIT", 3),
+    ("KILL", 9),
+    ("USR1", 10),
+    ("USR2", 12),
+    ("TERM", 15),
+];
+
+/// Validates a spec. `program_exists` answers whether a command's program is in the image
+/// (given as written: an absolute path, or a bare name looked up in /bin). Errors name the
+/// profile key they are about: `services.web.after: unknown service 'db'`.
+pub fn validate(
+    spec: &SystemSpec,
+    default_hostname: &str,
+    program_exists: &dyn Fn(&str) -> bool,
+) -> Result<System, String> {
+    // Groups and users, root always present.
+    let mut groups: BTreeMap<String, u32> = BTreeMap::new();
+    groups.insert("root".into(), 0);
+    groups.insert("tty".into(), 5);
+    for (name, g) in &spec.groups {
+        check_name(name, "groups")?;
+        if groups.insert(name.clone(), g.gid).is_some() && name != "root" && name != "tty" {
+            return Err(format!("groups.{name}: defined twice"));
+        }
+    }
+    let mut users: BTreeMap<String, User> = BTreeMap::new();
+    users.insert(
+        "root".into(),
+        User { name: "root".into(), uid: 0, gid: 0, home: "/root".into(), shell: "/bin/sh".into() },
+    );
+    for (name, u) in &spec.users {
+        check_name(name, "users")?;
+        let gname = u.group.clone().unwrap_or_else(|| name.clone());
+        let gid = *groups
+            .get(&gname)
+            .ok_or_else(|| format!("users.{name}.group: unknown group '{gname}' (define [groups.{gname}])"))?;
+        users.insert(
+            name.clone(),
+            User { name: name.clone(), uid: u.uid, gid, home: u.home.clone(), shell: u.shell.clone() },
+        );
+    }
+    let resolve = |key: &str, user: &Option<String>, group: &Option<String>| -> Result<(u32, u32), String> {
+        let u = match user {
+            None => &users["root"],
+            Some(n) => users.get(n).ok_or_else(|| format!("{key}.user: unknown user '{n}' (define [users.{n}])"))?,
+        };
+        let gid = match group {
+            None => u.gid,
+            Some(g) => *groups.get(g).ok_or_else(|| format!("{key}.group: unknown group '{g}' (define [groups.{g}])"))?,
+        };
+        Ok((u.uid, gid))
+    };
+
+    // Services.
+    let mut services = BTreeMap::new();
+    for (name, s) in &spec.services {
+        check_name(name, "services")?;
+        let key = format!("services.{name}");
+        let program = s.command.first().ok_or_else(|| format!("{key}.command: empty"))?;
+        if !program_exists(program) {
+            return Err(format!("{key}.command: program '{program}' is not in the image"));
+        }
+        for dep in &s.after {
+            if !spec.services.contains_key(dep) {
+                return Err(format!("{key}.after: unknown service '{dep}'"));
+            }
+            if dep == name {
+                return Err(format!("{key}.after: a service cannot start after itself"));
+            }
+        }
+        if s.restart_delay_ms == 0 || s.restart_max_delay_ms < s.restart_delay_ms {
+            return Err(format!("{key}: restart-delay-ms must be at least 1 and at most restart-max-delay-ms"));
+        }
+        let (uid, gid) = resolve(&key, &s.user, &s.group)?;
+        let sig = s.stop_signal.clone().unwrap_or_else(|| "TERM".into());
+        let signum = SIGNALS
+            .iter()
+            .find(|(n, _)| *n == sig.trim_start_matches("SIG"))
+            .map(|(_, n)| *n)
+            .ok_or_else(|| format!("{key}.stop-signal: unknown signal '{sig}' (expected TERM, INT, HUP, QUIT, KILL, USR1 or USR2)"))?;
+        for k in s.environment.keys() {
+            if k.is_empty() || k.contains('=') || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(format!("{key}.environment: '{k}' is not a variable name"));
+            }
+        }
+        if let Some(stop) = &s.stop_command {
+            if stop.is_empty() {
+                return Err(format!("{key}.stop-command: empty"));
+            }
+        }
+        let wd = s.working_directory.clone().unwrap_or_else(|| "/".into());
+        if !wd.starts_with('/') {
+            return Err(format!("{key}.working-directory: '{wd}' is not absolute"));
+        }
+        services.insert(
+            name.clone(),
+            Service {
+                name: name.clone(),
+                argv: s.command.clone(),
+                kind: s.kind,
+                after: s.after.clone(),
+                restart: s.restart,
+                restart_delay_ms: s.restart_delay_ms,
+                restart_max_delay_ms: s.restart_max_delay_ms,
+                uid,
+                gid,
+                environment: s.environment.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                working_directory: wd,
+                output: s.output,
+                stop_signal: (sig.trim_start_matches("SIG").to_string(), signum),
+                stop_command: s.stop_command.clone(),
+                stop_timeout_ms: s.stop_timeout_ms,
+            },
+        );
+    }
+    let order = topo_order(&services)?;
+
+    // Setup steps.
+    let mut steps = Vec::new();
+    for (i, d) in spec.setup.dirs.iter().enumerate() {
+        let key = format!("setup.dirs[{i}]");
+        check_abs(&d.path, &key)?;
+        let (uid, gid) = resolve(&key, &d.user, &d.group)?;
+        steps.push(Step::Dir { path: d.path.clone(), mode: parse_mode(&d.mode, &key)?, uid, gid });
+    }
+    for (i, f) in spec.setup.files.iter().enumerate() {
+        let key = format!("setup.files[{i}]");
+        check_abs(&f.path, &key)?;
+        let (uid, gid) = resolve(&key, &f.user, &f.group)?;
+        steps.push(Step::File {
+            path: f.path.clone(),
+            content: f.content.clone(),
+            mode: parse_mode(&f.mode, &key)?,
+            uid,
+            gid,
+        });
+    }
+    for (i, l) in spec.setup.symlinks.iter().enumerate() {
+        let key = format!("setup.symlinks[{i}]");
+        check_abs(&l.path, &key)?;
+        if l.target.is_empty() {
+            return Err(format!("{key}.target: empty"));
+        }
+        steps.push(Step::Symlink { path: l.path.clone(), target: l.target.clone() });
+    }
+
+    let mut network = Vec::new();
+    for (i, iface) in spec.setup.interfaces.iter().enumerate() {
+        let key = format!("setup.interfaces[{i}]");
+        if iface.name.is_empty() || iface.name.len() > 15 || iface.name.contains(['/', ' ']) {
+            return Err(format!("{key}.name: '{}' is not an interface name", iface.name));
+        }
+        network.push(vec!["link".into(), "set".into(), iface.name.clone(), "up".into()]);
+        for a in &iface.addresses {
+            let v6 = check_cidr(a, &format!("{key}.addresses"))?;
+            let mut cmd = vec!["addr".into(), "add".into(), a.clone(), "dev".into(), iface.name.clone()];
+            if v6 {
+                // No duplicate address detection: the address is usable (and listed) at once.
+                cmd.push("nodad".into());
+            }
+            network.push(cmd);
+        }
+        for r in &iface.routes {
+            let v6 = if r.to == "default" {
+                r.via.as_deref().is_some_and(|v| v.contains(':'))
+            } else {
+                check_cidr(&r.to, &format!("{key}.routes"))?
+            };
+            let mut cmd = vec![if v6 { "-6" } else { "-4" }.to_string(), "route".into(), "add".into(), r.to.clone()];
+            if let Some(via) = &r.via {
+                cmd.extend(["via".into(), via.clone()]);
+            }
+            cmd.extend(["dev".into(), iface.name.clone()]);
+            network.push(cmd);
+        }
+    }
+
+    let hostname = spec.setup.hostname.clone().unwrap_or_else(|| default_hostname.to_string());
+    if hostname.is_empty() || hostname.len() > 64 || !hostname.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.') {
+        return Err(format!("setup.hostname: '{hostname}' is not a host name"));
+    }
+    Ok(System {
+        hostname,
+        services: order.into_iter().map(|n| services[&n].clone()).collect(),
+        steps,
+        network,
+        users: users.into_values().collect(),
+        groups: groups.into_iter().collect(),
+    })
+}
+
+fn check_name(name: &str, table: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 32
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        && !name.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{table}.{name}: names are letters, digits, - and _ (at most 32)"))
+    }
+}
+
+fn check_abs(path: &str, key: &str) -> Result<(), String> {
+    if !path.starts_with('/') || path.split('/').any(|c| c == "..") {
+        return Err(format!("{key}.path: '{path}' is not an absolute path without '..'"));
+    }
+    Ok(())
+}
+
+fn parse_mode(s: &str, key: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| format!("{key}.mode: '{s}' is not an octal mode"))
+}
+
+/// Returns whether the address is IPv6.
+fn check_cidr(s: &str, key: &str) -> Result<bool, String> {
+    let (addr, len) = s.split_once('/').ok_or_else(|| format!("{key}: '{s}' needs a prefix length (/24)"))?;
+    let v6 = addr.parse::<std::net::Ipv6Addr>().is_ok();
+    let v4 = addr.parse::<std::net::Ipv4Addr>().is_ok();
+    let max = if v6 { 128 } else { 32 };
+    match len.parse::<u32>() {
+        Ok(l) if (v4 || v6) && l <= max => Ok(v6),
+        _ => Err(format!("{key}: '{s}' is not an address with a prefix length")),
+    }
+}
+
+/// Dependencies first; ties broken by name. A cycle is an error naming it.
+fn topo_order(services: &BTreeMap<String, Service>) -> Result<Vec<String>, String> {
+    let mut done: BTreeSet<String> = BTreeSet::new();
+    let mut order = Vec::new();
+    fn visit(
+        name: &str,
+        services: &BTreeMap<String, Service>,
+        stack: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+        order: &mut Vec<String>,
+    ) -> Result<(), String> {
+        if done.contains(name) {
+            return Ok(());
+        }
+        if let Some(pos) = stack.iter().position(|n| n == name) {
+            let mut chain = stack[pos..].join(" -> ");
+            chain.push_str(" -> ");
+            chain.push_str(name);
+            return Err(format!("services.{name}.after: dependency cycle {chain}"));
+        }
+        stack.push(name.to_string());
+        let mut deps = services[name].after.clone();
+        deps.sort();
+        for d in deps {
+            visit(&d, services, stack, done, order)?;
+        }
+        stack.pop();
+        done.insert(name.to_string());
+        order.push(name.to_string());
+        Ok(())
+    }
+    for name in services.keys() {
+        visit(name, services, &mut Vec::new(), &mut done, &mut order)?;
+    }
+    Ok(order)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(cmd: &str) -> ServiceSpec {
+        toml_service(&format!("command = [\"{cmd}\"]"))
+    }
+
+    fn toml_service(text: &str) -> ServiceSpec {
+        serde_json::from_value(serde_json::to_value(toml_like(text)).unwrap()).unwrap()
+    }
+
+    // Tiny helper: parse `command = ["x"]`-style lines through serde_json.
+    fn toml_like(text: &str) -> serde_json::Value {
+        let mut map = serde_json::Map::new();
+        for line in text.lines() {
+            let (k, v) = line.split_once(" = ").unwrap();
+            map.insert(k.to_string(), serde_json::from_str(v).unwrap());
+        }
+        serde_json::Value::Object(map)
+    }
+
+    fn all_exist(_: &str) -> bool {
+        true
+    }
+
+    #[test]
+    fn orders_dependencies_first() {
+        let mut spec = SystemSpec::default();
+        let mut web = svc("/bin/web");
+        web.after = vec!["db".into(), "prep".into()];
+        let mut db = svc("/bin/db");
+        db.after = vec!["prep".into()];
+        let mut prep = svc("/bin/prep");
+        prep.kind = Kind::Oneshot;
+        spec.services.insert("web".into(), web);
+        spec.services.insert("db".into(), db);
+        spec.services.insert("prep".into(), prep);
+        let sys = validate(&spec, "h", &all_exist).unwrap();
+        let names: Vec<&str> = sys.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["prep", "db", "web"]);
+    }
+
+    #[test]
+    fn cycles_unknown_deps_missing_programs_and_users_are_errors() {
+        let mut spec = SystemSpec::default();
+        let mut a = svc("/bin/a");
+        a.after = vec!["b".into()];
+        let mut b = svc("/bin/b");
+        b.after = vec!["a".into()];
+        spec.services.insert("a".into(), a.clone());
+        spec.services.insert("b".into(), b);
+        assert_eq!(validate(&spec, "h", &all_exist).unwrap_err(), "services.a.after: dependency cycle a -> b -> a");
+
+        let mut spec = SystemSpec::default();
+        spec.services.insert("a".into(), a);
+        assert_eq!(validate(&spec, "h", &all_exist).unwrap_err(), "services.a.after: unknown service 'b'");
+
+        let mut spec = SystemSpec::default();
+        spec.services.insert("x".into(), svc("/bin/nope"));
+        assert_eq!(
+            validate(&spec, "h", &|p| p != "/bin/nope").unwrap_err(),
+            "services.x.command: program '/bin/nope' is not in the image"
+        );
+
+        let mut spec = SystemSpec::default();
+        let mut u = svc("/bin/u");
+        u.user = Some("ghost".into());
+        spec.services.insert("u".into(), u);
+        assert_eq!(
+            validate(&spec, "h", &all_exist).unwrap_err(),
+            "services.u.user: unknown user 'ghost' (define [users.ghost])"
+        );
+    }
+
+    #[test]
+    fn network_commands_are_rendered_in_order() {
+        let mut spec = SystemSpec::default();
+        spec.setup.interfaces.push(InterfaceSpec {
+            name: "eth0".into(),
+            addresses: vec!["10.0.2.15/24".into(), "fec0::15/64".into()],
+            routes: vec![RouteSpec { to: "default".into(), via: Some("10.0.2.2".into()) }],
+        });
+        let sys = validate(&spec, "h", &all_exist).unwrap();
+        let text: Vec<String> = sys.network.iter().map(|c| c.join(" ")).collect();
+        assert_eq!(
+            text,
+            [
+                "link set eth0 up",
+                "addr add 10.0.2.15/24 dev eth0",
+                "addr add fec0::15/64 dev eth0 nodad",
+                "-4 route add default via 10.0.2.2 dev eth0"
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_setup_values_are_named() {
+        let mut spec = SystemSpec::default();
+        spec.setup.dirs.push(DirSpec { path: "rel".into(), mode: "0755".into(), user: None, group: None });
+        assert_eq!(
+            validate(&spec, "h", &all_exist).unwrap_err(),
+            "setup.dirs[0].path: 'rel' is not an absolute path without '..'"
+        );
+        let mut spec = SystemSpec::default();
+        spec.setup.dirs.push(DirSpec { path: "/x".into(), mode: "999".into(), user: None, group: None });
+        assert_eq!(validate(&spec, "h", &all_exist).unwrap_err(), "setup.dirs[0].mode: '999' is not an octal mode");
+    }
+}

@@ -1,0 +1,85 @@
+//! Builds bonsai-init (the `pid1/` crate) for a board: static, for the board's Rust target
+//! (musl, installed with rustup when missing), else the matching gnu target with crt-static.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::config::Board;
+use crate::ui;
+
+/// The cargo profile for bonsai-init (panic=abort, size-optimised, stripped); its folder
+/// name contains "release" so that release tooling finds it.
+pub const PROFILE: &str = "release-pid1";
+
+fn target_installed(triple: &str) -> bool {
+    Command::new("rustc")
+        .args(["--print", "sysroot"])
+        .output()
+        .ok()
+        .map(|o| {
+            let sysroot = String::from_utf8_lossy(&o.stdout).trim().to_string();
+            Path::new(&sysroot).join("lib/rustlib").join(triple).join("lib").is_dir()
+        })
+        .unwrap_or(false)
+}
+
+/// Tries `rustup target add`; returns whether the target is there afterwards.
+fn add_target(triple: &str) -> bool {
+    if target_installed(triple) {
+        return true;
+    }
+    ui::detail(format!("rustup target add {triple}"));
+    let ok = Command::new("rustup")
+        .args(["target", "add", triple])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    ok && target_installed(triple)
+}
+
+/// Returns the path of the built binary.
+pub fn build(root: &Path, board: &Board) -> Result<PathBuf> {
+    let wanted = board.rust_target.clone();
+    let (triple, flags) = if add_target(&wanted) {
+        (wanted.clone(), String::new())
+    } else {
+        let gnu = wanted.replace("-musl", "-gnu");
+        if !add_target(&gnu) {
+            bail!(
+                "cannot build bonsai-init for {}: neither Rust target {wanted} nor {gnu} is installed (try: rustup target add {wanted})",
+                board.name
+            );
+        }
+        ui::warn(format!(
+            "Rust target {wanted} is not installed and rustup could not add it; building bonsai-init for {gnu} with -C target-feature=+crt-static instead"
+        ));
+        (gnu, "-C target-feature=+crt-static".to_string())
+    };
+    ui::step(format!("build bonsai-init for {triple}"));
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root)
+        .args(["build", "--quiet", "--profile", PROFILE, "-p", "bonsai-init", "--target", &triple]);
+    // Only this build gets the flags; reproducible paths in panic locations.
+    let mut rustflags = format!("--remap-path-prefix={}=/build", root.display());
+    if !flags.is_empty() {
+        rustflags.push(' ');
+        rustflags.push_str(&flags);
+    }
+    if triple.starts_with("aarch64") && !triple.ends_with("-musl") {
+        rustflags.push_str(" -C linker=aarch64-linux-gnu-gcc");
+    }
+    cmd.env("CARGO_ENCODED_RUSTFLAGS", rustflags.replace(' ', "\x1f"));
+    let status = cmd.status().context("running cargo build for bonsai-init")?;
+    if !status.success() {
+        bail!("cargo build of bonsai-init for {triple} failed");
+    }
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let bin = target_dir.join(&triple).join(PROFILE).join("bonsai-init");
+    if !bin.is_file() {
+        bail!("cargo built bonsai-init but {} is missing", bin.display());
+    }
+    Ok(bin)
+}
