@@ -79,7 +79,10 @@ fn file(text: impl Into<Vec<u8>>, mode: u32) -> Node {
 
 /// Quotes a word for sh.
 pub fn sh_quote(s: &str) -> String {
-    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c)) {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
+    {
         s.to_string()
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))
@@ -87,14 +90,23 @@ pub fn sh_quote(s: &str) -> String {
 }
 
 fn sh_words(words: &[String]) -> String {
-    words.iter().map(|w| sh_quote(w)).collect::<Vec<_>>().join(" ")
+    words
+        .iter()
+        .map(|w| sh_quote(w))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 const MOUNTS: &[(&str, &str, &str, &str)] = &[
     ("proc", "/proc", "proc", "nosuid,nodev,noexec"),
     ("sysfs", "/sys", "sysfs", "nosuid,nodev,noexec"),
     ("devtmpfs", "/dev", "devtmpfs", "nosuid,mode=0755"),
-    ("devpts", "/dev/pts", "devpts", "nosuid,noexec,gid=5,mode=620"),
+    (
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        "nosuid,noexec,gid=5,mode=620",
+    ),
     ("tmpfs", "/dev/shm", "tmpfs", "nosuid,nodev,mode=1777"),
     ("tmpfs", "/run", "tmpfs", "nosuid,nodev,mode=0755"),
     ("tmpfs", "/tmp", "tmpfs", "nosuid,nodev,mode=1777"),
@@ -112,19 +124,38 @@ const RUN_DIRS: &[&str] = &[
 ];
 
 fn setup_script(sys: &System) -> String {
-    let mut s = String::from("#!/bin/sh\n# bonsai boot-time setup (the same steps bonsai-init applies natively)\n");
+    let mut s = String::from(
+        "#!/bin/sh\n# bonsai boot-time setup (the same steps bonsai-init applies natively)\n",
+    );
     for (src, target, fstype, opts) in MOUNTS {
-        let _ = writeln!(s, "mkdir -p {target} && mount -t {fstype} -o {opts} {src} {target}");
+        let _ = writeln!(
+            s,
+            "mkdir -p {target} && mount -t {fstype} -o {opts} {src} {target}"
+        );
     }
     let _ = writeln!(s, "mkdir -p {}", RUN_DIRS.join(" "));
     let _ = writeln!(s, "hostname {}", sh_quote(&sys.hostname));
     for (i, step) in sys.steps.iter().enumerate() {
         match step {
-            Step::Dir { path, mode, uid, gid } => {
+            Step::Dir {
+                path,
+                mode,
+                uid,
+                gid,
+            } => {
                 let p = sh_quote(path);
-                let _ = writeln!(s, "mkdir -p {p} && chown {uid}:{gid} {p} && chmod {mode:o} {p}");
+                let _ = writeln!(
+                    s,
+                    "mkdir -p {p} && chown {uid}:{gid} {p} && chmod {mode:o} {p}"
+                );
             }
-            Step::File { path, mode, uid, gid, .. } => {
+            Step::File {
+                path,
+                mode,
+                uid,
+                gid,
+                ..
+            } => {
                 let p = sh_quote(path);
                 let _ = writeln!(
                     s,
@@ -133,20 +164,33 @@ fn setup_script(sys: &System) -> String {
             }
             Step::Symlink { path, target } => {
                 let p = sh_quote(path);
-                let _ = writeln!(s, "mkdir -p \"$(dirname {p})\" && ln -sfn {} {p}", sh_quote(target));
+                let _ = writeln!(
+                    s,
+                    "mkdir -p \"$(dirname {p})\" && ln -sfn {} {p}",
+                    sh_quote(target)
+                );
             }
         }
     }
     s.push_str("ip link set lo up\n");
     for cmd in &sys.network {
-        let _ = writeln!(s, "ip {} || echo \"bonsai: ip {} failed\" >/dev/console", sh_words(cmd), sh_words(cmd).replace('"', ""));
+        let _ = writeln!(
+            s,
+            "{} >/dev/null || echo \"bonsai: {} failed\" >/dev/console",
+            sh_words(cmd),
+            sh_words(cmd).replace('"', "")
+        );
     }
     s.push_str("exit 0\n");
     s
 }
 
 fn run_script(svc: &Service, sys: &System) -> String {
-    let mut s = format!("#!/bin/sh\n# service {} ({})\nexec 2>&1\n", svc.name, kind_name(svc.kind));
+    let mut s = format!(
+        "#!/bin/sh\n# service {} ({})\nexec 2>&1\n",
+        svc.name,
+        kind_name(svc.kind)
+    );
     for dep in &svc.after {
         let dep_svc = sys.services.iter().find(|d| &d.name == dep);
         match dep_svc.map(|d| d.kind) {
@@ -158,7 +202,10 @@ fn run_script(svc: &Service, sys: &System) -> String {
                 );
             }
             _ => {
-                let _ = writeln!(s, "while [ ! -e /run/bonsai/up/{dep} ]; do usleep 10000; done");
+                let _ = writeln!(
+                    s,
+                    "while [ ! -e /run/bonsai/up/{dep} ]; do usleep 10000; done"
+                );
             }
         }
     }
@@ -170,15 +217,29 @@ fn run_script(svc: &Service, sys: &System) -> String {
         );
     }
     let _ = writeln!(s, "cd {} || exit 1", sh_quote(&svc.working_directory));
+    match sys.users.iter().find(|u| u.uid == svc.uid && svc.uid != 0) {
+        // busybox su: the user's uid, primary gid and (empty) supplementary groups.
+        Some(user) => {
+            let _ = writeln!(
+                s,
+                "exec su -s /bin/sh {} /etc/bonsai/svc/{}/exec",
+                user.name, svc.name
+            );
+        }
+        None => {
+            let _ = writeln!(s, "exec /etc/bonsai/svc/{}/exec", svc.name);
+        }
+    }
+    s
+}
+
+/// The last step of a service's start: a clean environment, then the command.
+fn exec_script(svc: &Service) -> String {
     let mut exec = String::from("exec env -i PATH=/bin");
     for (k, v) in &svc.environment {
         let _ = write!(exec, " {}", sh_quote(&format!("{k}={v}")));
     }
-    if svc.uid != 0 || svc.gid != 0 {
-        let _ = write!(exec, " setpriv --reuid={} --regid={} --clear-groups --", svc.uid, svc.gid);
-    }
-    let _ = writeln!(s, "{exec} {}", sh_words(&svc.argv));
-    s
+    format!("#!/bin/sh\n{exec} {}\n", sh_words(&svc.argv))
 }
 
 fn kind_name(k: Kind) -> &'static str {
@@ -212,7 +273,9 @@ fn log_script(svc: &Service, backend: Backend) -> String {
 fn finish_script(svc: &Service, backend: Backend) -> String {
     let n = &svc.name;
     let down = match backend {
-        Backend::Runit => format!("sv down /etc/service/{n} >/dev/null 2>&1; : >/run/bonsai/down/{n}"),
+        Backend::Runit => {
+            format!("sv down /etc/service/{n} >/dev/null 2>&1; : >/run/bonsai/down/{n}")
+        }
         Backend::S6 => format!("s6-svc -d /etc/s6/scan/{n}; : >/run/bonsai/down/{n}"),
         _ => format!(": >/run/bonsai/down/{n}"),
     };
@@ -262,7 +325,11 @@ fn harness_script(sys: &System, wait: bool) -> String {
     );
     if wait {
         for svc in sys.longruns() {
-            let _ = writeln!(s, "while [ ! -e /run/bonsai/started/{} ]; do usleep 10000; done", svc.name);
+            let _ = writeln!(
+                s,
+                "while [ ! -e /run/bonsai/started/{} ]; do usleep 10000; done",
+                svc.name
+            );
         }
     }
     s.push_str(
@@ -401,19 +468,21 @@ fn init_json(sys: &System) -> String {
         });
     let mut setup: Vec<Vec<String>> = vec![vec!["/bin/mkdir".into(), "-p".into()]];
     setup[0].extend(RUN_DIRS.iter().map(|d| d.to_string()));
-    setup.push(["/bin/ip", "link", "set", "lo", "up"].map(String::from).to_vec());
-    for cmd in &sys.network {
-        let mut argv = vec!["/bin/ip".to_string()];
-        argv.extend(cmd.iter().cloned());
-        setup.push(argv);
-    }
+    setup.push(
+        ["/bin/ip", "link", "set", "lo", "up"]
+            .map(String::from)
+            .to_vec(),
+    );
+    setup.extend(sys.network.iter().cloned());
     let services = sys
         .services
         .iter()
         .map(|svc| {
             let output = match svc.output {
                 Output::Console => serde_json::json!({"console": format!("[{}] ", svc.name)}),
-                Output::Log => serde_json::json!({"file": format!("/run/log/{}/current", svc.name)}),
+                Output::Log => {
+                    serde_json::json!({"file": format!("/run/log/{}/current", svc.name)})
+                }
             };
             serde_json::json!({
                 "name": svc.name,
@@ -452,7 +521,12 @@ fn init_json(sys: &System) -> String {
         setup,
         services,
         after_start: vec![vec!["/etc/bonsai/harness".into()]],
-        shutdown_timeout_ms: sys.longruns().map(|s| s.stop_timeout_ms).sum::<u64>().max(3000) + 2000,
+        shutdown_timeout_ms: sys
+            .longruns()
+            .map(|s| s.stop_timeout_ms)
+            .sum::<u64>()
+            .max(3000)
+            + 2000,
     };
     serde_json::to_string_pretty(&json).unwrap_or_default() + "\n"
 }
@@ -486,53 +560,91 @@ pub fn render(tree: &mut Tree, sys: &System, inputs: &InitInputs) -> Result<()> 
     ];
     for (i, step) in sys.steps.iter().enumerate() {
         if let Step::File { content, .. } = step {
-            files.push((format!("etc/bonsai/setup-files/{i}"), file(content.clone(), 0o600)));
+            files.push((
+                format!("etc/bonsai/setup-files/{i}"),
+                file(content.clone(), 0o600),
+            ));
         }
     }
     for svc in &sys.services {
         let base = format!("etc/bonsai/svc/{}", svc.name);
         files.push(exe(&format!("{base}/run"), run_script(svc, sys)));
+        files.push(exe(&format!("{base}/exec"), exec_script(svc)));
         files.push(exe(&format!("{base}/log"), log_script(svc, backend)));
         files.push(exe(&format!("{base}/finish"), finish_script(svc, backend)));
     }
     // Shutdown commands that go through bonsai's ordered stop.
-    for (name, action) in [("poweroff", "poweroff"), ("reboot", "reboot"), ("halt", "halt")] {
+    for (name, action) in [
+        ("poweroff", "poweroff"),
+        ("reboot", "reboot"),
+        ("halt", "halt"),
+    ] {
         if matches!(backend, Backend::Runit | Backend::S6) {
-            files.push(exe(&format!("bin/{name}"), format!("#!/bin/sh\nexec /etc/bonsai/shutdown {action}\n")));
+            files.push(exe(
+                &format!("bin/{name}"),
+                format!("#!/bin/sh\nexec /etc/bonsai/shutdown {action}\n"),
+            ));
         }
     }
 
     match backend {
         Backend::Busybox => {
-            files.push(("init".into(), Node::symlink(format!("{}/bin/busybox", inputs.busybox))));
-            let mut inittab = String::from("# generated by bonsai: busybox init (SysV-style)\n::sysinit:/etc/bonsai/stage1\n");
+            files.push((
+                "init".into(),
+                Node::symlink(format!("{}/bin/busybox", inputs.busybox)),
+            ));
+            let mut inittab = String::from(
+                "# generated by bonsai: busybox init (SysV-style)\n::sysinit:/etc/bonsai/stage1\n",
+            );
             for svc in sys.longruns() {
                 let _ = writeln!(inittab, "::once:/etc/bonsai/svc/{}/supervise", svc.name);
-                files.push(exe(&format!("etc/bonsai/svc/{}/supervise", svc.name), supervise_script(svc)));
+                files.push(exe(
+                    &format!("etc/bonsai/svc/{}/supervise", svc.name),
+                    supervise_script(svc),
+                ));
             }
             inittab.push_str("::once:/etc/bonsai/harness\n::ctrlaltdel:/bin/reboot\n::shutdown:/etc/bonsai/shutdown\n");
             files.push(("etc/inittab".into(), file(inittab, 0o644)));
         }
         Backend::Runit => {
             let runit = inputs.runit.clone().unwrap_or_default();
-            files.push(("init".into(), Node::symlink(format!("{runit}/bin/runit-init"))));
-            files.push(exe("etc/runit/1", "#!/bin/sh\nexec /etc/bonsai/stage1\n".into()));
+            files.push((
+                "init".into(),
+                Node::symlink(format!("{runit}/bin/runit-init")),
+            ));
+            files.push(exe(
+                "etc/runit/1",
+                "#!/bin/sh\nexec /etc/bonsai/stage1\n".into(),
+            ));
             files.push(exe(
                 "etc/runit/2",
-                "#!/bin/sh\n/etc/bonsai/harness &\nexec env - PATH=/bin runsvdir -P /etc/service\n".into(),
+                "#!/bin/sh\n/etc/bonsai/harness &\nexec env - PATH=/bin runsvdir -P /etc/service\n"
+                    .into(),
             ));
             files.push(exe("etc/runit/3", "#!/bin/sh\nexport PATH=/bin\n/etc/bonsai/shutdown \"$(cat /run/bonsai/action 2>/dev/null || echo poweroff)\" >/dev/null 2>&1 </dev/null &\nsync\n".into()));
             tree.insert("etc/service", Node::dir(0o755))?;
             for svc in sys.longruns() {
                 let d = format!("etc/service/{}", svc.name);
                 let n = &svc.name;
-                files.push(exe(&format!("{d}/run"), format!("#!/bin/sh\nexec /etc/bonsai/svc/{n}/run\n")));
-                files.push(exe(&format!("{d}/finish"), format!("#!/bin/sh\nexec /etc/bonsai/svc/{n}/finish \"$@\"\n")));
-                files.push(exe(&format!("{d}/log/run"), format!("#!/bin/sh\nexec /etc/bonsai/svc/{n}/log\n")));
+                files.push(exe(
+                    &format!("{d}/run"),
+                    format!("#!/bin/sh\nexec /etc/bonsai/svc/{n}/run\n"),
+                ));
+                files.push(exe(
+                    &format!("{d}/finish"),
+                    format!("#!/bin/sh\nexec /etc/bonsai/svc/{n}/finish \"$@\"\n"),
+                ));
+                files.push(exe(
+                    &format!("{d}/log/run"),
+                    format!("#!/bin/sh\nexec /etc/bonsai/svc/{n}/log\n"),
+                ));
                 if svc.stop_signal.0 != "TERM" {
                     files.push(exe(
                         &format!("{d}/control/d"),
-                        format!("#!/bin/sh\nkill -{} \"$(cat supervise/pid)\"\n", svc.stop_signal.0),
+                        format!(
+                            "#!/bin/sh\nkill -{} \"$(cat supervise/pid)\"\n",
+                            svc.stop_signal.0
+                        ),
                     ));
                 }
             }
@@ -542,23 +654,50 @@ pub fn render(tree: &mut Tree, sys: &System, inputs: &InitInputs) -> Result<()> 
                 "init",
                 "#!/bin/sh\n# s6: stage 1, then s6-svscan as PID 1\nexport PATH=/bin\n/etc/bonsai/stage1\n/etc/bonsai/harness &\nexec s6-svscan /etc/s6/scan\n".into(),
             ));
-            files.push(exe("etc/s6/scan/.s6-svscan/finish", "#!/bin/sh\nexec /etc/bonsai/final\n".into()));
-            files.push(exe("etc/s6/scan/.s6-svscan/crash", "#!/bin/sh\nexec /bin/sh\n".into()));
+            files.push(exe(
+                "etc/s6/scan/.s6-svscan/finish",
+                "#!/bin/sh\nexec /etc/bonsai/final\n".into(),
+            ));
+            files.push(exe(
+                "etc/s6/scan/.s6-svscan/crash",
+                "#!/bin/sh\nexec /bin/sh\n".into(),
+            ));
             for svc in sys.longruns() {
                 let d = format!("etc/s6/scan/{}", svc.name);
                 let n = &svc.name;
-                files.push(exe(&format!("{d}/run"), format!("#!/bin/sh\nexec /etc/bonsai/svc/{n}/run\n")));
-                files.push(exe(&format!("{d}/finish"), format!("#!/bin/sh\nexec /etc/bonsai/svc/{n}/finish \"$@\"\n")));
-                files.push(exe(&format!("{d}/log/run"), format!("#!/bin/sh\nexec /etc/bonsai/svc/{n}/log\n")));
-                files.push((format!("{d}/timeout-finish"), file(format!("{}\n", svc.restart_max_delay_ms + 2000), 0o644)));
-                files.push((format!("{d}/down-signal"), file(format!("SIG{}\n", svc.stop_signal.0), 0o644)));
+                files.push(exe(
+                    &format!("{d}/run"),
+                    format!("#!/bin/sh\nexec /etc/bonsai/svc/{n}/run\n"),
+                ));
+                files.push(exe(
+                    &format!("{d}/finish"),
+                    format!("#!/bin/sh\nexec /etc/bonsai/svc/{n}/finish \"$@\"\n"),
+                ));
+                files.push(exe(
+                    &format!("{d}/log/run"),
+                    format!("#!/bin/sh\nexec /etc/bonsai/svc/{n}/log\n"),
+                ));
+                files.push((
+                    format!("{d}/timeout-finish"),
+                    file(format!("{}\n", svc.restart_max_delay_ms + 2000), 0o644),
+                ));
+                files.push((
+                    format!("{d}/down-signal"),
+                    file(format!("SIG{}\n", svc.stop_signal.0), 0o644),
+                ));
             }
         }
         Backend::BonsaiInit => {
-            let bin = inputs.bonsai_init.clone().ok_or_else(|| crate::error::Error::Compose {
-                message: "bonsai-init backend needs the bonsai-init binary".into(),
-            })?;
-            files.push(("bin/bonsai-init".into(), Node::file(Source::Host(bin), 0o755)));
+            let bin = inputs
+                .bonsai_init
+                .clone()
+                .ok_or_else(|| crate::error::Error::Compose {
+                    message: "bonsai-init backend needs the bonsai-init binary".into(),
+                })?;
+            files.push((
+                "bin/bonsai-init".into(),
+                Node::file(Source::Host(bin), 0o755),
+            ));
             files.push(("init".into(), Node::symlink("bin/bonsai-init")));
             files.push(("etc/bonsai/init.json".into(), file(init_json(sys), 0o644)));
         }
@@ -576,9 +715,12 @@ mod tests {
 
     fn system() -> System {
         let mut spec = SystemSpec::default();
-        let svc: ServiceSpec = serde_json::from_str(r#"{"command": ["/bin/sleep", "1000"], "stop-signal": "INT"}"#).unwrap();
+        let svc: ServiceSpec =
+            serde_json::from_str(r#"{"command": ["/bin/sleep", "1000"], "stop-signal": "INT"}"#)
+                .unwrap();
         spec.services.insert("sleeper".into(), svc);
-        let one: ServiceSpec = serde_json::from_str(r#"{"command": ["/bin/true"], "kind": "oneshot"}"#).unwrap();
+        let one: ServiceSpec =
+            serde_json::from_str(r#"{"command": ["/bin/true"], "kind": "oneshot"}"#).unwrap();
         spec.services.insert("prep".into(), one);
         validate(&spec, "host", &|_| true).unwrap()
     }
@@ -595,7 +737,12 @@ mod tests {
 
     #[test]
     fn every_backend_renders_its_pid1_and_the_shared_scripts() {
-        for b in [Backend::Busybox, Backend::Runit, Backend::S6, Backend::BonsaiInit] {
+        for b in [
+            Backend::Busybox,
+            Backend::Runit,
+            Backend::S6,
+            Backend::BonsaiInit,
+        ] {
             let mut t = Tree::new();
             render(&mut t, &system(), &inputs(b)).unwrap();
             assert!(t.contains("init"), "{b:?}");
@@ -604,12 +751,22 @@ mod tests {
         }
         let mut t = Tree::new();
         render(&mut t, &system(), &inputs(Backend::Busybox)).unwrap();
-        let Some(Node { kind: crate::tree::NodeKind::File { source: Source::Bytes(b) }, .. }) = t.get("etc/inittab") else {
+        let Some(Node {
+            kind:
+                crate::tree::NodeKind::File {
+                    source: Source::Bytes(b),
+                },
+            ..
+        }) = t.get("etc/inittab")
+        else {
             panic!("no inittab")
         };
         let inittab = String::from_utf8(b.clone()).unwrap();
         assert!(inittab.contains("::once:/etc/bonsai/svc/sleeper/supervise"));
-        assert!(!inittab.contains("prep/supervise"), "oneshots are not supervised");
+        assert!(
+            !inittab.contains("prep/supervise"),
+            "oneshots are not supervised"
+        );
     }
 
     #[test]
@@ -622,7 +779,12 @@ mod tests {
     #[test]
     fn init_json_carries_services_in_order() {
         let json: serde_json::Value = serde_json::from_str(&init_json(&system())).unwrap();
-        let names: Vec<&str> = json["services"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+        let names: Vec<&str> = json["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap())
+            .collect();
         assert_eq!(names, ["prep", "sleeper"]);
         assert_eq!(json["services"][1]["stop_signal"], 2);
     }

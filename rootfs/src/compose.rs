@@ -32,11 +32,12 @@ nonce=$1
 i=0
 for f in /etc/bonsai/checks/*; do
 	i=$((i + 1))
-	printf 'BONSAI-CHECK-BEGIN %s %d\n' "$nonce" "$i"
 	out=$(cd / && sh "$f" </dev/null 2>&1)
 	rc=$?
-	[ -n "$out" ] && printf '%s\n' "$out"
-	printf 'BONSAI-CHECK-END %s %d %d\n' "$nonce" "$i" "$rc"
+	[ -n "$out" ] && out="$out
+"
+	# One write, so that other writers to the console cannot land inside a check's output.
+	printf 'BONSAI-CHECK-BEGIN %s %d\n%sBONSAI-CHECK-END %s %d %d\n' "$nonce" "$i" "$out" "$nonce" "$i" "$rc"
 done
 "#;
 
@@ -71,7 +72,10 @@ pub fn compose(tree: &mut Tree, spec: &ComposeSpec) -> Result<()> {
         }
     }
     if !seen.contains("sh") {
-        tree.insert("bin/sh", Node::symlink(format!("{}/bin/sh", spec.init.busybox)))?;
+        tree.insert(
+            "bin/sh",
+            Node::symlink(format!("{}/bin/sh", spec.init.busybox)),
+        )?;
     }
     tree.insert("sbin", Node::symlink("bin"))?;
     tree.insert("usr/bin", Node::symlink("../bin"))?;
@@ -88,12 +92,21 @@ pub fn compose(tree: &mut Tree, spec: &ComposeSpec) -> Result<()> {
     tree.insert("etc/hostname", file(format!("{}\n", sys.hostname), 0o644))?;
     tree.insert(
         "etc/hosts",
-        file(format!("127.0.0.1 localhost {h}\n::1 localhost {h}\n", h = sys.hostname), 0o644),
+        file(
+            format!(
+                "127.0.0.1 localhost {h}\n::1 localhost {h}\n",
+                h = sys.hostname
+            ),
+            0o644,
+        ),
     )?;
     let mut passwd = String::new();
     let mut shadow = String::new();
     for u in &sys.users {
-        passwd.push_str(&format!("{}:x:{}:{}:{}:{}:{}\n", u.name, u.uid, u.gid, u.name, u.home, u.shell));
+        passwd.push_str(&format!(
+            "{}:x:{}:{}:{}:{}:{}\n",
+            u.name, u.uid, u.gid, u.name, u.home, u.shell
+        ));
         // Locked passwords: a console shell needs none; SSH logs in with keys.
         shadow.push_str(&format!("{}:*:1::::::\n", u.name));
     }
@@ -104,7 +117,10 @@ pub fn compose(tree: &mut Tree, spec: &ComposeSpec) -> Result<()> {
     tree.insert("etc/passwd", file(passwd, 0o644))?;
     tree.insert("etc/group", file(group, 0o644))?;
     tree.insert("etc/shadow", file(shadow, 0o600))?;
-    tree.insert("etc/profile", file("export PATH=/bin\nexport PS1='\\h:\\w\\$ '\n", 0o644))?;
+    tree.insert(
+        "etc/profile",
+        file("export PATH=/bin\nexport PS1='\\h:\\w\\$ '\n", 0o644),
+    )?;
     tree.insert(
         "etc/os-release",
         file(
@@ -127,15 +143,26 @@ mod tests {
     use crate::tree::NodeKind;
 
     fn spec() -> ComposeSpec {
-        let system = crate::system::validate(&crate::system::SystemSpec::default(), "qemu", &|_| true).unwrap();
+        let system =
+            crate::system::validate(&crate::system::SystemSpec::default(), "qemu", &|_| true)
+                .unwrap();
         ComposeSpec {
             bin_links: vec![
-                ("sh".into(), "/nix/store/00000000000000000000000000000000-busybox/bin/sh".into()),
-                ("sh".into(), "/nix/store/11111111111111111111111111111111-other/bin/sh".into()),
+                (
+                    "sh".into(),
+                    "/nix/store/00000000000000000000000000000000-busybox/bin/sh".into(),
+                ),
+                (
+                    "sh".into(),
+                    "/nix/store/11111111111111111111111111111111-other/bin/sh".into(),
+                ),
             ],
             board: "b".into(),
             profile: "p".into(),
-            checks: vec![("one".into(), "uname -m".into()), ("two".into(), "echo hi".into())],
+            checks: vec![
+                ("one".into(), "uname -m".into()),
+                ("two".into(), "echo hi".into()),
+            ],
             system,
             init: InitInputs {
                 backend: crate::backends::Backend::Busybox,
@@ -151,7 +178,9 @@ mod tests {
     fn composes_init_links_and_checks() {
         let mut t = Tree::new();
         compose(&mut t, &spec()).unwrap();
-        assert!(matches!(&t.get("init").unwrap().kind, NodeKind::Symlink { target } if target.ends_with("busybox/bin/busybox")));
+        assert!(
+            matches!(&t.get("init").unwrap().kind, NodeKind::Symlink { target } if target.ends_with("busybox/bin/busybox"))
+        );
         assert!(t.contains("etc/inittab"));
         match &t.get("bin/sh").unwrap().kind {
             NodeKind::Symlink { target } => {

@@ -230,9 +230,23 @@ pub struct User {
 /// One boot-time step, in the order every backend applies them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
-    Dir { path: String, mode: u32, uid: u32, gid: u32 },
-    File { path: String, content: String, mode: u32, uid: u32, gid: u32 },
-    Symlink { path: String, target: String },
+    Dir {
+        path: String,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    },
+    File {
+        path: String,
+        content: String,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    },
+    Symlink {
+        path: String,
+        target: String,
+    },
 }
 
 /// The validated system: services in a topological order (dependencies first, then by name).
@@ -241,7 +255,7 @@ pub struct System {
     pub hostname: String,
     pub services: Vec<Service>,
     pub steps: Vec<Step>,
-    /// `ip` argument lists (without the program), applied after loopback is up.
+    /// Commands (full argv: /bin/sysctl, /bin/ip) applied in order after loopback is up.
     pub network: Vec<Vec<String>>,
     pub users: Vec<User>,
     pub groups: Vec<(String, u32)>,
@@ -287,39 +301,61 @@ pub fn validate(
     let mut users: BTreeMap<String, User> = BTreeMap::new();
     users.insert(
         "root".into(),
-        User { name: "root".into(), uid: 0, gid: 0, home: "/root".into(), shell: "/bin/sh".into() },
+        User {
+            name: "root".into(),
+            uid: 0,
+            gid: 0,
+            home: "/root".into(),
+            shell: "/bin/sh".into(),
+        },
     );
     for (name, u) in &spec.users {
         check_name(name, "users")?;
         let gname = u.group.clone().unwrap_or_else(|| name.clone());
-        let gid = *groups
-            .get(&gname)
-            .ok_or_else(|| format!("users.{name}.group: unknown group '{gname}' (define [groups.{gname}])"))?;
+        let gid = *groups.get(&gname).ok_or_else(|| {
+            format!("users.{name}.group: unknown group '{gname}' (define [groups.{gname}])")
+        })?;
         users.insert(
             name.clone(),
-            User { name: name.clone(), uid: u.uid, gid, home: u.home.clone(), shell: u.shell.clone() },
+            User {
+                name: name.clone(),
+                uid: u.uid,
+                gid,
+                home: u.home.clone(),
+                shell: u.shell.clone(),
+            },
         );
     }
-    let resolve = |key: &str, user: &Option<String>, group: &Option<String>| -> Result<(u32, u32), String> {
-        let u = match user {
-            None => &users["root"],
-            Some(n) => users.get(n).ok_or_else(|| format!("{key}.user: unknown user '{n}' (define [users.{n}])"))?,
+    let resolve =
+        |key: &str, user: &Option<String>, group: &Option<String>| -> Result<(u32, u32), String> {
+            let u = match user {
+                None => &users["root"],
+                Some(n) => users.get(n).ok_or_else(|| {
+                    format!("{key}.user: unknown user '{n}' (define [users.{n}])")
+                })?,
+            };
+            let gid = match group {
+                None => u.gid,
+                Some(g) => *groups.get(g).ok_or_else(|| {
+                    format!("{key}.group: unknown group '{g}' (define [groups.{g}])")
+                })?,
+            };
+            Ok((u.uid, gid))
         };
-        let gid = match group {
-            None => u.gid,
-            Some(g) => *groups.get(g).ok_or_else(|| format!("{key}.group: unknown group '{g}' (define [groups.{g}])"))?,
-        };
-        Ok((u.uid, gid))
-    };
 
     // Services.
     let mut services = BTreeMap::new();
     for (name, s) in &spec.services {
         check_name(name, "services")?;
         let key = format!("services.{name}");
-        let program = s.command.first().ok_or_else(|| format!("{key}.command: empty"))?;
+        let program = s
+            .command
+            .first()
+            .ok_or_else(|| format!("{key}.command: empty"))?;
         if !program_exists(program) {
-            return Err(format!("{key}.command: program '{program}' is not in the image"));
+            return Err(format!(
+                "{key}.command: program '{program}' is not in the image"
+            ));
         }
         for dep in &s.after {
             if !spec.services.contains_key(dep) {
@@ -330,9 +366,16 @@ pub fn validate(
             }
         }
         if s.restart_delay_ms == 0 || s.restart_max_delay_ms < s.restart_delay_ms {
-            return Err(format!("{key}: restart-delay-ms must be at least 1 and at most restart-max-delay-ms"));
+            return Err(format!(
+                "{key}: restart-delay-ms must be at least 1 and at most restart-max-delay-ms"
+            ));
         }
         let (uid, gid) = resolve(&key, &s.user, &s.group)?;
+        if let Some(u) = users.values().find(|u| u.uid == uid) {
+            if u.gid != gid {
+                return Err(format!("{key}.group: a service runs with its user's primary group ({}); give the user that group instead", u.gid));
+            }
+        }
         let sig = s.stop_signal.clone().unwrap_or_else(|| "TERM".into());
         let signum = SIGNALS
             .iter()
@@ -340,7 +383,10 @@ pub fn validate(
             .map(|(_, n)| *n)
             .ok_or_else(|| format!("{key}.stop-signal: unknown signal '{sig}' (expected TERM, INT, HUP, QUIT, KILL, USR1 or USR2)"))?;
         for k in s.environment.keys() {
-            if k.is_empty() || k.contains('=') || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            if k.is_empty()
+                || k.contains('=')
+                || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
                 return Err(format!("{key}.environment: '{k}' is not a variable name"));
             }
         }
@@ -365,7 +411,11 @@ pub fn validate(
                 restart_max_delay_ms: s.restart_max_delay_ms,
                 uid,
                 gid,
-                environment: s.environment.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                environment: s
+                    .environment
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
                 working_directory: wd,
                 output: s.output,
                 stop_signal: (sig.trim_start_matches("SIG").to_string(), signum),
@@ -382,7 +432,12 @@ pub fn validate(
         let key = format!("setup.dirs[{i}]");
         check_abs(&d.path, &key)?;
         let (uid, gid) = resolve(&key, &d.user, &d.group)?;
-        steps.push(Step::Dir { path: d.path.clone(), mode: parse_mode(&d.mode, &key)?, uid, gid });
+        steps.push(Step::Dir {
+            path: d.path.clone(),
+            mode: parse_mode(&d.mode, &key)?,
+            uid,
+            gid,
+        });
     }
     for (i, f) in spec.setup.files.iter().enumerate() {
         let key = format!("setup.files[{i}]");
@@ -402,24 +457,42 @@ pub fn validate(
         if l.target.is_empty() {
             return Err(format!("{key}.target: empty"));
         }
-        steps.push(Step::Symlink { path: l.path.clone(), target: l.target.clone() });
+        steps.push(Step::Symlink {
+            path: l.path.clone(),
+            target: l.target.clone(),
+        });
     }
 
     let mut network = Vec::new();
     for (i, iface) in spec.setup.interfaces.iter().enumerate() {
         let key = format!("setup.interfaces[{i}]");
         if iface.name.is_empty() || iface.name.len() > 15 || iface.name.contains(['/', ' ']) {
-            return Err(format!("{key}.name: '{}' is not an interface name", iface.name));
+            return Err(format!(
+                "{key}.name: '{}' is not an interface name",
+                iface.name
+            ));
         }
-        network.push(vec!["link".into(), "set".into(), iface.name.clone(), "up".into()]);
-        for a in &iface.addresses {
-            let v6 = check_cidr(a, &format!("{key}.addresses"))?;
-            let mut cmd = vec!["addr".into(), "add".into(), a.clone(), "dev".into(), iface.name.clone()];
-            if v6 {
-                // No duplicate address detection: the address is usable (and listed) at once.
-                cmd.push("nodad".into());
+        let ip = |args: &[&str]| -> Vec<String> {
+            std::iter::once("/bin/ip")
+                .chain(args.iter().copied())
+                .map(String::from)
+                .collect()
+        };
+        if iface.addresses.iter().any(|a| a.contains(':')) {
+            // Static means static: no router advertisements, no SLAAC, no duplicate address
+            // detection (the address is usable, and listed the same, at once).
+            for knob in ["accept_ra", "autoconf", "accept_dad"] {
+                network.push(vec![
+                    "/bin/sysctl".into(),
+                    "-w".into(),
+                    format!("net.ipv6.conf.{}.{knob}=0", iface.name),
+                ]);
             }
-            network.push(cmd);
+        }
+        network.push(ip(&["link", "set", &iface.name, "up"]));
+        for a in &iface.addresses {
+            check_cidr(a, &format!("{key}.addresses"))?;
+            network.push(ip(&["addr", "add", a, "dev", &iface.name]));
         }
         for r in &iface.routes {
             let v6 = if r.to == "default" {
@@ -427,7 +500,7 @@ pub fn validate(
             } else {
                 check_cidr(&r.to, &format!("{key}.routes"))?
             };
-            let mut cmd = vec![if v6 { "-6" } else { "-4" }.to_string(), "route".into(), "add".into(), r.to.clone()];
+            let mut cmd = ip(&[if v6 { "-6" } else { "-4" }, "route", "add", &r.to]);
             if let Some(via) = &r.via {
                 cmd.extend(["via".into(), via.clone()]);
             }
@@ -436,8 +509,17 @@ pub fn validate(
         }
     }
 
-    let hostname = spec.setup.hostname.clone().unwrap_or_else(|| default_hostname.to_string());
-    if hostname.is_empty() || hostname.len() > 64 || !hostname.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.') {
+    let hostname = spec
+        .setup
+        .hostname
+        .clone()
+        .unwrap_or_else(|| default_hostname.to_string());
+    if hostname.is_empty()
+        || hostname.len() > 64
+        || !hostname
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+    {
         return Err(format!("setup.hostname: '{hostname}' is not a host name"));
     }
     Ok(System {
@@ -453,18 +535,24 @@ pub fn validate(
 fn check_name(name: &str, table: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 32
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         && !name.starts_with('-');
     if ok {
         Ok(())
     } else {
-        Err(format!("{table}.{name}: names are letters, digits, - and _ (at most 32)"))
+        Err(format!(
+            "{table}.{name}: names are letters, digits, - and _ (at most 32)"
+        ))
     }
 }
 
 fn check_abs(path: &str, key: &str) -> Result<(), String> {
     if !path.starts_with('/') || path.split('/').any(|c| c == "..") {
-        return Err(format!("{key}.path: '{path}' is not an absolute path without '..'"));
+        return Err(format!(
+            "{key}.path: '{path}' is not an absolute path without '..'"
+        ));
     }
     Ok(())
 }
@@ -478,13 +566,17 @@ fn parse_mode(s: &str, key: &str) -> Result<u32, String> {
 
 /// Returns whether the address is IPv6.
 fn check_cidr(s: &str, key: &str) -> Result<bool, String> {
-    let (addr, len) = s.split_once('/').ok_or_else(|| format!("{key}: '{s}' needs a prefix length (/24)"))?;
+    let (addr, len) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{key}: '{s}' needs a prefix length (/24)"))?;
     let v6 = addr.parse::<std::net::Ipv6Addr>().is_ok();
     let v4 = addr.parse::<std::net::Ipv4Addr>().is_ok();
     let max = if v6 { 128 } else { 32 };
     match len.parse::<u32>() {
         Ok(l) if (v4 || v6) && l <= max => Ok(v6),
-        _ => Err(format!("{key}: '{s}' is not an address with a prefix length")),
+        _ => Err(format!(
+            "{key}: '{s}' is not an address with a prefix length"
+        )),
     }
 }
 
@@ -577,11 +669,17 @@ mod tests {
         b.after = vec!["a".into()];
         spec.services.insert("a".into(), a.clone());
         spec.services.insert("b".into(), b);
-        assert_eq!(validate(&spec, "h", &all_exist).unwrap_err(), "services.a.after: dependency cycle a -> b -> a");
+        assert_eq!(
+            validate(&spec, "h", &all_exist).unwrap_err(),
+            "services.a.after: dependency cycle a -> b -> a"
+        );
 
         let mut spec = SystemSpec::default();
         spec.services.insert("a".into(), a);
-        assert_eq!(validate(&spec, "h", &all_exist).unwrap_err(), "services.a.after: unknown service 'b'");
+        assert_eq!(
+            validate(&spec, "h", &all_exist).unwrap_err(),
+            "services.a.after: unknown service 'b'"
+        );
 
         let mut spec = SystemSpec::default();
         spec.services.insert("x".into(), svc("/bin/nope"));
@@ -606,17 +704,23 @@ mod tests {
         spec.setup.interfaces.push(InterfaceSpec {
             name: "eth0".into(),
             addresses: vec!["10.0.2.15/24".into(), "fec0::15/64".into()],
-            routes: vec![RouteSpec { to: "default".into(), via: Some("10.0.2.2".into()) }],
+            routes: vec![RouteSpec {
+                to: "default".into(),
+                via: Some("10.0.2.2".into()),
+            }],
         });
         let sys = validate(&spec, "h", &all_exist).unwrap();
         let text: Vec<String> = sys.network.iter().map(|c| c.join(" ")).collect();
         assert_eq!(
             text,
             [
-                "link set eth0 up",
-                "addr add 10.0.2.15/24 dev eth0",
-                "addr add fec0::15/64 dev eth0 nodad",
-                "-4 route add default via 10.0.2.2 dev eth0"
+                "/bin/sysctl -w net.ipv6.conf.eth0.accept_ra=0",
+                "/bin/sysctl -w net.ipv6.conf.eth0.autoconf=0",
+                "/bin/sysctl -w net.ipv6.conf.eth0.accept_dad=0",
+                "/bin/ip link set eth0 up",
+                "/bin/ip addr add 10.0.2.15/24 dev eth0",
+                "/bin/ip addr add fec0::15/64 dev eth0",
+                "/bin/ip -4 route add default via 10.0.2.2 dev eth0"
             ]
         );
     }
@@ -624,13 +728,26 @@ mod tests {
     #[test]
     fn bad_setup_values_are_named() {
         let mut spec = SystemSpec::default();
-        spec.setup.dirs.push(DirSpec { path: "rel".into(), mode: "0755".into(), user: None, group: None });
+        spec.setup.dirs.push(DirSpec {
+            path: "rel".into(),
+            mode: "0755".into(),
+            user: None,
+            group: None,
+        });
         assert_eq!(
             validate(&spec, "h", &all_exist).unwrap_err(),
             "setup.dirs[0].path: 'rel' is not an absolute path without '..'"
         );
         let mut spec = SystemSpec::default();
-        spec.setup.dirs.push(DirSpec { path: "/x".into(), mode: "999".into(), user: None, group: None });
-        assert_eq!(validate(&spec, "h", &all_exist).unwrap_err(), "setup.dirs[0].mode: '999' is not an octal mode");
+        spec.setup.dirs.push(DirSpec {
+            path: "/x".into(),
+            mode: "999".into(),
+            user: None,
+            group: None,
+        });
+        assert_eq!(
+            validate(&spec, "h", &all_exist).unwrap_err(),
+            "setup.dirs[0].mode: '999' is not an octal mode"
+        );
     }
 }

@@ -66,7 +66,7 @@ impl Boot {
             }
             None => {
                 let out = root.join("out").join(&board.name);
-                let info = self.ensure_built(&out)?;
+                let info = self.ensure_built(&root, &board, &out)?;
                 (out, info)
             }
         };
@@ -98,24 +98,50 @@ impl Boot {
         Ok(())
     }
 
-    fn ensure_built(&self, out: &Path) -> Result<BuildInfo> {
+    /// Builds first when nothing is built or the inputs changed (board, profile, init, ...).
+    /// The output's bytes are not re-verified here: a damaged image is the check's to catch.
+    fn ensure_built(&self, root: &Path, board: &Board, out: &Path) -> Result<BuildInfo> {
+        let cfg = Config::new(root);
         let info = read_info(out);
-        let stale = match &info {
-            None => Some("nothing is built yet".to_string()),
-            Some(i) => match (&self.init, &self.profile) {
-                (Some(init), _) if *init != i.init => Some(format!("it holds init {}", i.init)),
-                (_, Some(p)) if *p != i.profile => Some(format!("it holds profile {}", i.profile)),
-                _ => None,
-            },
+        // Without --profile/--init, boot what was built last (if its inputs are unchanged).
+        let profile_name = self
+            .profile
+            .clone()
+            .or_else(|| info.as_ref().map(|i| i.profile.clone()))
+            .unwrap_or_else(|| board.profile.clone());
+        let profile = cfg.load_profile(&profile_name)?;
+        let init = match (&self.init, &info) {
+            (Some(i), _) => i.clone(),
+            (None, Some(i))
+                if self.profile.is_none()
+                    || self.profile.as_deref() == Some(i.profile.as_str()) =>
+            {
+                i.init.clone()
+            }
+            _ => profile.init.clone(),
         };
-        match stale {
+        let source = match std::env::var("BONSAI_NIXPKGS") {
+            Ok(r) => crate::nix::PackageSource::Nixpkgs(r),
+            Err(_) => crate::nix::PackageSource::Offline,
+        };
+        let epoch = crate::build::source_date_epoch(root)?;
+        let fp = crate::build::fingerprint(root, board, &profile, &init, &source, epoch)?;
+        let why = match &info {
+            None => Some("nothing is built yet".to_string()),
+            Some(i) if fp.as_deref() != Some(i.fingerprint.as_str()) => Some(format!(
+                "its inputs changed (built: profile {}, init {}; wanted: profile {}, init {init})",
+                i.profile, i.init, profile.name
+            )),
+            Some(_) => None,
+        };
+        match why {
             None => Ok(info.unwrap()),
             Some(why) => {
                 ui::step(format!("building {} first ({why})", self.board));
                 let built = Build {
                     board: self.board.clone(),
-                    profile: self.profile.clone(),
-                    init: self.init.clone(),
+                    profile: Some(profile.name.clone()),
+                    init: Some(init),
                     ..Build::default()
                 }
                 .run()?;

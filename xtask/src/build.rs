@@ -54,6 +54,15 @@ pub struct BuildInfo {
     /// Console lines expected while the guest shuts down after the checks.
     #[serde(default)]
     pub shutdown_expect: Vec<String>,
+    /// Console lines expected at any time.
+    #[serde(default)]
+    pub console_expect: Vec<String>,
+    /// Hash of everything the build read (see [`fingerprint`]); equal means nothing to do.
+    #[serde(default)]
+    pub fingerprint: String,
+    /// SHA-256 of each output file, to notice a damaged output.
+    #[serde(default)]
+    pub outputs: std::collections::BTreeMap<String, String>,
 }
 
 pub struct Built {
@@ -73,7 +82,8 @@ impl Build {
             .unwrap_or_else(|| board.profile.clone());
         let profile = cfg.load_profile(&profile_name)?;
         let init = self.init.clone().unwrap_or_else(|| profile.init.clone());
-        let backend = rootfs::Backend::parse(&init).with_context(|| format!("unknown init '{init}'"))?;
+        let backend =
+            rootfs::Backend::parse(&init).with_context(|| format!("unknown init '{init}'"))?;
         // Every backend's scripts run on busybox; runit and s6 bring their own package.
         let mut packages = profile.packages.clone();
         for needed in ["busybox"].into_iter().chain(backend.package()) {
@@ -93,6 +103,20 @@ impl Build {
             .out
             .clone()
             .unwrap_or_else(|| root.join("out").join(&board.name));
+        let epoch = source_date_epoch(&root)?;
+        let fp = fingerprint(&root, &board, &profile, &init, &source, epoch)?;
+        if let Some(info) = read_info(&out) {
+            if fp.as_deref() == Some(info.fingerprint.as_str()) && outputs_intact(&out, &info) {
+                println!(
+                    "{} is up to date: kernel {}, initramfs {} ({:.2} s)",
+                    display_rel(&root, &out),
+                    ui::size(info.kernel_bytes),
+                    ui::size(info.initramfs_bytes),
+                    timer.secs()
+                );
+                return Ok(Built { out, info });
+            }
+        }
         ui::step(format!(
             "build {} (profile {}, init {init}, packages from {})",
             board.name,
@@ -144,7 +168,6 @@ impl Build {
         };
         let tree = assemble(&board, &profile, &packages, &paths, &closure, backend, pid1)?;
 
-        let epoch = source_date_epoch(&root)?;
         let info = write_output(
             &board,
             &profile,
@@ -155,6 +178,7 @@ impl Build {
             &closure,
             epoch,
             &out,
+            fp.unwrap_or_default(),
         )?;
         println!(
             "built {}: kernel {} , initramfs {} ({} uncompressed, {} files from {} store paths) in {:.1} s -> {}",
@@ -193,12 +217,20 @@ fn assemble(
             .with_context(|| format!("copying {path}"))?;
     }
     let mut bin_links = Vec::new();
-    let find = |attr: &str| packages.iter().position(|p| p == attr).map(|i| package_paths[i].display().to_string());
+    let find = |attr: &str| {
+        packages
+            .iter()
+            .position(|p| p == attr)
+            .map(|i| package_paths[i].display().to_string())
+    };
     for pkg in package_paths {
         let pkg_s = pkg.display().to_string();
         let bin = pkg.join("bin");
         if let Ok(entries) = fs::read_dir(&bin) {
-            let mut names: Vec<String> = entries.filter_map(|e| e.ok()).filter_map(|e| e.file_name().into_string().ok()).collect();
+            let mut names: Vec<String> = entries
+                .filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect();
             names.sort();
             for n in names {
                 if !n.starts_with('.') {
@@ -208,11 +240,19 @@ fn assemble(
         }
     }
     let busybox = find("busybox").context("the busybox package is missing")?;
-    let init = rootfs::InitInputs { backend, busybox, runit: find("runit"), s6: find("s6"), bonsai_init: pid1 };
-    let bin_names: std::collections::BTreeSet<String> = bin_links.iter().map(|(n, _)| n.clone()).collect();
+    let init = rootfs::InitInputs {
+        backend,
+        busybox,
+        runit: find("runit"),
+        s6: find("s6"),
+        bonsai_init: pid1,
+    };
+    let bin_names: std::collections::BTreeSet<String> =
+        bin_links.iter().map(|(n, _)| n.clone()).collect();
     let program_exists = |p: &str| -> bool {
         if let Some(name) = p.strip_prefix("/bin/").or_else(|| p.strip_prefix("/sbin/")) {
-            bin_names.contains(name) || (name == "bonsai-init" && backend == rootfs::Backend::BonsaiInit)
+            bin_names.contains(name)
+                || (name == "bonsai-init" && backend == rootfs::Backend::BonsaiInit)
         } else if p.starts_with("/nix/store/") {
             closure.keys().any(|c| p.starts_with(c.as_str())) && Path::new(p).exists()
         } else if p.starts_with('/') {
@@ -221,9 +261,16 @@ fn assemble(
             bin_names.contains(p)
         }
     };
-    let system = rootfs::system::validate(&profile.system, &board.name.replace('_', "-"), &program_exists)
-        .map_err(|e| anyhow::anyhow!("profiles/{}.toml: {e}", profile.name))?;
-    let checks = all_checks(board, profile).into_iter().map(|c| (c.name, c.run)).collect();
+    let system = rootfs::system::validate(
+        &profile.system,
+        &board.name.replace('_', "-"),
+        &program_exists,
+    )
+    .map_err(|e| anyhow::anyhow!("profiles/{}.toml: {e}", profile.name))?;
+    let checks = all_checks(board, profile)
+        .into_iter()
+        .map(|c| (c.name, c.run))
+        .collect();
     let spec = ComposeSpec {
         bin_links,
         board: board.name.clone(),
@@ -276,6 +323,7 @@ fn write_output(
     closure: &std::collections::BTreeMap<String, nix::PathInfo>,
     epoch: u64,
     out: &Path,
+    fingerprint: String,
 ) -> Result<BuildInfo> {
     let parent = out.parent().context("output folder has no parent")?;
     fs::create_dir_all(parent)
@@ -345,6 +393,17 @@ fn write_output(
         source_date_epoch: epoch,
         checks: all_checks(board, profile),
         shutdown_expect: profile.shutdown_expect.clone(),
+        console_expect: profile.console_expect.clone(),
+        fingerprint,
+        outputs: ["kernel", initramfs_name, "manifest.json"]
+            .iter()
+            .map(|f| {
+                Ok((
+                    f.to_string(),
+                    crate::offline::sha256_file(&stage.path().join(f))?,
+                ))
+            })
+            .collect::<Result<_>>()?,
     };
     fs::write(
         stage.path().join("build.json"),
@@ -365,6 +424,89 @@ fn write_output(
     }
     let _ = fs::remove_dir_all(&old);
     Ok(info)
+}
+
+/// A hash of every input of a build that bonsai can see without asking Nix: the board and
+/// profile files (with parents), kernel fragments, the Nix expressions and Debian pins, the
+/// init, the C toolchain, SOURCE_DATE_EPOCH and the xtask binary itself. `None` when the
+/// package source cannot be fingerprinted (a Nixpkgs checkout or flake may change under us).
+pub fn fingerprint(
+    root: &Path,
+    board: &Board,
+    profile: &Profile,
+    init: &str,
+    source: &PackageSource,
+    epoch: u64,
+) -> Result<Option<String>> {
+    use sha2::{Digest, Sha256};
+    if !matches!(source, PackageSource::Offline) {
+        return Ok(None);
+    }
+    let mut h = Sha256::new();
+    let add_file = |h: &mut Sha256, p: &Path| -> Result<()> {
+        h.update(
+            p.strip_prefix(root)
+                .unwrap_or(p)
+                .to_string_lossy()
+                .as_bytes(),
+        );
+        h.update([0]);
+        h.update(fs::read(p).with_context(|| format!("reading {}", p.display()))?);
+        h.update([0]);
+        Ok(())
+    };
+    add_file(&mut h, &board.file)?;
+    let cfg = Config::new(root);
+    for name in profile
+        .ancestors
+        .iter()
+        .chain(std::iter::once(&profile.name))
+    {
+        add_file(&mut h, &cfg.profiles_dir().join(format!("{name}.toml")))?;
+    }
+    if let KernelSource::Build { fragments, .. } = &board.kernel.source {
+        for f in fragments {
+            add_file(&mut h, &root.join("kernel-configs").join(f))?;
+        }
+    }
+    let mut nix_files = Vec::new();
+    collect_files(&root.join("nix"), &mut nix_files)?;
+    nix_files.sort();
+    for f in &nix_files {
+        add_file(&mut h, f)?;
+    }
+    h.update(format!("init={init}\nepoch={epoch}\n").as_bytes());
+    h.update(
+        crate::host::version_line("gcc")
+            .unwrap_or_default()
+            .as_bytes(),
+    );
+    if let Ok(exe) = std::env::current_exe() {
+        add_file(&mut h, &exe)?;
+    }
+    Ok(Some(crate::offline::hex(&h.finalize())))
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    for e in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let p = e?.path();
+        if p.is_dir() {
+            collect_files(&p, out)?;
+        } else {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// Every output file is there with the hash recorded at build time.
+fn outputs_intact(out: &Path, info: &BuildInfo) -> bool {
+    !info.outputs.is_empty()
+        && info.outputs.iter().all(|(f, sum)| {
+            crate::offline::sha256_file(&out.join(f))
+                .map(|s| &s == sum)
+                .unwrap_or(false)
+        })
 }
 
 /// Reads out/<board>/build.json.

@@ -158,9 +158,12 @@ struct RawProfile {
     users: BTreeMap<String, UserSpec>,
     #[serde(default)]
     groups: BTreeMap<String, GroupSpec>,
-    /// Lines the console must show after the checks, while the system shuts down.
+    /// Lines the console must show after the checks, in this order, while the system shuts down.
     #[serde(default)]
     shutdown_expect: Vec<String>,
+    /// Lines the console must show at some point (for example a service's prefixed output).
+    #[serde(default)]
+    console_expect: Vec<String>,
 }
 
 // ---------------------------------------------------------------- validated forms
@@ -233,6 +236,7 @@ pub struct Profile {
     /// setup lists are appended, the hostname overridden).
     pub system: SystemSpec,
     pub shutdown_expect: Vec<String>,
+    pub console_expect: Vec<String>,
 }
 
 // ---------------------------------------------------------------- loading
@@ -459,6 +463,7 @@ impl Config {
         let mut init = None;
         let mut system = SystemSpec::default();
         let mut shutdown_expect = Vec::new();
+        let mut console_expect = Vec::new();
         for p in &order {
             let raw = &raws[p];
             for (k, v) in &raw.services {
@@ -477,9 +482,13 @@ impl Config {
                 system.setup.dirs.extend(setup.dirs.iter().cloned());
                 system.setup.files.extend(setup.files.iter().cloned());
                 system.setup.symlinks.extend(setup.symlinks.iter().cloned());
-                system.setup.interfaces.extend(setup.interfaces.iter().cloned());
+                system
+                    .setup
+                    .interfaces
+                    .extend(setup.interfaces.iter().cloned());
             }
             shutdown_expect.extend(raw.shutdown_expect.iter().cloned());
+            console_expect.extend(raw.console_expect.iter().cloned());
             for pkg in &raw.packages {
                 if !packages.contains(pkg) {
                     packages.push(pkg.clone());
@@ -511,6 +520,7 @@ impl Config {
             ancestors: order[..order.len() - 1].to_vec(),
             system,
             shutdown_expect,
+            console_expect,
         })
     }
 

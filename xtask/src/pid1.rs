@@ -20,7 +20,11 @@ fn target_installed(triple: &str) -> bool {
         .ok()
         .map(|o| {
             let sysroot = String::from_utf8_lossy(&o.stdout).trim().to_string();
-            Path::new(&sysroot).join("lib/rustlib").join(triple).join("lib").is_dir()
+            Path::new(&sysroot)
+                .join("lib/rustlib")
+                .join(triple)
+                .join("lib")
+                .is_dir()
         })
         .unwrap_or(false)
 }
@@ -60,8 +64,16 @@ pub fn build(root: &Path, board: &Board) -> Result<PathBuf> {
     ui::step(format!("build bonsai-init for {triple}"));
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(root)
-        .args(["build", "--quiet", "--profile", PROFILE, "-p", "bonsai-init", "--target", &triple]);
+    cmd.current_dir(root).args([
+        "build",
+        "--quiet",
+        "--profile",
+        PROFILE,
+        "-p",
+        "bonsai-init",
+        "--target",
+        &triple,
+    ]);
     // Only this build gets the flags; reproducible paths in panic locations.
     let mut rustflags = format!("--remap-path-prefix={}=/build", root.display());
     if !flags.is_empty() {
@@ -72,11 +84,15 @@ pub fn build(root: &Path, board: &Board) -> Result<PathBuf> {
         rustflags.push_str(" -C linker=aarch64-linux-gnu-gcc");
     }
     cmd.env("CARGO_ENCODED_RUSTFLAGS", rustflags.replace(' ', "\x1f"));
-    let status = cmd.status().context("running cargo build for bonsai-init")?;
+    let status = cmd
+        .status()
+        .context("running cargo build for bonsai-init")?;
     if !status.success() {
         bail!("cargo build of bonsai-init for {triple} failed");
     }
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
     let bin = target_dir.join(&triple).join(PROFILE).join("bonsai-init");
     if !bin.is_file() {
         bail!("cargo built bonsai-init but {} is missing", bin.display());
