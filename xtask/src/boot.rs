@@ -195,7 +195,7 @@ pub fn qemu_spec(
     })
 }
 
-/// Boots headless, runs the image's checks and judges the console.
+/// Boots headless, runs the image's checks and judges the console; an error if anything failed.
 pub fn check(
     board: &Board,
     out: &Path,
@@ -204,6 +204,45 @@ pub fn check(
     timeout: Duration,
     verbose: bool,
 ) -> Result<CheckOutcome> {
+    let run = check_run(board, out, info, spec, timeout, verbose);
+    match (run.report, run.failure) {
+        (Some(report), None) => Ok(CheckOutcome {
+            report,
+            log: run.log,
+        }),
+        (_, failure) => Err(anyhow::anyhow!(
+            "boot check of {} failed: {} (serial log: {})",
+            board.name,
+            failure.unwrap_or_default(),
+            run.log.display()
+        )),
+    }
+}
+
+/// What one check boot found, failed or not.
+pub struct CheckRun {
+    /// The guest's report, when it got far enough to send one.
+    pub report: Option<qemu::Report>,
+    /// Why the run failed, on one line; `None` when it passed.
+    pub failure: Option<String>,
+    /// Per check: name and whether it passed (empty when the guest never ran them).
+    pub results: Vec<(String, bool)>,
+    /// Host-side judgements on the console: (what, passed).
+    pub console: Vec<(String, bool)>,
+    pub log: PathBuf,
+    /// Guest uptime when the kernel started /init, from its console timestamps.
+    pub init_started: Option<f64>,
+}
+
+/// Boots headless, runs the image's checks and judges the console; never fails itself.
+pub fn check_run(
+    board: &Board,
+    out: &Path,
+    info: &BuildInfo,
+    spec: &QemuSpec,
+    timeout: Duration,
+    verbose: bool,
+) -> CheckRun {
     let checks: Vec<Check> = info
         .checks
         .iter()
@@ -221,9 +260,11 @@ pub fn check(
     let nonce = qemu::protocol::new_nonce();
     let log = out.join("serial.log");
     ui::step(format!(
-        "boot {} headless under {} and run {} checks (timeout {} s)",
+        "boot {} ({}, init {}) headless under {} and run {} checks (timeout {} s)",
         board.name,
-        format!("{:?}", spec.accel).to_uppercase(),
+        info.profile,
+        info.init,
+        spec.accel.as_str().to_uppercase(),
         checks.len(),
         timeout.as_secs()
     ));
@@ -243,13 +284,85 @@ pub fn check(
             }
         }
     };
-    let report =
-        qemu::boot_check(spec, &nonce, &checks, timeout, &log, &mut progress).map_err(|e| {
-            anyhow::anyhow!(
-                "boot check of {} failed: {e} (serial log: {})",
-                board.name,
-                log.display()
+    let result = qemu::boot_check(spec, &nonce, &checks, timeout, &log, &mut progress);
+    let (report, mut failure) = match result {
+        Ok(r) => (Some(r), None),
+        Err(qemu::Failure::ChecksFailed { report, .. }) => {
+            let failed: Vec<String> = report
+                .checks
+                .iter()
+                .filter(|c| !c.passed)
+                .map(|c| format!("{} ({})", c.name, c.reason.clone().unwrap_or_default()))
+                .collect();
+            (
+                Some(*report),
+                Some(format!("checks failed: {}", failed.join("; "))),
             )
-        })?;
-    Ok(CheckOutcome { report, log })
+        }
+        Err(e) => (None, Some(e.to_string())),
+    };
+    let results = report
+        .as_ref()
+        .map(|r| {
+            r.checks
+                .iter()
+                .map(|c| (c.name.clone(), c.passed))
+                .collect()
+        })
+        .unwrap_or_default();
+
+    // What the console shows besides the markers: service output, and the stop hooks that
+    // run after DONE while the guest shuts down, in order.
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let mut console = Vec::new();
+    for want in &info.console_expect {
+        let ok = text.lines().any(|l| l.trim_end().ends_with(want.as_str()));
+        console.push((format!("console shows '{want}'"), ok));
+    }
+    if !info.shutdown_expect.is_empty() {
+        let after_done = text
+            .split(&format!("BONSAI-DONE {nonce}"))
+            .nth(1)
+            .unwrap_or("");
+        let mut rest = after_done.lines();
+        let ok = info
+            .shutdown_expect
+            .iter()
+            .all(|want| rest.any(|l| l.trim_end().ends_with(want.as_str())));
+        console.push((
+            format!(
+                "shutdown runs stop hooks in order ({})",
+                info.shutdown_expect.join(", ")
+            ),
+            ok,
+        ));
+    }
+    if let Some(r) = &report {
+        if report.is_some() && failure.is_none() {
+            console.push((
+                "the guest powers off by itself".into(),
+                !r.killed_after_done,
+            ));
+        }
+    }
+    if failure.is_none() {
+        if let Some((what, _)) = console.iter().find(|(_, ok)| !ok) {
+            failure = Some(format!("not seen: {what}"));
+        }
+    }
+    let init_started = text
+        .lines()
+        .find(|l| l.contains("Run /init as init process"))
+        .and_then(|l| {
+            let inner = l.split('[').nth(1)?.split(']').next()?;
+            inner.trim().parse::<f64>().ok()
+        });
+    CheckRun {
+        report,
+        failure,
+        results,
+        console,
+        log,
+        init_started,
+    }
 }

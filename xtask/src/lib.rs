@@ -4,6 +4,7 @@
 pub mod boot;
 pub mod build;
 pub mod config;
+pub mod conformance;
 pub mod host;
 pub mod list;
 pub mod nix;
@@ -33,6 +34,8 @@ pub enum Command {
     Boot(boot::Boot),
     /// List boards and profiles, one line each
     List(list::List),
+    /// Boot one profile with every init backend and print the check x backend matrix
+    Conformance(conformance::Conformance),
     /// Install what the tests need and run the whole test suite
     Test(test::Test),
 }
@@ -53,6 +56,7 @@ pub fn main() -> ExitCode {
         Command::Build(c) => c.run().map(|_| ()),
         Command::Boot(c) => c.run(),
         Command::List(c) => c.run(),
+        Command::Conformance(c) => c.run(),
         Command::Test(c) => c.run(),
     };
     match result {
