@@ -167,8 +167,9 @@ let
   zlib = mkDeb { pname = "zlib"; debNames = [ "zlib1g" ]; };
   libxcrypt = mkDeb { pname = "libxcrypt"; debNames = [ "libcrypt1" ]; };
   libtommath = mkDeb { pname = "libtommath"; debNames = [ "libtommath1" ]; };
-  libtomcrypt = mkDeb { pname = "libtomcrypt"; debNames = [ "libtomcrypt1" ]; deps = [ libtommath ]; };
-  dropbear = mkDeb { pname = "dropbear"; debNames = [ "dropbear-bin" ]; deps = [ zlib libxcrypt libtomcrypt libtommath ]; };
+  gmp = mkDeb { pname = "gmp"; debNames = [ "libgmp10" ]; };
+  libtomcrypt = mkDeb { pname = "libtomcrypt"; debNames = [ "libtomcrypt1" ]; deps = [ libtommath gmp ]; };
+  dropbear = mkDeb { pname = "dropbear"; debNames = [ "dropbear-bin" ]; deps = [ zlib libxcrypt libtomcrypt libtommath gmp ]; };
 
   kernelSource = run "linux-${targetLock.packages.linux-source.version}.tar.xz" { } ''
     dpkg-deb -x ${deb "linux-source"} $TMPDIR/root
@@ -226,7 +227,7 @@ let
   '' // { pname = "hello"; version = "1.0"; };
 in
 {
-  inherit glibc busybox skalibs execline s6 runit zlib libxcrypt libtommath libtomcrypt dropbear linux linuxManualConfig hello;
+  inherit glibc busybox skalibs execline s6 runit zlib libxcrypt libtommath libtomcrypt gmp dropbear linux linuxManualConfig hello;
   # Tools for bonsai's own glue (kernel configs): the bootstrap userland and the host toolchain.
   bonsai = {
     inherit tools patchelf;

@@ -344,6 +344,8 @@ done
 read -r up _ </proc/uptime
 printf 'BONSAI-READY %s %s\n' "${nonce:-none}" "$up" >/dev/console
 printf 'BONSAI-SERVICES-UP %s %s\n' "${nonce:-none}" "$up" >/dev/console
+# bonsai.hold=1: stay up without a console shell (the host logs in over SSH).
+grep -q 'bonsai.hold=1' /proc/cmdline && exec sleep 2147483647
 if [ -n "$check" ]; then
 	echo 1 >/proc/sys/kernel/printk
 	/etc/bonsai/run-checks "$nonce" >/dev/console 2>&1

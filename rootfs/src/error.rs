@@ -5,6 +5,7 @@ use std::io;
 use std::path::PathBuf;
 
 use crate::compress::Compression;
+use crate::select::Problem;
 use crate::tree::ImagePath;
 
 /// `Result` with this crate's [`Error`].
@@ -131,6 +132,17 @@ pub enum Error {
     #[error("{}: output path has no file name", path.display())]
     InvalidOutput { path: PathBuf },
 
+    /// Selection or verification found problems; each displays as one line naming its file.
+    #[error("{step} found {}", problem_list(problems))]
+    Problems {
+        step: &'static str,
+        problems: Vec<Problem>,
+    },
+
+    /// A key of the image policy (or an input list) is invalid.
+    #[error("image policy key {key}: {reason}")]
+    InvalidPolicy { key: String, reason: String },
+
     /// Moving the finished temporary file into place failed.
     #[error("renaming {} to {}: {}", from.display(), to.display(), io_message(error))]
     Rename {
@@ -148,6 +160,13 @@ impl Error {
             error,
         }
     }
+}
+
+/// `2 problems: a; b`.
+fn problem_list(problems: &[Problem]) -> String {
+    let lines: Vec<String> = problems.iter().map(Problem::to_string).collect();
+    let plural = if problems.len() == 1 { "" } else { "s" };
+    format!("{} problem{plural}: {}", problems.len(), lines.join("; "))
 }
 
 /// The OS message without std's ` (os error N)` suffix: `No such file or directory`.

@@ -36,3 +36,24 @@ mod compose;
 pub mod system;
 pub use crate::backends::{Backend, InitInputs};
 pub use crate::compose::{compose, ComposeSpec};
+mod elf;
+mod policy;
+mod populate;
+mod prune;
+pub mod refs;
+mod select;
+mod strip;
+mod verify;
+pub use crate::elf::ElfKind;
+pub use crate::policy::{
+    DlopenPriority, DlopenThreshold, DropRule, Glob, Policy, PruneClass, StripModules,
+};
+pub use crate::populate::{
+    populate, FileSize, PopulateReport, SizeReport, SizeTotals, StorePathSize,
+};
+pub use crate::select::{
+    roots_from_tree, select, How, Kept, KeptKind, Problem, ProblemKind, PruneCount, Reason, Root,
+    SelectSpec, Selection, StorePathInfo,
+};
+pub use crate::strip::{strip_bytes, StripAction, StripOptions, StripOutcome};
+pub use crate::verify::{verify, VerifyReport};

@@ -38,6 +38,12 @@ pub struct Boot {
     /// Show every console line while checking
     #[arg(long, short)]
     pub verbose: bool,
+    /// Boot headless with the SSH port forwarded to 127.0.0.1 and log in (profiles with authorized-keys)
+    #[arg(long)]
+    pub ssh: bool,
+    /// With --ssh: run this command instead of an interactive session, print its output
+    #[arg(long, requires = "ssh")]
+    pub ssh_command: Option<String>,
     /// Boot the image in this folder instead of out/<board> (never rebuilt)
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -76,6 +82,15 @@ impl Boot {
             return Ok(());
         }
         host::ensure_program(&board.qemu.binary, board.arch.qemu_package())?;
+        if self.ssh {
+            let key = info.ssh_key.clone().with_context(|| {
+                format!("profile {} has no authorized-keys = \"auto\"; --ssh needs bonsai's key (try --profile ssh)", info.profile)
+            })?;
+            let out_text =
+                crate::ssh::session(&board, &out, &info, &key, self.ssh_command.as_deref())?;
+            print!("{out_text}");
+            return Ok(());
+        }
         if !self.check {
             ui::step(format!("boot {} (Ctrl-A X quits QEMU)", board.name));
             qemu::boot_interactive(&spec).map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -60,6 +60,9 @@ pub struct BuildInfo {
     /// Hash of everything the build read (see [`fingerprint`]); equal means nothing to do.
     #[serde(default)]
     pub fingerprint: String,
+    /// The private key that logs in as root, when bonsai made it (`authorized-keys = "auto"`).
+    #[serde(default)]
+    pub ssh_key: Option<PathBuf>,
     /// SHA-256 of each output file, to notice a damaged output.
     #[serde(default)]
     pub outputs: std::collections::BTreeMap<String, String>,
@@ -166,7 +169,19 @@ impl Build {
             rootfs::Backend::BonsaiInit => Some(crate::pid1::build(&root, &board)?),
             _ => None,
         };
-        let tree = assemble(&board, &profile, &packages, &paths, &closure, backend, pid1)?;
+        let mut tree = assemble(&board, &profile, &packages, &paths, &closure, backend, pid1)?;
+        let ssh_key = match &profile.authorized_keys {
+            None => None,
+            Some(v) => {
+                let (public, key) = crate::ssh::authorized_keys(&root, v)?;
+                tree.insert("root/.ssh", rootfs::Node::dir(0o700))?;
+                tree.insert(
+                    "root/.ssh/authorized_keys",
+                    rootfs::Node::file(rootfs::Source::Bytes(public.into_bytes()), 0o600),
+                )?;
+                key
+            }
+        };
 
         let info = write_output(
             &board,
@@ -179,6 +194,7 @@ impl Build {
             epoch,
             &out,
             fp.unwrap_or_default(),
+            ssh_key,
         )?;
         println!(
             "built {}: kernel {} , initramfs {} ({} uncompressed, {} files from {} store paths) in {:.1} s -> {}",
@@ -324,6 +340,7 @@ fn write_output(
     epoch: u64,
     out: &Path,
     fingerprint: String,
+    ssh_key: Option<PathBuf>,
 ) -> Result<BuildInfo> {
     let parent = out.parent().context("output folder has no parent")?;
     fs::create_dir_all(parent)
@@ -395,6 +412,7 @@ fn write_output(
         shutdown_expect: profile.shutdown_expect.clone(),
         console_expect: profile.console_expect.clone(),
         fingerprint,
+        ssh_key: ssh_key.clone(),
         outputs: ["kernel", initramfs_name, "manifest.json"]
             .iter()
             .map(|f| {

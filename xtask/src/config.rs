@@ -164,6 +164,8 @@ struct RawProfile {
     /// Lines the console must show at some point (for example a service's prefixed output).
     #[serde(default)]
     console_expect: Vec<String>,
+    /// Public keys for root's authorized_keys: "auto" (bonsai's cached test key) or a path.
+    authorized_keys: Option<String>,
 }
 
 // ---------------------------------------------------------------- validated forms
@@ -237,6 +239,7 @@ pub struct Profile {
     pub system: SystemSpec,
     pub shutdown_expect: Vec<String>,
     pub console_expect: Vec<String>,
+    pub authorized_keys: Option<String>,
 }
 
 // ---------------------------------------------------------------- loading
@@ -464,6 +467,7 @@ impl Config {
         let mut system = SystemSpec::default();
         let mut shutdown_expect = Vec::new();
         let mut console_expect = Vec::new();
+        let mut authorized_keys = None;
         for p in &order {
             let raw = &raws[p];
             for (k, v) in &raw.services {
@@ -489,6 +493,9 @@ impl Config {
             }
             shutdown_expect.extend(raw.shutdown_expect.iter().cloned());
             console_expect.extend(raw.console_expect.iter().cloned());
+            if raw.authorized_keys.is_some() {
+                authorized_keys = raw.authorized_keys.clone();
+            }
             for pkg in &raw.packages {
                 if !packages.contains(pkg) {
                     packages.push(pkg.clone());
@@ -521,6 +528,7 @@ impl Config {
             system,
             shutdown_expect,
             console_expect,
+            authorized_keys,
         })
     }
 

@@ -10,6 +10,7 @@ pub mod list;
 pub mod nix;
 pub mod offline;
 pub mod pid1;
+pub mod ssh;
 pub mod test;
 pub mod ui;
 
