@@ -169,19 +169,22 @@ impl Build {
             rootfs::Backend::BonsaiInit => Some(crate::pid1::build(&root, &board)?),
             _ => None,
         };
-        let mut tree = assemble(&board, &profile, &packages, &paths, &closure, backend, pid1)?;
+        let mut extra = Vec::new();
         let ssh_key = match &profile.authorized_keys {
             None => None,
             Some(v) => {
                 let (public, key) = crate::ssh::authorized_keys(&root, v)?;
-                tree.insert("root/.ssh", rootfs::Node::dir(0o700))?;
-                tree.insert(
-                    "root/.ssh/authorized_keys",
+                extra.push(("root/.ssh".to_string(), rootfs::Node::dir(0o700)));
+                extra.push((
+                    "root/.ssh/authorized_keys".to_string(),
                     rootfs::Node::file(rootfs::Source::Bytes(public.into_bytes()), 0o600),
-                )?;
+                ));
                 key
             }
         };
+        let (tree, assembly) = assemble(
+            &board, &profile, &packages, &paths, &closure, backend, pid1, &extra,
+        )?;
 
         let info = write_output(
             &board,
@@ -195,6 +198,7 @@ impl Build {
             &out,
             fp.unwrap_or_default(),
             ssh_key,
+            &assembly,
         )?;
         println!(
             "built {}: kernel {} , initramfs {} ({} uncompressed, {} files from {} store paths) in {:.1} s -> {}",
@@ -215,7 +219,25 @@ fn display_rel(root: &Path, p: &Path) -> String {
     p.strip_prefix(root).unwrap_or(p).display().to_string()
 }
 
-/// The first assembly: whole store paths of the closure, plus bonsai's own files.
+/// What went into the image and why: the selection's numbers for the size report.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct Assembly {
+    /// Per store path and file: closure, kept and image bytes (rootfs::SizeReport).
+    pub sizes: serde_json::Value,
+    /// Store paths of the closure that nothing kept refers to.
+    pub vanished: Vec<String>,
+    /// Files whose store references were rewritten away.
+    pub rewritten: std::collections::BTreeMap<String, Vec<String>>,
+    /// Files and bytes each prune rule removed.
+    pub pruned: serde_json::Value,
+    /// Why each kept file is there: path -> (referrer, how).
+    pub reasons: std::collections::BTreeMap<String, (Option<String>, String)>,
+}
+
+/// Compose bonsai's files, then walk from the roots (the packages' programs, the init, the
+/// services, `keep` globs) through ELF dependencies, symlinks and store references; prune,
+/// strip and verify.
+#[allow(clippy::too_many_arguments)]
 fn assemble(
     board: &Board,
     profile: &Profile,
@@ -224,14 +246,9 @@ fn assemble(
     closure: &std::collections::BTreeMap<String, nix::PathInfo>,
     backend: rootfs::Backend,
     pid1: Option<PathBuf>,
-) -> Result<Tree> {
-    ui::step(format!("assemble {} store paths", closure.len()));
+    extra: &[(String, rootfs::Node)],
+) -> Result<(Tree, Assembly)> {
     let mut tree = Tree::new();
-    for path in closure.keys() {
-        let rel = path.trim_start_matches('/');
-        tree.add_host_tree(rel, Path::new(path), Some(path.as_str()))
-            .with_context(|| format!("copying {path}"))?;
-    }
     let mut bin_links = Vec::new();
     let find = |attr: &str| {
         packages
@@ -241,8 +258,7 @@ fn assemble(
     };
     for pkg in package_paths {
         let pkg_s = pkg.display().to_string();
-        let bin = pkg.join("bin");
-        if let Ok(entries) = fs::read_dir(&bin) {
+        if let Ok(entries) = fs::read_dir(pkg.join("bin")) {
             let mut names: Vec<String> = entries
                 .filter_map(|e| e.ok())
                 .filter_map(|e| e.file_name().into_string().ok())
@@ -296,7 +312,76 @@ fn assemble(
         init,
     };
     rootfs::compose(&mut tree, &spec)?;
-    Ok(tree)
+    for (path, node) in extra {
+        tree.insert(path, node.clone())?;
+    }
+
+    ui::step(format!("select files from {} store paths", closure.len()));
+    let mut roots = Vec::new();
+    for (attr, pkg) in packages.iter().zip(package_paths) {
+        let bin = pkg.join("bin");
+        let root = if bin.is_dir() { bin } else { pkg.clone() };
+        roots.push(rootfs::Root::new(
+            root.display().to_string(),
+            format!("package {attr}"),
+        ));
+    }
+    roots.extend(rootfs::roots_from_tree(&tree)?);
+    let closure_paths: Vec<String> = closure.keys().cloned().collect();
+    let policy = &profile.policy;
+    let problems = |e: rootfs::Error| -> anyhow::Error {
+        match e {
+            rootfs::Error::Problems { step, problems } => {
+                let lines: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
+                anyhow::anyhow!(
+                    "{step} found {} problem(s) in profile {}:\n{}",
+                    problems.len(),
+                    profile.name,
+                    lines.join("\n")
+                )
+            }
+            other => other.into(),
+        }
+    };
+    let selection = rootfs::select(&rootfs::SelectSpec {
+        store_root: Path::new("/"),
+        closure: &closure_paths,
+        roots: &roots,
+        policy,
+    })
+    .map_err(problems)?;
+    for w in &selection.warnings {
+        ui::warn(w.to_string());
+    }
+    let report = rootfs::populate(&mut tree, &selection, policy)?;
+    for w in &report.warnings {
+        ui::warn(w.to_string());
+    }
+    rootfs::verify(&tree, policy).map_err(problems)?;
+    let vanished: Vec<String> = selection
+        .vanished_store_paths()
+        .into_iter()
+        .map(|s| s.to_string())
+        .collect();
+    if !vanished.is_empty() {
+        ui::detail(format!(
+            "{} store paths of the closure vanished (nothing kept refers to them)",
+            vanished.len()
+        ));
+    }
+    let reasons = selection
+        .entries
+        .iter()
+        .map(|(p, k)| (p.clone(), (k.reason.from.clone(), k.reason.how.to_string())))
+        .collect();
+    let assembly = Assembly {
+        sizes: serde_json::to_value(&report.sizes)?,
+        vanished,
+        rewritten: report.rewritten.clone(),
+        pruned: serde_json::to_value(&selection.pruned)?,
+        reasons,
+    };
+    Ok((tree, assembly))
 }
 
 /// The board's checks, then the profile's.
@@ -341,6 +426,7 @@ fn write_output(
     out: &Path,
     fingerprint: String,
     ssh_key: Option<PathBuf>,
+    assembly: &Assembly,
 ) -> Result<BuildInfo> {
     let parent = out.parent().context("output folder has no parent")?;
     fs::create_dir_all(parent)
@@ -395,6 +481,10 @@ fn write_output(
     }
     let manifest = rootfs::manifest(tree)?;
     fs::write(stage.path().join("manifest.json"), manifest.to_json())?;
+    fs::write(
+        stage.path().join("selection.json"),
+        serde_json::to_string_pretty(assembly)? + "\n",
+    )?;
     let info = BuildInfo {
         board: board.name.clone(),
         profile: profile.name.clone(),
@@ -406,7 +496,11 @@ fn write_output(
         initramfs_bytes: report.compressed_bytes,
         initramfs_uncompressed_bytes: report.cpio.archive_bytes,
         files: manifest.totals.files,
-        store_paths: closure.keys().cloned().collect(),
+        store_paths: closure
+            .keys()
+            .filter(|k| !assembly.vanished.contains(k))
+            .cloned()
+            .collect(),
         source_date_epoch: epoch,
         checks: all_checks(board, profile),
         shutdown_expect: profile.shutdown_expect.clone(),

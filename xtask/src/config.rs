@@ -166,6 +166,9 @@ struct RawProfile {
     console_expect: Vec<String>,
     /// Public keys for root's authorized_keys: "auto" (bonsai's cached test key) or a path.
     authorized_keys: Option<String>,
+    /// What goes into the image: keep globs, prune classes, drops, strip (rootfs::Policy).
+    #[serde(default)]
+    image: Option<rootfs::Policy>,
 }
 
 // ---------------------------------------------------------------- validated forms
@@ -240,6 +243,8 @@ pub struct Profile {
     pub shutdown_expect: Vec<String>,
     pub console_expect: Vec<String>,
     pub authorized_keys: Option<String>,
+    /// The image policy merged along the inheritance chain (parents first).
+    pub policy: rootfs::Policy,
 }
 
 // ---------------------------------------------------------------- loading
@@ -468,6 +473,7 @@ impl Config {
         let mut shutdown_expect = Vec::new();
         let mut console_expect = Vec::new();
         let mut authorized_keys = None;
+        let mut policy = rootfs::Policy::default();
         for p in &order {
             let raw = &raws[p];
             for (k, v) in &raw.services {
@@ -495,6 +501,11 @@ impl Config {
             console_expect.extend(raw.console_expect.iter().cloned());
             if raw.authorized_keys.is_some() {
                 authorized_keys = raw.authorized_keys.clone();
+            }
+            if let Some(img) = &raw.image {
+                img.validate()
+                    .map_err(|e| anyhow::anyhow!("profiles/{p}.toml: [image]: {e}"))?;
+                policy = rootfs::Policy::merge(&policy, img);
             }
             for pkg in &raw.packages {
                 if !packages.contains(pkg) {
@@ -529,6 +540,7 @@ impl Config {
             shutdown_expect,
             console_expect,
             authorized_keys,
+            policy,
         })
     }
 
