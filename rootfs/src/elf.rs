@@ -57,7 +57,7 @@ pub fn is_elf(data: &[u8]) -> bool {
 }
 
 /// What an ELF file is, for stripping.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ElfKind {
     /// ET_EXEC, or ET_DYN with an interpreter (PIE).

@@ -33,14 +33,14 @@ pub struct PopulateReport {
 }
 
 /// Sizes per store path and per kept file.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct SizeReport {
     pub store_paths: Vec<StorePathSize>,
     pub files: Vec<FileSize>,
     pub totals: SizeTotals,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct StorePathSize {
     pub store_path: String,
     /// Something of it is in the image (else it vanished).
@@ -56,7 +56,7 @@ pub struct StorePathSize {
     pub image_bytes: u64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct FileSize {
     /// Absolute image path.
     pub path: String,
@@ -66,13 +66,13 @@ pub struct FileSize {
     /// Size in the image.
     pub image_bytes: u64,
     /// ELF file type, for ELF files.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub elf: Option<ElfKind>,
     pub strip: StripAction,
     pub rewritten: bool,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct SizeTotals {
     pub closure_files: u64,
     pub closure_bytes: u64,

@@ -36,7 +36,7 @@ pub struct StripOptions {
 }
 
 /// What [`strip_bytes`] did.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "action", content = "reason")]
 pub enum StripAction {
     /// Sections were removed; `bytes` is the new file.

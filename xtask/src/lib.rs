@@ -10,6 +10,8 @@ pub mod list;
 pub mod nix;
 pub mod offline;
 pub mod pid1;
+pub mod size;
+pub mod sizemap;
 pub mod ssh;
 pub mod test;
 pub mod ui;
@@ -35,6 +37,8 @@ pub enum Command {
     Boot(boot::Boot),
     /// List boards and profiles, one line each
     List(list::List),
+    /// Where the bytes are: closure, kept, stripped and compressed size per store path or file
+    Size(size::Size),
     /// Boot one profile with every init backend and print the check x backend matrix
     Conformance(conformance::Conformance),
     /// Install what the tests need and run the whole test suite
@@ -58,6 +62,7 @@ pub fn main() -> ExitCode {
         Command::Boot(c) => c.run(),
         Command::List(c) => c.run(),
         Command::Conformance(c) => c.run(),
+        Command::Size(c) => c.run(),
         Command::Test(c) => c.run(),
     };
     match result {
