@@ -471,11 +471,33 @@ fn write_output(
     )?;
     if let Some(max) = board.budget.initramfs {
         if report.compressed_bytes > max {
+            let mut top: Vec<(u64, String)> = assembly
+                .sizes
+                .get("store_paths")
+                .and_then(|v| v.as_array())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|sp| {
+                            Some((
+                                sp.get("image_bytes")?.as_u64()?,
+                                sp.get("store_path")?.as_str()?.to_string(),
+                            ))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            top.sort_by(|a, b| b.cmp(a));
+            let offenders: Vec<String> = top
+                .iter()
+                .take(3)
+                .map(|(b, p)| format!("{p} {}", ui::size(*b)))
+                .collect();
             bail!(
-                "boards/{}.toml: budget.initramfs: initramfs is {}, over the budget of {}",
+                "boards/{}.toml: budget.initramfs: initramfs is {}, over the budget of {}; largest: {}",
                 board.name,
                 ui::size(report.compressed_bytes),
-                ui::size(max)
+                ui::size(max),
+                offenders.join(", ")
             );
         }
     }

@@ -15,6 +15,7 @@ pub mod sizemap;
 pub mod ssh;
 pub mod test;
 pub mod ui;
+pub mod why;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,6 +40,8 @@ pub enum Command {
     List(list::List),
     /// Where the bytes are: closure, kept, stripped and compressed size per store path or file
     Size(size::Size),
+    /// Why is a file or store path in the image: the chain of references back to a root
+    Why(why::Why),
     /// Boot one profile with every init backend and print the check x backend matrix
     Conformance(conformance::Conformance),
     /// Install what the tests need and run the whole test suite
@@ -63,6 +66,7 @@ pub fn main() -> ExitCode {
         Command::List(c) => c.run(),
         Command::Conformance(c) => c.run(),
         Command::Size(c) => c.run(),
+        Command::Why(c) => c.run(),
         Command::Test(c) => c.run(),
     };
     match result {

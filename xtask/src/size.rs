@@ -90,6 +90,11 @@ impl Size {
     }
 }
 
+/// Reads out/<board>/selection.json (for `why`).
+pub fn read_assembly_pub(out: &Path) -> Result<Assembly> {
+    read_assembly(out)
+}
+
 fn read_assembly(out: &Path) -> Result<Assembly> {
     let text = std::fs::read_to_string(out.join("selection.json")).with_context(|| {
         format!(
