@@ -157,6 +157,7 @@ impl Boot {
                     board: self.board.clone(),
                     profile: Some(profile.name.clone()),
                     init: Some(init),
+                    nested: true,
                     ..Build::default()
                 }
                 .run()?;

@@ -32,6 +32,9 @@ pub struct Build {
     /// Output folder (default: out/<board>)
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Run as a step of another command: the summary goes to stderr, stdout stays theirs.
+    #[arg(skip)]
+    pub nested: bool,
 }
 
 /// What a build wrote, kept as out/<board>/build.json.
@@ -110,12 +113,15 @@ impl Build {
         let fp = fingerprint(&root, &board, &profile, &init, &source, epoch)?;
         if let Some(info) = read_info(&out) {
             if fp.as_deref() == Some(info.fingerprint.as_str()) && outputs_intact(&out, &info) {
-                println!(
-                    "{} is up to date: kernel {}, initramfs {} ({:.2} s)",
-                    display_rel(&root, &out),
-                    ui::size(info.kernel_bytes),
-                    ui::size(info.initramfs_bytes),
-                    timer.secs()
+                summary(
+                    self.nested,
+                    format!(
+                        "{} is up to date: kernel {}, initramfs {} ({:.2} s)",
+                        display_rel(&root, &out),
+                        ui::size(info.kernel_bytes),
+                        ui::size(info.initramfs_bytes),
+                        timer.secs()
+                    ),
                 );
                 return Ok(Built { out, info });
             }
@@ -131,6 +137,14 @@ impl Build {
             (&source, &board.kernel.source)
         {
             crate::host::ensure(crate::host::KERNEL_TOOLS, &[crate::host::LIBELF_HEADER])?;
+        }
+        // A board of another architecture: its kernel and C programs need the cross compiler.
+        if let PackageSource::Offline = &source {
+            if let Some((cc, libc)) =
+                crate::host::cross_tools(board.arch, crate::offline::host_arch()?)
+            {
+                crate::host::ensure(&[cc], &[libc])?;
+            }
         }
         let eval = Eval::new(&root, &board, &packages, &source)?;
 
@@ -200,8 +214,8 @@ impl Build {
             ssh_key,
             &assembly,
         )?;
-        println!(
-            "built {}: kernel {} , initramfs {} ({} uncompressed, {} files from {} store paths) in {:.1} s -> {}",
+        summary(self.nested, format!(
+            "built {}: kernel {}, initramfs {} ({} uncompressed, {} files from {} store paths) in {:.1} s -> {}",
             board.name,
             ui::size(info.kernel_bytes),
             ui::size(info.initramfs_bytes),
@@ -210,8 +224,17 @@ impl Build {
             info.store_paths.len(),
             timer.secs(),
             display_rel(&root, &out)
-        );
+        ));
         Ok(Built { out, info })
+    }
+}
+
+/// The one-line result of a build: on stdout, or stderr when another command ran the build.
+fn summary(nested: bool, line: String) {
+    if nested {
+        eprintln!("{line}");
+    } else {
+        println!("{line}");
     }
 }
 
@@ -615,6 +638,16 @@ pub fn fingerprint(
             .unwrap_or_default()
             .as_bytes(),
     );
+    if let Some((cc, _)) = crate::offline::host_arch()
+        .ok()
+        .and_then(|h| crate::host::cross_tools(board.arch, h))
+    {
+        h.update(
+            crate::host::version_line(cc.program)
+                .unwrap_or_default()
+                .as_bytes(),
+        );
+    }
     if let Ok(exe) = std::env::current_exe() {
         add_file(&mut h, &exe)?;
     }

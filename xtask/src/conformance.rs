@@ -61,6 +61,7 @@ impl Conformance {
                 board: self.board.clone(),
                 profile: Some(self.profile.clone()),
                 init: Some(init.clone()),
+                nested: true,
                 ..Build::default()
             }
             .run()?;

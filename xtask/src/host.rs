@@ -65,6 +65,41 @@ pub const KERNEL_TOOLS: &[Tool] = &[
 /// libelf headers for objtool, found by file rather than by program.
 pub const LIBELF_HEADER: (&str, &str) = ("/usr/include/libelf.h", "libelf-dev");
 
+/// What building for a board of another architecture than the host's needs (kernel and C
+/// programs): Debian's cross compiler, and the target's C library headers found by file.
+/// `None` for a native build.
+pub fn cross_tools(
+    target: crate::config::Arch,
+    host: crate::config::Arch,
+) -> Option<(Tool, (&'static str, &'static str))> {
+    use crate::config::Arch;
+    if target == host {
+        return None;
+    }
+    Some(match target {
+        Arch::Aarch64 => (
+            Tool {
+                program: "aarch64-linux-gnu-gcc",
+                package: "gcc-aarch64-linux-gnu",
+            },
+            (
+                "/usr/aarch64-linux-gnu/include/stdio.h",
+                "libc6-dev-arm64-cross",
+            ),
+        ),
+        Arch::X86_64 => (
+            Tool {
+                program: "x86_64-linux-gnu-gcc",
+                package: "gcc-x86-64-linux-gnu",
+            },
+            (
+                "/usr/x86_64-linux-gnu/include/stdio.h",
+                "libc6-dev-amd64-cross",
+            ),
+        ),
+    })
+}
+
 pub fn find_program(name: &str) -> Option<PathBuf> {
     if name.contains('/') {
         let p = PathBuf::from(name);

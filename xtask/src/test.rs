@@ -35,6 +35,28 @@ impl Test {
                 ],
             )?;
         }
+        if !self.unit {
+            // The tests read real store paths: build the default board first (installs what is
+            // missing, downloads the offline set, builds the kernel once; Nix caches it).
+            host::ensure(
+                &[
+                    host::Tool {
+                        program: "ssh",
+                        package: "openssh-client",
+                    },
+                    host::Tool {
+                        program: "readelf",
+                        package: "binutils",
+                    },
+                ],
+                &[],
+            )?;
+            crate::build::Build {
+                board: "qemu-x86_64".into(),
+                ..Default::default()
+            }
+            .run()?;
+        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.current_dir(&root)

@@ -102,7 +102,9 @@ fn build_is_sane_and_reproducible() {
     );
     let listing = String::from_utf8_lossy(&list.stdout);
     assert!(
-        listing.lines().any(|l| l.ends_with(" init")),
+        listing
+            .lines()
+            .any(|l| l.ends_with(" init") || l.contains(" init -> ")),
         "no /init in:\n{listing}"
     );
     assert!(
@@ -265,5 +267,153 @@ fn unknown_package_attribute_is_one_clear_line() {
     assert!(
         !scratch.path().join("out").join(BOARD).exists(),
         "a failed build left an output folder"
+    );
+}
+
+#[test]
+fn every_init_backend_passes_the_conformance_suite() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    require("qemu-system-x86_64", "qemu-system-x86");
+    let stdout = ok(&["conformance", "--board", BOARD]);
+    let header = stdout
+        .lines()
+        .find(|l| l.starts_with("check "))
+        .expect("matrix header");
+    for init in ["busybox", "runit", "s6", "bonsai-init"] {
+        assert!(header.contains(init), "{header}");
+    }
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains(" | ") && !l.starts_with("check "))
+        .collect();
+    assert!(rows.len() >= 18, "too few rows:\n{stdout}");
+    for row in rows
+        .iter()
+        .filter(|r| !r.starts_with("ready at") && !r.starts_with("/init to"))
+    {
+        assert_eq!(
+            row.matches("pass").count(),
+            4,
+            "not every backend passed: {row}"
+        );
+    }
+}
+
+#[test]
+fn ssh_logs_in_with_every_backend() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    require("ssh", "openssh-client");
+    for init in ["busybox", "runit", "s6", "bonsai-init"] {
+        let out = ok(&[
+            "boot",
+            "--board",
+            BOARD,
+            "--profile",
+            "ssh",
+            "--init",
+            init,
+            "--ssh",
+            "--ssh-command",
+            "echo \"$(id -un)@$(hostname) $(cat /etc/bonsai/init-name)\"",
+        ]);
+        assert_eq!(
+            out.trim(),
+            format!("root@qemu-x86-64 {init}"),
+            "ssh output with {init}"
+        );
+    }
+}
+
+#[test]
+fn image_holds_only_stripped_needed_files() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    require("readelf", "binutils");
+    built();
+    let root = tempfile::tempdir().unwrap();
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "gzip -dc '{}' | cpio -id --quiet",
+            out_dir().join("initramfs.cpio.gz").display()
+        ))
+        .current_dir(root.path())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut elves = 0;
+    let mut stack = vec![root.path().to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let meta = std::fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(root.path()).unwrap().display().to_string();
+            assert!(
+                !rel.contains("/share/doc/")
+                    && !rel.contains("/share/man/")
+                    && !rel.contains("/include/")
+                    && !rel.ends_with(".a"),
+                "{rel} was not pruned"
+            );
+            if meta.is_dir() {
+                stack.push(p);
+            } else if meta.is_file() && std::fs::read(&p).unwrap().starts_with(b"\x7fELF") {
+                elves += 1;
+                let out = Command::new("readelf")
+                    .args(["-S", "-W"])
+                    .arg(&p)
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success() && out.stderr.is_empty(),
+                    "readelf complains about {rel}"
+                );
+                let sections = String::from_utf8_lossy(&out.stdout);
+                assert!(
+                    !sections.contains(".symtab") && !sections.contains(".debug_"),
+                    "{rel} is not stripped"
+                );
+            }
+        }
+    }
+    assert!(elves >= 4, "only {elves} ELF files in the image");
+    // The C program built with -g runs stripped in the guest (boot_check_passes) and is smaller.
+    let report: serde_json::Value =
+        serde_json::from_str(&ok(&["size", "--board", BOARD, "--json"])).unwrap();
+    let hello = report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"].as_str().unwrap().ends_with("-hello-1.0"))
+        .unwrap();
+    assert!(
+        hello["image_bytes"].as_u64().unwrap() < hello["kept_bytes"].as_u64().unwrap(),
+        "hello was not stripped"
+    );
+    assert!(
+        report["total"]["image_bytes"].as_u64().unwrap() * 2
+            < report["total"]["closure_bytes"].as_u64().unwrap()
+    );
+    let why = ok(&["why", "--board", BOARD, hello["name"].as_str().unwrap()]);
+    assert!(why.contains("root: package hello"), "{why}");
+}
+
+#[test]
+fn bonsai_init_is_static_and_small() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    ok(&["build", "--board", BOARD, "--init", "bonsai-init"]);
+    let bin = root().join("target/x86_64-unknown-linux-musl/release-pid1/bonsai-init");
+    let size = std::fs::metadata(&bin)
+        .unwrap_or_else(|_| panic!("{} missing", bin.display()))
+        .len();
+    assert!(size <= 1024 * 1024, "bonsai-init is {size} bytes");
+    let file = Command::new("readelf")
+        .args(["-l", "-d"])
+        .arg(&bin)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&file.stdout);
+    assert!(
+        !text.contains("NEEDED"),
+        "bonsai-init is dynamically linked:\n{text}"
     );
 }
