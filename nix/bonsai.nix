@@ -40,7 +40,9 @@ let
 
   src = pkgs.linux.src;
   version = pkgs.linux.version;
-  fragments = map (f: builtins.path { path = ../kernel-configs + "/${f}"; name = f; }) (kernelReq.fragments or [ ]);
+  # Fragments enter the store by content alone, so a board copied under another name (or a
+  # fragment with other comments) that merges to the same config reuses the cached kernel.
+  fragments = map (f: builtins.path { path = ../kernel-configs + "/${f}"; name = "kernel-fragment.config"; }) (kernelReq.fragments or [ ]);
 
   kernelConfig = pkgs.bonsai.mkKernelConfig {
     inherit src version fragments;
@@ -49,7 +51,12 @@ let
   };
   kernel =
     if fromPackage then prebuilt
-    else pkgs.linuxManualConfig { inherit src version; configfile = "${kernelConfig}/config"; allowImportFromDerivation = false; };
+    # The kernel depends on the merged config's bytes only (read back from the config build).
+    else pkgs.linuxManualConfig {
+      inherit src version;
+      configfile = builtins.toFile "linux-${version}.config" (builtins.readFile "${kernelConfig}/config");
+      allowImportFromDerivation = false;
+    };
 in
 {
   packages = indexed (map attrByDottedPath req.packages);

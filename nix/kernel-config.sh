@@ -13,9 +13,11 @@ done
 make ARCH="$kernelArch" CROSS_COMPILE="$crossPrefix" olddefconfig >/dev/null
 mkdir -p "$out"
 : >"$out/report"
+# Fragments are named by position (1, 2, ...): their store names carry no file name.
+i=0
 for f in $fragments; do
-	name=$(basename "$f")
-	name=${name#*-}
+	i=$((i + 1))
+	name=$i
 	grep -E '^(CONFIG_[A-Za-z0-9_]+=|# CONFIG_[A-Za-z0-9_]+ is not set)' "$f" | while IFS= read -r line; do
 		case "$line" in
 		"# "*) opt=${line#\# }; opt=${opt%% *}; want=n ;;

@@ -59,15 +59,18 @@ let
 
   # Builds with the host toolchain run under the host's shell: busybox's shell would prefer its
   # own applets (tar, sed, awk) over the GNU tools that kernel builds expect.
+  # Every builder runs on the host (`hostSystem`); `system` only picks the packages' architecture.
   runHost = name: env: script: derivation ({
-    inherit name system;
+    inherit name;
+    system = hostSystem;
     builder = hostShell;
     args = [ "-e" "-c" script ];
   } // hostBuildEnv // env);
 
   # A derivation whose builder is a busybox shell script.
   run = name: env: script: derivation ({
-    inherit name system;
+    inherit name;
+    system = hostSystem;
     builder = sh;
     args = [ "-e" "-c" script ];
     PATH = "${tools}/bin";
@@ -80,7 +83,13 @@ let
       u=$1
       if [ -d $u/usr ]; then cp -a $u/usr/. $u/; rm -rf $u/usr; fi
       if [ -d $u/sbin ]; then mkdir -p $u/bin; cp -a $u/sbin/. $u/bin/; rm -rf $u/sbin; fi
-      if [ -d $u/lib/${a.triplet} ]; then cp -a $u/lib/${a.triplet}/. $u/lib/; rm -rf $u/lib/${a.triplet}; fi
+      if [ -d $u/lib/${a.triplet} ]; then
+        # links such as lib/ld-linux-aarch64.so.1 -> ${a.triplet}/ld-linux-aarch64.so.1 give way to their targets
+        for l in $u/lib/*; do
+          if [ -L "$l" ]; then case "$(readlink "$l")" in ${a.triplet}/*) rm -f "$l" ;; esac; fi
+        done
+        cp -a $u/lib/${a.triplet}/. $u/lib/; rm -rf $u/lib/${a.triplet}
+      fi
       rm -rf $u/lib64
       mkdir -p $out
       cp -a $u/. $out/
@@ -176,13 +185,15 @@ let
     cp $TMPDIR/root/usr/src/linux-source-*.tar.xz $out
   '';
 
-  # The prebuilt distribution kernel (Debian's cloud flavour): $out/<image>, modules, config.
+  # The prebuilt distribution kernel (Debian's cloud flavour): $out/<image>, modules, config, dtbs.
   linux = run "linux-${targetLock.packages.linux-image.version}" { } ''
     dpkg-deb -x ${deb "linux-image"} $TMPDIR/root
     mkdir -p $out
     cp $TMPDIR/root/boot/vmlinuz-* $out/${builtins.baseNameOf target.kernelImage}
     cp $TMPDIR/root/boot/config-* $out/config
     if [ -d $TMPDIR/root/lib/modules ]; then mkdir -p $out/lib; cp -a $TMPDIR/root/lib/modules $out/lib/; fi
+    # device trees (arm64), where Nixpkgs' kernels keep them: $out/dtbs/<vendor>/<board>.dtb
+    for d in $TMPDIR/root/usr/lib/linux-image-*; do if [ -d "$d" ]; then cp -a "$d" $out/dtbs; fi; done
   '' // {
     pname = "linux";
     version = builtins.head (builtins.match "([^-]+)-.*" targetLock.packages.linux-source.version);
@@ -200,6 +211,15 @@ let
     SOURCE_DATE_EPOCH = "1";
   };
 
+  # Device trees, like Nixpkgs' kernels: $out/dtbs/<vendor>/<board>.dtb for the platforms the
+  # config enables (arm64 only; nothing is added to x86 builds, whose derivations stay as they were).
+  dtbsInstall = if target.kernelArch != "arm64" then "" else ''
+
+      if grep -q '^CONFIG_OF=y' .config; then
+        make ARCH=${target.kernelArch} CROSS_COMPILE=${crossPrefix} -j''${NIX_BUILD_CORES:-2} dtbs
+        make ARCH=${target.kernelArch} CROSS_COMPILE=${crossPrefix} INSTALL_DTBS_PATH=$out/dtbs dtbs_install
+      fi'';
+
   # Same calling convention as Nixpkgs' linuxManualConfig (the subset bonsai uses).
   linuxManualConfig = { version, src, configfile, modDirVersion ? version, ... }:
     runHost "linux-${version}" { inherit src configfile; } ''
@@ -211,7 +231,7 @@ let
       make ARCH=${target.kernelArch} CROSS_COMPILE=${crossPrefix} -j''${NIX_BUILD_CORES:-2} ${builtins.baseNameOf target.kernelImage}
       mkdir -p $out
       cp ${target.kernelImage} $out/
-      cp .config $out/config
+      cp .config $out/config${dtbsInstall}
       if grep -q '^CONFIG_MODULES=y' .config; then
         make ARCH=${target.kernelArch} CROSS_COMPILE=${crossPrefix} -j''${NIX_BUILD_CORES:-2} modules
         make ARCH=${target.kernelArch} CROSS_COMPILE=${crossPrefix} INSTALL_MOD_PATH=$out INSTALL_MOD_STRIP=1 modules_install

@@ -209,10 +209,12 @@ fn run_script(svc: &Service, sys: &System) -> String {
             }
         }
     }
+    // The start time goes to the console (boot charts read it, like bonsai-init's own line).
+    let _ = writeln!(s, "read -r up _ </proc/uptime; echo \"bonsai: started {n} at ${{up}}s\" >/dev/console", n = svc.name);
     if svc.kind == Kind::Longrun {
         let _ = writeln!(
             s,
-            "read -r up _ </proc/uptime; echo \"${{up%.*}}\" >/run/bonsai/started/{n}; : >/run/bonsai/up/{n}",
+            "echo \"${{up%.*}}\" >/run/bonsai/started/{n}; : >/run/bonsai/up/{n}",
             n = svc.name
         );
     }

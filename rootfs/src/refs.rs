@@ -87,7 +87,7 @@ pub fn scan(data: &[u8]) -> Vec<StoreRef> {
 /// Every store reference in `data` that does not start inside one of `exclude`.
 pub fn scan_excluding(data: &[u8], exclude: &[Range<usize>]) -> Vec<StoreRef> {
     let mut out = Vec::new();
-    for offset in memchr::memmem::find_iter(data, PREFIX) {
+    for offset in prefix_offsets(data) {
         if exclude.iter().any(|r| r.contains(&offset)) {
             continue;
         }
@@ -127,6 +127,19 @@ pub fn scan_excluding(data: &[u8], exclude: &[Range<usize>]) -> Vec<StoreRef> {
     out
 }
 
+/// Every offset of `/nix/store/` in `data`, overlapping ones included: in
+/// `/nix/store/nix/store/<hash>` the reference starts at the second one. (memchr's
+/// `find_iter` resumes after each match, so it would miss it.)
+fn prefix_offsets(data: &[u8]) -> impl Iterator<Item = usize> + '_ {
+    let finder = memchr::memmem::Finder::new(PREFIX);
+    let mut pos = 0;
+    std::iter::from_fn(move || {
+        let found = pos + finder.find(data.get(pos..)?)?;
+        pos = found + 1;
+        Some(found)
+    })
+}
+
 fn ascii(bytes: &[u8]) -> String {
     // Only ASCII bytes pass the character filters above.
     bytes.iter().map(|b| *b as char).collect()
@@ -155,7 +168,7 @@ pub fn hash_of(path: &str) -> Option<&str> {
 /// nixpkgs' `remove-references-to` does (same length, so offsets in ELF files stay valid).
 /// Returns how many references were rewritten.
 pub fn rewrite_hashes(data: &mut [u8], hashes: &BTreeSet<String>) -> usize {
-    let offsets: Vec<usize> = memchr::memmem::find_iter(data, PREFIX).collect();
+    let offsets: Vec<usize> = prefix_offsets(data).collect();
     let mut count = 0;
     for offset in offsets {
         let start = offset + PREFIX.len();
@@ -212,6 +225,22 @@ mod tests {
         // Truncated at the end of the data: no panic, no reference.
         assert!(scan(b"/nix/store/kpj6hslx").is_empty());
         assert!(scan(b"/nix/store/").is_empty());
+    }
+
+    /// Found by the `refs_scan` fuzz target: a reference right after a `/nix/store/` that
+    /// starts no reference of its own was missed, and so not rewritten either.
+    #[test]
+    fn overlapping_prefixes_are_all_scanned() {
+        let text = format!("/nix/store/nix/store/{H}-x /nix/store//nix/store/{H}-y");
+        let refs = scan(text.as_bytes());
+        let got: Vec<(usize, &str)> = refs.iter().map(|r| (r.offset, r.name.as_str())).collect();
+        assert_eq!(got, [(10, "x"), (67, "y")]);
+        let mut data = text.clone().into_bytes();
+        assert_eq!(
+            rewrite_hashes(&mut data, &BTreeSet::from([H.to_string()])),
+            2
+        );
+        assert!(scan(&data).is_empty());
     }
 
     #[test]

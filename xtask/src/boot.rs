@@ -32,11 +32,14 @@ pub struct Boot {
     /// Seconds to wait for the guest (default: the board's qemu.boot-timeout)
     #[arg(long)]
     pub timeout: Option<u64>,
+    /// With --check: write out/<board>/boot.svg and boot.json (a boot timeline)
+    #[arg(long, requires = "check")]
+    pub chart: bool,
     /// Print the QEMU command line and exit
     #[arg(long)]
     pub print: bool,
-    /// Show every console line while checking
-    #[arg(long, short)]
+    /// Show every console line while checking (also with the global -v)
+    #[arg(long)]
     pub verbose: bool,
     /// Boot headless with the SSH port forwarded to 127.0.0.1 and log in (profiles with authorized-keys)
     #[arg(long)]
@@ -97,8 +100,15 @@ impl Boot {
             return Ok(());
         }
         let timeout = Duration::from_secs(self.timeout.unwrap_or(board.qemu.boot_timeout));
-        let outcome = check(&board, &out, &info, &spec, timeout, self.verbose)?;
+        let verbose = self.verbose || ui::level() == ui::Level::Verbose;
+        let outcome = check(&board, &out, &info, &spec, timeout, verbose)?;
         let r = &outcome.report;
+        if self.chart {
+            let log = std::fs::read_to_string(&outcome.log).unwrap_or_default();
+            let c = crate::chart::from_log(&log, &board.name, &info.profile, &info.init, r.ready_uptime, r.services_up);
+            crate::chart::write(&out, &c)?;
+            ui::step(format!("boot chart: {}", out.join("boot.svg").strip_prefix(&root).unwrap_or(&out).display()));
+        }
         println!(
             "check passed: {} ({}, init {}): ready at {:.2} s guest uptime, {}/{} checks, {:.1} s wall, log {}",
             board.name,
@@ -176,7 +186,8 @@ pub fn qemu_spec(
 ) -> Result<QemuSpec> {
     let kernel = out.join(&info.kernel);
     let initrd = out.join(&info.initramfs);
-    for f in [&kernel, &initrd] {
+    let dtb = info.dtb.as_ref().map(|d| out.join(d));
+    for f in [&kernel, &initrd].into_iter().chain(dtb.as_ref()) {
         if !f.is_file() {
             bail!(
                 "{} is missing; run cargo xtask build --board {}",
@@ -199,7 +210,7 @@ pub fn qemu_spec(
         smp: board.qemu.smp,
         kernel,
         initrd,
-        dtb: None,
+        dtb,
         append,
         accel: Accel::detect(),
         network: board.qemu.net_device.as_ref().map(|d| UserNet {

@@ -46,6 +46,9 @@ pub struct BuildInfo {
     pub source: String,
     pub kernel: String,
     pub initramfs: String,
+    /// The device tree file in the output folder, when the board names one (`kernel.dtb`).
+    #[serde(default)]
+    pub dtb: Option<String>,
     pub kernel_bytes: u64,
     pub initramfs_bytes: u64,
     pub initramfs_uncompressed_bytes: u64,
@@ -154,7 +157,14 @@ impl Build {
             let cfg_dir = eval
                 .build(&["kernelConfig".into()], "kernel config")?
                 .remove(0);
-            let report = nix::read_config_report(&cfg_dir)?;
+            let mut report = nix::read_config_report(&cfg_dir)?;
+            if let KernelSource::Build { fragments, .. } = &board.kernel.source {
+                for o in &mut report {
+                    if let Some(name) = o.fragment.parse::<usize>().ok().and_then(|i| fragments.get(i.wrapping_sub(1))) {
+                        o.fragment = name.clone();
+                    }
+                }
+            }
             if let Some(bad) = report.iter().find(|o| !o.survived) {
                 bail!(
                     "kernel option {}={} from kernel-configs/{} was dropped by olddefconfig (it became {}); check its dependencies",
@@ -176,6 +186,13 @@ impl Build {
         let mut paths = eval.build(&attrs, "realising packages")?;
         let kernel_pkg = paths.pop().unwrap();
         let kernel_image = nix::kernel_image(&kernel_pkg, board.arch)?;
+        let dtb = match &board.kernel.dtb {
+            Some(d) => Some(
+                nix::kernel_dtb(&kernel_pkg, d)
+                    .with_context(|| format!("boards/{}.toml: key 'kernel.dtb'", board.name))?,
+            ),
+            None => None,
+        };
 
         ui::step("read closure");
         let closure = nix::closure(&paths)?;
@@ -206,6 +223,7 @@ impl Build {
             &init,
             &source,
             &kernel_image,
+            dtb.as_deref(),
             &tree,
             &closure,
             epoch,
@@ -443,6 +461,7 @@ fn write_output(
     init: &str,
     source: &PackageSource,
     kernel_image: &Path,
+    dtb: Option<&Path>,
     tree: &Tree,
     closure: &std::collections::BTreeMap<String, nix::PathInfo>,
     epoch: u64,
@@ -475,6 +494,18 @@ fn write_output(
     let mut perms = fs::metadata(stage.path().join("kernel"))?.permissions();
     std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o644);
     fs::set_permissions(stage.path().join("kernel"), perms)?;
+    let dtb_name = match dtb {
+        Some(d) => {
+            let name = d
+                .file_name()
+                .context("device tree path has no file name")?
+                .to_string_lossy()
+                .to_string();
+            fs::write(stage.path().join(&name), fs::read(d)?).context("copying the device tree")?;
+            Some(name)
+        }
+        None => None,
+    };
 
     ui::step(format!(
         "pack initramfs ({}, {} entries)",
@@ -537,6 +568,7 @@ fn write_output(
         source: source.describe(),
         kernel: "kernel".into(),
         initramfs: initramfs_name.into(),
+        dtb: dtb_name.clone(),
         kernel_bytes,
         initramfs_bytes: report.compressed_bytes,
         initramfs_uncompressed_bytes: report.cpio.archive_bytes,
@@ -554,6 +586,8 @@ fn write_output(
         ssh_key: ssh_key.clone(),
         outputs: ["kernel", initramfs_name, "manifest.json"]
             .iter()
+            .copied()
+            .chain(dtb_name.as_deref())
             .map(|f| {
                 Ok((
                     f.to_string(),

@@ -89,6 +89,8 @@ struct RawKernel {
     package: Option<String>,
     #[serde(default)]
     cmdline: String,
+    /// Device tree the kernel package installs under `dtbs/`, passed to QEMU with `-dtb`.
+    dtb: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -205,6 +207,8 @@ pub enum KernelSource {
 pub struct KernelSpec {
     pub source: KernelSource,
     pub cmdline: String,
+    /// A device tree from the kernel package's `dtbs/` (e.g. `broadcom/bcm2837-rpi-3-b.dtb`).
+    pub dtb: Option<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -402,6 +406,17 @@ impl Config {
                 }
             }
         };
+        if let Some(d) = &raw.kernel.dtb {
+            let ok = d.ends_with(".dtb")
+                && !d.starts_with('/')
+                && d.split('/').all(|part| valid_file_name(part));
+            if !ok {
+                return Err(key_err(
+                    "kernel.dtb",
+                    format!("'{d}' is not a relative path to a .dtb under the kernel's dtbs/ (like broadcom/bcm2837-rpi-3-b.dtb)"),
+                ));
+            }
+        }
         let budget = Budget {
             kernel: parse_budget(&raw.budget.kernel, "budget.kernel", &shown)?,
             initramfs: parse_budget(&raw.budget.initramfs, "budget.initramfs", &shown)?,
@@ -438,6 +453,7 @@ impl Config {
             kernel: KernelSpec {
                 source,
                 cmdline: raw.kernel.cmdline,
+                dtb: raw.kernel.dtb,
             },
             budget,
             qemu: QemuConfig {
@@ -785,6 +801,32 @@ memory = "256M"
             .to_string();
         assert!(
             e.starts_with("boards/t.toml:13:7: invalid type: string \"two\", expected u32"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn dtb_is_a_relative_dtb_path() {
+        let d = project();
+        let text = std::fs::read_to_string(d.path().join("boards/b.toml")).unwrap();
+        let with = |dtb: &str| text.replace("[qemu]", &format!("dtb = \"{dtb}\"\n[qemu]"));
+        write(
+            d.path(),
+            "boards/g.toml",
+            &with("broadcom/bcm2837-rpi-3-b.dtb"),
+        );
+        let b = Config::new(d.path()).load_board("g").unwrap();
+        assert_eq!(
+            b.kernel.dtb.as_deref(),
+            Some("broadcom/bcm2837-rpi-3-b.dtb")
+        );
+        write(d.path(), "boards/h.toml", &with("../x.dtb"));
+        let e = Config::new(d.path())
+            .load_board("h")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("boards/h.toml: key 'kernel.dtb': '../x.dtb'"),
             "{e}"
         );
     }

@@ -56,7 +56,20 @@ impl Conformance {
             self.inits.clone()
         };
         let mut columns = Vec::new();
+        let mut skipped = Vec::new();
         for init in &inits {
+            // bonsai-init needs a Rust target for the board; without one, the other backends
+            // still run and the skip is said plainly.
+            if init == "bonsai-init" {
+                if let Some(why) = crate::pid1::unavailable(&board) {
+                    ui::warn(format!(
+                        "skipping the bonsai-init backend on {}: {why}",
+                        board.name
+                    ));
+                    skipped.push(init.clone());
+                    continue;
+                }
+            }
             let built = Build {
                 board: self.board.clone(),
                 profile: Some(self.profile.clone()),
@@ -113,6 +126,12 @@ impl Conformance {
             bail!("conformance failed for {}", failed.join(" | "));
         }
         ui::step(format!("all {} backends pass all checks", columns.len()));
+        if !skipped.is_empty() {
+            ui::warn(format!(
+                "skipped (not run): {} (see the warning above)",
+                skipped.join(", ")
+            ));
+        }
         Ok(())
     }
 }

@@ -3,10 +3,12 @@
 
 pub mod boot;
 pub mod build;
+pub mod chart;
 pub mod config;
 pub mod conformance;
 pub mod host;
 pub mod list;
+pub mod new_board;
 pub mod nix;
 pub mod offline;
 pub mod pid1;
@@ -26,6 +28,12 @@ use clap::{Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "cargo xtask", version, about, long_about = None)]
 pub struct Cli {
+    /// Less output: only results and errors
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// More output (every Nix build line, every console line)
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -40,12 +48,20 @@ pub enum Command {
     List(list::List),
     /// Where the bytes are: closure, kept, stripped and compressed size per store path or file
     Size(size::Size),
+    /// Create a board (file, kernel fragment, README) from an existing one
+    NewBoard(new_board::NewBoard),
     /// Why is a file or store path in the image: the chain of references back to a root
     Why(why::Why),
     /// Boot one profile with every init backend and print the check x backend matrix
     Conformance(conformance::Conformance),
     /// Install what the tests need and run the whole test suite
     Test(test::Test),
+    /// Print shell completions (bash, zsh, fish, elvish, powershell)
+    Completions {
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), generated from the same definitions as --help
+    Man,
 }
 
 /// The repository root (the parent of this crate's folder), whatever the caller's cwd.
@@ -60,6 +76,7 @@ pub fn project_root() -> PathBuf {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    ui::set_level(if cli.quiet { ui::Level::Quiet } else if cli.verbose { ui::Level::Verbose } else { ui::Level::Normal });
     let result = match cli.command {
         Command::Build(c) => c.run().map(|_| ()),
         Command::Boot(c) => c.run(),
@@ -67,7 +84,17 @@ pub fn main() -> ExitCode {
         Command::Conformance(c) => c.run(),
         Command::Size(c) => c.run(),
         Command::Why(c) => c.run(),
+        Command::NewBoard(c) => c.run(),
         Command::Test(c) => c.run(),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "cargo-xtask", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(cmd).render(&mut std::io::stdout()).map_err(Into::into)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,11 +7,33 @@ use crate::config::Config;
 use crate::project_root;
 
 #[derive(Args, Debug)]
-pub struct List {}
+pub struct List {
+    /// JSON: {"boards": [{name, description, arch, profile, valid, error}], "profiles": [{name, description, init, packages, inherit, valid, error}]}
+    #[arg(long)]
+    pub json: bool,
+}
 
 impl List {
     pub fn run(self) -> Result<()> {
         let cfg = Config::new(&project_root());
+        if self.json {
+            let mut boards = Vec::new();
+            for name in cfg.board_names()? {
+                boards.push(match cfg.load_board(&name) {
+                    Ok(b) => serde_json::json!({"name": name, "description": b.description, "arch": b.arch.name(), "profile": b.profile, "valid": true, "error": null}),
+                    Err(e) => serde_json::json!({"name": name, "description": null, "arch": null, "profile": null, "valid": false, "error": crate::ui::one_line(&e)}),
+                });
+            }
+            let mut profiles = Vec::new();
+            for name in cfg.profile_names()? {
+                profiles.push(match cfg.load_profile(&name) {
+                    Ok(p) => serde_json::json!({"name": name, "description": p.description, "init": p.init, "packages": p.packages, "inherit": p.ancestors, "valid": true, "error": null}),
+                    Err(e) => serde_json::json!({"name": name, "description": null, "init": null, "packages": [], "inherit": [], "valid": false, "error": crate::ui::one_line(&e)}),
+                });
+            }
+            println!("{}", serde_json::to_string_pretty(&serde_json::json!({"boards": boards, "profiles": profiles}))?);
+            return Ok(());
+        }
         for name in cfg.board_names()? {
             match cfg.load_board(&name) {
                 Ok(b) => println!(

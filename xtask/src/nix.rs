@@ -231,6 +231,19 @@ pub fn kernel_image(kernel: &Path, arch: Arch) -> Result<PathBuf> {
         })
 }
 
+/// A device tree inside a kernel package's output (`dtbs/<vendor>/<board>.dtb`, as Nixpkgs'
+/// kernels and the offline set install them).
+pub fn kernel_dtb(kernel: &Path, dtb: &str) -> Result<PathBuf> {
+    let p = kernel.join("dtbs").join(dtb);
+    if !p.is_file() {
+        bail!(
+            "the kernel package {} holds no dtbs/{dtb} (does the kernel config enable that platform and CONFIG_OF?)",
+            kernel.display()
+        );
+    }
+    Ok(p)
+}
+
 /// One line of the kernel-config report: an option a fragment set, and what became of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigOption {

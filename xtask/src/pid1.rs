@@ -43,6 +43,37 @@ fn add_target(triple: &str) -> bool {
     ok && target_installed(triple)
 }
 
+fn missing_targets(wanted: &str) -> String {
+    let gnu = wanted.replace("-musl", "-gnu");
+    format!("neither Rust target {wanted} nor {gnu} is installed, and rustup could not add them (try: rustup target add {wanted})")
+}
+
+/// Why bonsai-init cannot be built for this board (no usable Rust target), or `None` if it can.
+/// Tries `rustup target add` first, like [`build`].
+pub fn unavailable(board: &Board) -> Option<String> {
+    let wanted = &board.rust_target;
+    if add_target(wanted) || add_target(&wanted.replace("-musl", "-gnu")) {
+        None
+    } else {
+        Some(missing_targets(wanted))
+    }
+}
+
+/// Linker flags for a target of another architecture than the host's: Debian's cross gcc
+/// (`<arch>-linux-gnu-gcc`) when it is there, else the toolchain's rust-lld, which is enough
+/// for a static musl binary (rustc brings musl's start files itself).
+fn cross_linker(triple: &str) -> Option<String> {
+    let arch = triple.split('-').next()?;
+    if arch == std::env::consts::ARCH {
+        return None;
+    }
+    let gcc = format!("{arch}-linux-gnu-gcc");
+    if crate::host::find_program(&gcc).is_none() && triple.ends_with("-musl") {
+        return Some("-C linker=rust-lld -C linker-flavor=ld.lld".into());
+    }
+    Some(format!("-C linker={gcc}"))
+}
+
 /// Returns the path of the built binary.
 pub fn build(root: &Path, board: &Board) -> Result<PathBuf> {
     let wanted = board.rust_target.clone();
@@ -52,8 +83,9 @@ pub fn build(root: &Path, board: &Board) -> Result<PathBuf> {
         let gnu = wanted.replace("-musl", "-gnu");
         if !add_target(&gnu) {
             bail!(
-                "cannot build bonsai-init for {}: neither Rust target {wanted} nor {gnu} is installed (try: rustup target add {wanted})",
-                board.name
+                "cannot build bonsai-init for {}: {}",
+                board.name,
+                missing_targets(&wanted)
             );
         }
         ui::warn(format!(
@@ -80,8 +112,9 @@ pub fn build(root: &Path, board: &Board) -> Result<PathBuf> {
         rustflags.push(' ');
         rustflags.push_str(&flags);
     }
-    if triple.starts_with("aarch64") && !triple.ends_with("-musl") {
-        rustflags.push_str(" -C linker=aarch64-linux-gnu-gcc");
+    if let Some(linker) = cross_linker(&triple) {
+        rustflags.push(' ');
+        rustflags.push_str(&linker);
     }
     cmd.env("CARGO_ENCODED_RUSTFLAGS", rustflags.replace(' ', "\x1f"));
     let status = cmd

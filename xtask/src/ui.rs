@@ -3,8 +3,33 @@
 use std::io::IsTerminal;
 use std::time::Instant;
 
-/// Prints a progress line (`==> what`) on stderr.
+/// How much progress output to print (`-q`, default, `-v`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Quiet,
+    Normal,
+    Verbose,
+}
+
+static LEVEL: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(1);
+
+pub fn set_level(l: Level) {
+    LEVEL.store(l as u8, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn level() -> Level {
+    match LEVEL.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => Level::Quiet,
+        1 => Level::Normal,
+        _ => Level::Verbose,
+    }
+}
+
+/// Prints a progress line (`==> what`) on stderr; colour only on a terminal and never with NO_COLOR.
 pub fn step(msg: impl AsRef<str>) {
+    if level() == Level::Quiet {
+        return;
+    }
     if std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none() {
         eprintln!("\x1b[1;32m==>\x1b[0m {}", msg.as_ref());
     } else {
@@ -14,6 +39,9 @@ pub fn step(msg: impl AsRef<str>) {
 
 /// Prints an indented detail line on stderr.
 pub fn detail(msg: impl AsRef<str>) {
+    if level() == Level::Quiet {
+        return;
+    }
     eprintln!("    {}", msg.as_ref());
 }
 

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# fuzz/run.sh [seconds]: runs every fuzz target for N seconds each (default 30) and fails if
+# any of them finds a crash. CI-friendly: installs the nightly toolchain and cargo-fuzz when
+# they are missing, starts from the checked-in seeds (fuzz/seeds/<target>/) plus whatever
+# corpus earlier runs left in fuzz/corpus/<target>/, and prints one summary line per target.
+# Crashing inputs land in fuzz/artifacts/<target>/; reproduce one with
+#   cargo +nightly fuzz run <target> fuzz/artifacts/<target>/<file>
+set -euo pipefail
+secs=${1:-30}
+case $secs in '' | *[!0-9]*) echo "usage: fuzz/run.sh [seconds per target]" >&2; exit 2 ;; esac
+cd "$(dirname "$0")"
+
+if ! cargo +nightly --version >/dev/null 2>&1; then
+    echo "==> installing the nightly toolchain (cargo-fuzz needs it)" >&2
+    rustup toolchain install nightly --profile minimal
+fi
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "==> installing cargo-fuzz" >&2
+    cargo install --locked cargo-fuzz
+fi
+
+# Release build with debug assertions and overflow checks (cargo-fuzz's default) and ASan.
+cargo +nightly fuzz build
+targets=$(cargo +nightly fuzz list)
+failed=()
+for t in $targets; do
+    mkdir -p "corpus/$t" "artifacts/$t"
+    log="artifacts/$t.log"
+    echo "==> fuzz $t for ${secs} s" >&2
+    set +e
+    cargo +nightly fuzz run "$t" "corpus/$t" "seeds/$t" -- \
+        -max_total_time="$secs" -timeout=20 -rss_limit_mb=2048 -print_final_stats=1 \
+        >"$log" 2>&1
+    rc=$?
+    set -e
+    execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
+    if [ "$rc" -eq 0 ]; then
+        echo "$t: ok, ${execs:-?} execs in ${secs} s"
+    else
+        failed+=("$t")
+        echo "$t: FAILED (exit $rc) after ${execs:-?} execs; log: fuzz/$log" >&2
+        grep -E "panicked at|^SUMMARY|ERROR: libFuzzer|Test unit written" -A2 "$log" | head -20 >&2 || true
+    fi
+done
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "fuzzing found crashes in: ${failed[*]}" >&2
+    exit 1
+fi
