@@ -104,6 +104,12 @@ let
     }
   '';
 
+  # Provenance for SBOMs: which Debian packages (version, SHA-256 of the .deb) made an output.
+  provenance = lock: names: ''
+    mkdir -p $out/nix-support
+    ${builtins.concatStringsSep "\n" (map (n: let p = lock.packages.${n}; in "echo '${p.package} ${p.version} ${p.sha256}' >>$out/nix-support/debian-packages") names)}
+  '';
+
   unpackDebs = list: builtins.concatStringsSep "\n" (map (d: "dpkg-deb -x ${d} $TMPDIR/root") list);
 
   # Point ELF interpreters at the store glibc and RUNPATHs at the package and its dependencies.
@@ -149,6 +155,7 @@ let
       ${layout target}
       ${unpackDebs (map deb debNames)}
       relayout $TMPDIR/root
+      ${provenance targetLock debNames}
       ${postInstall}
       ${if withGlibc then patchElves { inherit glibc; rpath = builtins.concatStringsSep ":" ([ "$out/lib" ] ++ map (d: "${d}/lib") rpathDeps); } else ""}
     '' // { inherit pname version; meta.debian = map (n: { name = n; inherit (targetLock.packages.${n}) version sha256; }) debNames; };
@@ -157,6 +164,7 @@ let
     ${layout target}
     ${unpackDebs [ (deb "libc6") ]}
     relayout $TMPDIR/root
+    ${provenance targetLock [ "libc6" ]}
   '' // { pname = "glibc"; version = targetLock.packages.libc6.version; };
 
   busybox = mkDeb { pname = "busybox"; debNames = [ "busybox-static" ]; withGlibc = false; postInstall = ''

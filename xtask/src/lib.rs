@@ -6,12 +6,16 @@ pub mod build;
 pub mod chart;
 pub mod config;
 pub mod conformance;
+pub mod diff;
 pub mod host;
 pub mod list;
 pub mod new_board;
 pub mod nix;
 pub mod offline;
 pub mod pid1;
+pub mod release;
+pub mod repro;
+pub mod sbom;
 pub mod size;
 pub mod sizemap;
 pub mod ssh;
@@ -50,6 +54,12 @@ pub enum Command {
     Size(size::Size),
     /// Create a board (file, kernel fragment, README) from an existing one
     NewBoard(new_board::NewBoard),
+    /// Write out/release/<board>-<version>/: kernel, initramfs, manifest, SBOM, SHA256SUMS
+    Release(release::Release),
+    /// Build a release twice in two fresh checkouts with a changed environment and compare
+    Repro(repro::Repro),
+    /// What changed between two releases: files, sizes, store paths and versions
+    Diff(diff::Diff),
     /// Why is a file or store path in the image: the chain of references back to a root
     Why(why::Why),
     /// Boot one profile with every init backend and print the check x backend matrix
@@ -84,6 +94,9 @@ pub fn main() -> ExitCode {
         Command::Conformance(c) => c.run(),
         Command::Size(c) => c.run(),
         Command::Why(c) => c.run(),
+        Command::Release(c) => c.run().map(|_| ()),
+        Command::Repro(c) => c.run(),
+        Command::Diff(c) => c.run(),
         Command::NewBoard(c) => c.run(),
         Command::Test(c) => c.run(),
         Command::Completions { shell } => {
