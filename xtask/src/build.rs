@@ -112,6 +112,8 @@ impl Build {
             .out
             .clone()
             .unwrap_or_else(|| root.join("out").join(&board.name));
+        // One build per output folder; fails at once when another one holds it.
+        let _lock = crate::outdir::lock(&root, &board.name, &out)?;
         let epoch = source_date_epoch(&root)?;
         let fp = fingerprint(&root, &board, &profile, &init, &source, epoch)?;
         if let Some(info) = read_info(&out) {
@@ -483,6 +485,8 @@ fn write_output(
         .prefix(&format!(".{name}.tmp-"))
         .tempdir_in(parent)
         .with_context(|| format!("cannot write to output folder {}", parent.display()))?;
+    // Removed on SIGINT/SIGTERM/SIGHUP too, which run no destructors.
+    let _staged = crate::outdir::track_stage(stage.path());
 
     let kernel_bytes = fs::metadata(kernel_image)?.len();
     if let Some(max) = board.budget.kernel {
@@ -523,6 +527,7 @@ fn write_output(
         },
         &stage.path().join(initramfs_name),
     )?;
+    crate::outdir::test_delay("BONSAI_TEST_PACK_DELAY_MS");
     if let Some(max) = board.budget.initramfs {
         if report.compressed_bytes > max {
             let mut top: Vec<(u64, String)> = assembly
@@ -604,15 +609,18 @@ fn write_output(
     // Swap the new folder in; the old one is removed only once the new one is in place.
     let stage = stage.keep();
     let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-    if out.exists() {
-        fs::rename(out, &old)
-            .with_context(|| format!("moving the previous {} aside", out.display()))?;
-    }
-    if let Err(e) = fs::rename(&stage, out) {
-        let _ = fs::rename(&old, out);
-        let _ = fs::remove_dir_all(&stage);
-        return Err(e).with_context(|| format!("moving the new output into {}", out.display()));
-    }
+    crate::outdir::uninterrupted(|| -> Result<()> {
+        if out.exists() {
+            fs::rename(out, &old)
+                .with_context(|| format!("moving the previous {} aside", out.display()))?;
+        }
+        if let Err(e) = fs::rename(&stage, out) {
+            let _ = fs::rename(&old, out);
+            let _ = fs::remove_dir_all(&stage);
+            return Err(e).with_context(|| format!("moving the new output into {}", out.display()));
+        }
+        Ok(())
+    })?;
     let _ = fs::remove_dir_all(&old);
     Ok(info)
 }

@@ -147,6 +147,12 @@ pub fn ensure(tools: &[Tool], extra_packages: &[(&str, &str)]) -> Result<()> {
     install_or_explain(&missing)
 }
 
+/// `BONSAI_NO_INSTALL=1`: never install host packages, only say what to install (as when not
+/// root). For machines whose packages are managed elsewhere, and for testing that message.
+fn no_install() -> bool {
+    std::env::var_os("BONSAI_NO_INSTALL").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
 fn install_or_explain(packages: &[&str]) -> Result<()> {
     let mut missing = packages.to_vec();
     missing.sort();
@@ -156,7 +162,7 @@ fn install_or_explain(packages: &[&str]) -> Result<()> {
     }
     let list = missing.join(" ");
     let apt = find_program("apt-get");
-    if !is_root() || apt.is_none() {
+    if !is_root() || apt.is_none() || no_install() {
         bail!("missing host packages: {list}; install them with: sudo apt-get install -y {list}");
     }
     crate::ui::step(format!("installing host packages: {list}"));

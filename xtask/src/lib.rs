@@ -12,6 +12,7 @@ pub mod list;
 pub mod new_board;
 pub mod nix;
 pub mod offline;
+pub mod outdir;
 pub mod pid1;
 pub mod release;
 pub mod repro;

@@ -18,6 +18,8 @@ pub struct Repro {
     pub board: String,
     #[arg(long)]
     pub profile: Option<String>,
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(crate::config::INITS))]
+    pub init: Option<String>,
     /// Keep the two scratch folders for inspection
     #[arg(long)]
     pub keep: bool,
@@ -90,6 +92,9 @@ impl Repro {
             cmd_words.extend(["-q".into(), "release".into(), "--board".into(), self.board.clone(), "--version".into(), "repro".into()]);
             if let Some(p) = &self.profile {
                 cmd_words.extend(["--profile".into(), p.clone()]);
+            }
+            if let Some(i) = &self.init {
+                cmd_words.extend(["--init".into(), i.clone()]);
             }
             cmd_words.extend(["--out-dir".into(), out.display().to_string()]);
             script.push_str("exec ");

@@ -51,6 +51,22 @@ impl Test {
                 ],
                 &[],
             )?;
+            // The SBOM test validates with Python's jsonschema (from PyPI) against schemas/.
+            let have = Command::new("python3")
+                .args(["-c", "import jsonschema, referencing"])
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false);
+            if !have {
+                ui::step("pip install jsonschema (for the SBOM schema test)");
+                let st = Command::new("python3")
+                    .args(["-m", "pip", "install", "-q", "jsonschema"])
+                    .status()
+                    .context("running pip")?;
+                if !st.success() {
+                    bail!("python3 -m pip install jsonschema failed; install it and run again");
+                }
+            }
             crate::build::Build {
                 board: "qemu-x86_64".into(),
                 ..Default::default()

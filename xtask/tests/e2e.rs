@@ -417,3 +417,47 @@ fn bonsai_init_is_static_and_small() {
         "bonsai-init is dynamically linked:\n{text}"
     );
 }
+
+#[test]
+fn release_sbom_validates_and_diff_sees_the_change() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    ok(&["release", "--board", BOARD, "--version", "t1", "--out-dir", d]);
+    ok(&["release", "--board", BOARD, "--profile", "ssh", "--version", "t2", "--out-dir", d]);
+    let a = dir.path().join(format!("{BOARD}-t1"));
+    let b = dir.path().join(format!("{BOARD}-t2"));
+    for rel in [&a, &b] {
+        let names: Vec<String> = std::fs::read_dir(rel).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        for f in ["kernel", "initramfs.cpio.gz", "manifest.json", "sbom.cdx.json", "SHA256SUMS"] {
+            assert!(names.contains(&f.to_string()), "{f} missing from {}", rel.display());
+        }
+        // SHA256SUMS checks out with coreutils.
+        let st = Command::new("sha256sum").args(["-c", "--quiet", "SHA256SUMS"]).current_dir(rel).status().unwrap();
+        assert!(st.success(), "SHA256SUMS does not match in {}", rel.display());
+        let sbom = rel.join("sbom.cdx.json");
+        let v = Command::new("python3").arg(root().join("schemas/validate.py")).arg(&sbom).output().expect("python3");
+        assert!(v.status.success(), "SBOM invalid: {}{}", String::from_utf8_lossy(&v.stdout), String::from_utf8_lossy(&v.stderr));
+        let text = std::fs::read_to_string(&sbom).unwrap();
+        assert!(!text.contains(root().to_str().unwrap()), "host path in the SBOM");
+        assert!(text.contains("libc6=2.36"), "Debian provenance missing from the SBOM");
+    }
+    let diff: serde_json::Value = serde_json::from_str(&ok(&["diff", a.to_str().unwrap(), b.to_str().unwrap(), "--json"])).unwrap();
+    let added: Vec<String> = diff["store_paths_added"].as_array().unwrap().iter().map(|p| p[0].as_str().unwrap().to_string()).collect();
+    assert!(added.contains(&"dropbear".to_string()), "dropbear not among added store paths: {added:?}");
+    assert!(diff["added"].as_array().unwrap().iter().any(|f| f["path"].as_str().unwrap().ends_with("/bin/dropbear")));
+}
+
+#[test]
+fn every_board_rebuilds_bit_for_bit() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let list: serde_json::Value = serde_json::from_str(&ok(&["list", "--json"])).unwrap();
+    for b in list["boards"].as_array().unwrap() {
+        let name = b["name"].as_str().unwrap();
+        let out = ok(&["repro", "--board", name]);
+        assert!(out.contains("different=0"), "{name}: {out}");
+    }
+    // bonsai-init is compiled by cargo in each checkout's own target folder: it must match too.
+    let out = ok(&["repro", "--board", BOARD, "--profile", "conformance", "--init", "bonsai-init"]);
+    assert!(out.contains("different=0"), "{out}");
+}
