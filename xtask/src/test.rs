@@ -41,6 +41,10 @@ impl Test {
             host::ensure(
                 &[
                     host::Tool {
+                        program: "chromium",
+                        package: "chromium",
+                    },
+                    host::Tool {
                         program: "ssh",
                         package: "openssh-client",
                     },

@@ -461,3 +461,76 @@ fn every_board_rebuilds_bit_for_bit() {
     let out = ok(&["repro", "--board", BOARD, "--profile", "conformance", "--init", "bonsai-init"]);
     assert!(out.contains("different=0"), "{out}");
 }
+
+#[test]
+fn size_map_renders_in_chromium_and_boot_chart_is_drawn() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    require("chromium", "chromium");
+    built();
+    ok(&["size", "--board", BOARD, "--html"]);
+    let files: serde_json::Value = serde_json::from_str(&ok(&["size", "--board", BOARD, "--files", "--json"])).unwrap();
+    let expected = files["rows"].as_array().unwrap().iter().filter(|r| r["image_bytes"].as_u64().unwrap() > 0).count();
+    let page = out_dir().join("size-map.html");
+    let shot = tempfile::tempdir().unwrap();
+    let png = shot.path().join("map.png");
+    let profile = shot.path().join("profile");
+    let common = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--enable-logging=stderr",
+        "--v=0",
+    ];
+    let run = |extra: &[String]| {
+        let out = Command::new("chromium")
+            .args(common)
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .args(extra)
+            .arg(format!("file://{}", page.display()))
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok_shot, _, err) = run(&[format!("--screenshot={}", png.display()), "--window-size=1200,900".into()]);
+    assert!(ok_shot && std::fs::metadata(&png).map(|m| m.len() > 1000).unwrap_or(false), "no screenshot: {err}");
+    assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
+    let (ok_dom, dom, err) = run(&["--dump-dom".into()]);
+    assert!(ok_dom, "{err}");
+    assert_eq!(dom.matches("class=\"file\"").count(), expected, "boxes rendered vs files in the image");
+    assert!(!err.contains("Uncaught") && !err.contains(":ERROR:CONSOLE"), "console errors: {err}");
+
+    // The boot chart of a check boot.
+    ok(&["boot", "--board", BOARD, "--check", "--chart", "--init", "bonsai-init", "--profile", "conformance"]);
+    let svg = std::fs::read_to_string(out_dir().join("boot.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("kernel: unpack initramfs") && svg.contains("service ticker"), "{svg}");
+    let chart: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out_dir().join("boot.json")).unwrap()).unwrap();
+    assert!(chart["ready"].as_f64().unwrap() > chart["init_start"].as_f64().unwrap());
+}
+
+#[test]
+fn new_board_from_the_default_builds_and_boots() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let scratch = tempfile::tempdir().unwrap();
+    for d in ["boards", "profiles", "kernel-configs", "nix"] {
+        let status = Command::new("cp").arg("-r").arg(root().join(d)).arg(scratch.path()).status().unwrap();
+        assert!(status.success());
+    }
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_xtask")).args(args).env("BONSAI_ROOT", scratch.path()).output().unwrap();
+        eprintln!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        out
+    };
+    let out = run(&["new-board", "bench-board", "--from", BOARD]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cargo xtask boot --board bench-board --check"));
+    let again = run(&["new-board", "bench-board", "--from", BOARD]);
+    assert!(!again.status.success(), "new-board overwrote an existing board");
+    assert!(run(&["build", "--board", "bench-board"]).status.success());
+    let boot = run(&["boot", "--board", "bench-board", "--check"]);
+    assert!(boot.status.success() && String::from_utf8_lossy(&boot.stdout).contains("check passed"));
+}
