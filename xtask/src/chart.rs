@@ -62,6 +62,10 @@ pub fn from_log(log: &str, board: &str, profile: &str, init: &str, ready: f64, s
         // "bonsai-init: started NAME (pid N) at 1.234s" or "bonsai: started NAME at 1.23s"
         if let Some(rest) = line.split("started ").nth(1).filter(|_| line.starts_with("bonsai-init: ") || line.starts_with("bonsai: ")) {
             let name = rest.split_whitespace().next().unwrap_or("").to_string();
+            // "all services started at 1.2s" is no service.
+            if name == "at" || line.contains("all services started") {
+                continue;
+            }
             let at = rest.rsplit("at ").next().and_then(|t| t.trim().trim_end_matches('s').parse::<f64>().ok());
             if let Some(at) = at {
                 if !name.is_empty() && !services.iter().any(|s| s.name == name) {
@@ -169,7 +173,7 @@ mod tests {
 
     #[test]
     fn reads_kernel_phases_and_service_starts() {
-        let log = "[    0.000000] Linux version 6.1\n[    0.300000] Trying to unpack rootfs image as initramfs...\n[    0.500000] Freeing initrd memory: 100K\n[    0.700000] Run /init as init process\nbonsai-init: started ticker (pid 7) at 0.750s\nbonsai: started web at 0.80s\n";
+        let log = "[    0.000000] Linux version 6.1\n[    0.300000] Trying to unpack rootfs image as initramfs...\n[    0.500000] Freeing initrd memory: 100K\n[    0.700000] Run /init as init process\nbonsai-init: started ticker (pid 7) at 0.750s\nbonsai: started web at 0.80s\nbonsai-init: all services started at 0.85s\n";
         let c = from_log(log, "b", "p", "bonsai-init", 0.9, Some(0.9));
         assert_eq!(c.init_start, Some(0.7));
         let names: Vec<&str> = c.kernel.iter().map(|k| k.name.as_str()).collect();
