@@ -534,3 +534,15 @@ fn new_board_from_the_default_builds_and_boots() {
     let boot = run(&["boot", "--board", "bench-board", "--check"]);
     assert!(boot.status.success() && String::from_utf8_lossy(&boot.stdout).contains("check passed"));
 }
+
+#[test]
+fn every_init_backend_survives_abuse() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    require("qemu-system-x86_64", "qemu-system-x86");
+    let stdout = ok(&["conformance", "--board", BOARD, "--profile", "abuse"]);
+    let rows: Vec<&str> = stdout.lines().filter(|l| l.contains(" | ") && !l.starts_with("check ")).collect();
+    for row in rows.iter().filter(|r| !r.starts_with("ready at") && !r.starts_with("/init to")) {
+        assert_eq!(row.matches("pass").count(), 4, "not every backend survived: {row}");
+    }
+    assert!(rows.iter().any(|r| r.starts_with("the OOM killer acted")), "{stdout}");
+}
