@@ -16,8 +16,12 @@
 }:
 let
   archOf = {
-    "x86_64-linux" = { deb = "amd64"; triplet = "x86_64-linux-gnu"; ld = "ld-linux-x86-64.so.2"; kernelArch = "x86_64"; kernelImage = "arch/x86/boot/bzImage"; cross = ""; };
-    "aarch64-linux" = { deb = "arm64"; triplet = "aarch64-linux-gnu"; ld = "ld-linux-aarch64.so.1"; kernelArch = "arm64"; kernelImage = "arch/arm64/boot/Image"; cross = "aarch64-linux-gnu-"; };
+    "x86_64-linux" = { deb = "amd64"; triplet = "x86_64-linux-gnu"; ld = "ld-linux-x86-64.so.2"; kernelArch = "x86_64"; kernelImage = "arch/x86/boot/bzImage"; cross = ""; patchelfFlags = ""; };
+    "aarch64-linux" = { deb = "arm64"; triplet = "aarch64-linux-gnu"; ld = "ld-linux-aarch64.so.1"; kernelArch = "arm64"; kernelImage = "arch/arm64/boot/Image"; cross = "aarch64-linux-gnu-";
+      # patchelf's default on aarch64 aligns the segments it adds to 64 KiB, which makes every
+      # patched program about 130 KiB larger; bonsai's arm64 kernels use 4 KiB pages (asserted in
+      # their config fragments: CONFIG_ARM64_4K_PAGES=y).
+      patchelfFlags = "--page-size 4096 "; };
   };
   unsupported = s: throw "bonsai offline package set: unsupported system ${s} (supported: ${builtins.concatStringsSep ", " (builtins.attrNames archOf)})";
   target = archOf.${system} or (unsupported system);
@@ -117,10 +121,10 @@ let
     find $out -type f | while read -r f; do
       [ "$(head -c 4 "$f" | od -An -c | tr -d ' \n')" = '177ELF' ] || continue
       if patchelf --print-interpreter "$f" >/dev/null 2>&1; then
-        patchelf --set-interpreter ${glibc}/lib/${target.ld} "$f"
+        patchelf ${target.patchelfFlags}--set-interpreter ${glibc}/lib/${target.ld} "$f"
       fi
       if [ -n "$(patchelf --print-needed "$f" 2>/dev/null)" ]; then
-        patchelf --set-rpath "${rpath}" "$f"
+        patchelf ${target.patchelfFlags}--set-rpath "${rpath}" "$f"
       fi
     done
   '';
@@ -248,10 +252,12 @@ let
     '' // { pname = "linux"; inherit version modDirVersion; kernelImage = builtins.baseNameOf target.kernelImage; };
 
   # A team's own program: C, built with -g (unstripped), dynamically linked to the store glibc.
-  hello = runHost "hello-1.0" { src = ./src/hello.c; PATH = "${hostTools}:${tools}/bin:${patchelf}/bin"; } ''
+  # The interpreter and RUNPATH are set at link time (the compiler's own C library only serves
+  # the link): patchelf on an aarch64 binary appends 64 KiB-aligned segments after the debug
+  # sections, a layout that in-process stripping cannot shrink.
+  hello = runHost "hello-1.0" { src = ./src/hello.c; } ''
     mkdir -p $out/bin
-    ${crossPrefix}gcc -g -O2 -o $out/bin/hello $src
-    patchelf --set-interpreter ${glibc}/lib/${target.ld} --set-rpath ${glibc}/lib $out/bin/hello
+    ${crossPrefix}gcc -g -O2 -Wl,--dynamic-linker=${glibc}/lib/${target.ld} -Wl,-rpath,${glibc}/lib -o $out/bin/hello $src
   '' // { pname = "hello"; version = "1.0"; };
 in
 {

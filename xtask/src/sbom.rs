@@ -46,7 +46,6 @@ pub fn nix32_to_hex(s: &str) -> Option<String> {
             return None;
         }
     }
-    out.reverse();
     Some(out.iter().map(|b| format!("{b:02x}")).collect())
 }
 
