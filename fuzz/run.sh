@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # fuzz/run.sh [seconds]: runs every fuzz target for N seconds each (default 30) and fails if
 # any of them finds a crash. CI-friendly: installs the nightly toolchain and cargo-fuzz when
-# they are missing, starts from the checked-in seeds (fuzz/seeds/<target>/) plus whatever
-# corpus earlier runs left in fuzz/corpus/<target>/, and prints one summary line per target.
+# they are missing, starts from the checked-in seeds (fuzz/seeds/<target>/, with the
+# dictionary fuzz/dicts/<target>.dict) plus whatever corpus earlier runs left in
+# fuzz/corpus/<target>/ (not checked in), and prints one summary line per target.
 # Crashing inputs land in fuzz/artifacts/<target>/; reproduce one with
 #   cargo +nightly fuzz run <target> fuzz/artifacts/<target>/<file>
 set -euo pipefail
@@ -28,8 +29,10 @@ for t in $targets; do
     log="artifacts/$t.log"
     echo "==> fuzz $t for ${secs} s" >&2
     set +e
+    dict=()
+    [ -f "dicts/$t.dict" ] && dict=(-dict="dicts/$t.dict")
     cargo +nightly fuzz run "$t" "corpus/$t" "seeds/$t" -- \
-        -max_total_time="$secs" -timeout=20 -rss_limit_mb=2048 -print_final_stats=1 \
+        -max_total_time="$secs" -timeout=20 -rss_limit_mb=2048 -print_final_stats=1 "${dict[@]}" \
         >"$log" 2>&1
     rc=$?
     set -e

@@ -40,7 +40,9 @@ fn check(e: anyhow::Error, file: &str) {
     let text = format!("{e:#}");
     assert!(!text.contains('\n'), "error on several lines: {text:?}");
     assert!(
-        text.contains(file) || text.contains("profiles/base.toml") || text.starts_with("unknown profile"),
+        text.contains(file)
+            || text.contains("profiles/base.toml")
+            || text.starts_with("unknown profile"),
         "error does not name {file}: {text:?}"
     );
 }

@@ -51,12 +51,19 @@ fuzz_target!(|input: Input| {
             Kind::CharDev(a, b) => Node::char_dev(*a, *b, mode),
             Kind::BlockDev(a, b) => Node::block_dev(*a, *b, mode),
         };
-        let before: Vec<(String, Node)> =
-            tree.iter().map(|(p, n)| (p.to_string(), n.clone())).collect();
+        let before: Vec<(String, Node)> = tree
+            .iter()
+            .map(|(p, n)| (p.to_string(), n.clone()))
+            .collect();
         if tree.insert(&path, node).is_err() {
-            let after: Vec<(String, Node)> =
-                tree.iter().map(|(p, n)| (p.to_string(), n.clone())).collect();
-            assert_eq!(before, after, "a failed insert of {path:?} changed the tree");
+            let after: Vec<(String, Node)> = tree
+                .iter()
+                .map(|(p, n)| (p.to_string(), n.clone()))
+                .collect();
+            assert_eq!(
+                before, after,
+                "a failed insert of {path:?} changed the tree"
+            );
         }
     }
 
@@ -77,7 +84,10 @@ fuzz_target!(|input: Input| {
         if e.is_trailer() {
             let tail = reader.finish().expect("reading past the trailer");
             assert!(tail.is_empty(), "{} bytes after the trailer", tail.len());
-            assert!(expected.next().is_none(), "entries missing from the archive");
+            assert!(
+                expected.next().is_none(),
+                "entries missing from the archive"
+            );
             break;
         }
         let mut data = Vec::new();
@@ -92,12 +102,16 @@ fuzz_target!(|input: Input| {
         assert_eq!((e.dev_major(), e.dev_minor()), (0, 0));
         assert_eq!(e.mode() & 0o7777, node.mode, "{path}");
         let (type_bits, content, rdev): (u32, &[u8], (u32, u32)) = match &node.kind {
-            NodeKind::File { source: Source::Bytes(b) } => {
+            NodeKind::File {
+                source: Source::Bytes(b),
+            } => {
                 files += 1;
                 file_bytes += b.len() as u64;
                 (0o100000, b, (0, 0))
             }
-            NodeKind::File { source: Source::Host(_) } => unreachable!(),
+            NodeKind::File {
+                source: Source::Host(_),
+            } => unreachable!(),
             NodeKind::Dir => {
                 dirs += 1;
                 (0o040000, b"", (0, 0))
@@ -125,7 +139,13 @@ fuzz_target!(|input: Input| {
         rest = reader.finish().expect("skipping to the next entry");
     }
     assert_eq!(
-        (stats.files, stats.dirs, stats.symlinks, stats.devices, stats.file_bytes),
+        (
+            stats.files,
+            stats.dirs,
+            stats.symlinks,
+            stats.devices,
+            stats.file_bytes
+        ),
         (files, dirs, links, devs, file_bytes)
     );
 
@@ -137,7 +157,9 @@ fuzz_target!(|input: Input| {
     let mut reversed = Tree::new();
     let nodes: Vec<_> = tree.iter().collect();
     for (p, n) in nodes.iter().rev() {
-        reversed.insert(p.as_str(), (*n).clone()).expect("re-inserting a valid node");
+        reversed
+            .insert(p.as_str(), (*n).clone())
+            .expect("re-inserting a valid node");
     }
     let mut third = Vec::new();
     write_newc(&reversed, &CpioOptions { mtime: input.mtime }, &mut third).unwrap();

@@ -55,8 +55,18 @@ fn store() -> &'static Store {
         std::os::unix::fs::symlink("libx.so.1", host(&root, &format!("{LIB}/lib/libx.so")))
             .unwrap();
         put(&root, &format!("{LIB}/share/data.txt"), b"data\n", 0o444);
-        put(&root, &format!("{LIB}/share/doc/lib/README"), b"docs\n", 0o444);
-        put(&root, &format!("{GLIBC}/lib/ld-linux-x86-64.so.2"), LIBX, 0o555);
+        put(
+            &root,
+            &format!("{LIB}/share/doc/lib/README"),
+            b"docs\n",
+            0o444,
+        );
+        put(
+            &root,
+            &format!("{GLIBC}/lib/ld-linux-x86-64.so.2"),
+            LIBX,
+            0o555,
+        );
         put(&root, &format!("{GLIBC}/lib/libc.so.6"), LIBX, 0o555);
         put(
             &root,
@@ -115,17 +125,29 @@ fuzz_target!(|data: &[u8]| {
     for (path, kept) in &sel.entries {
         assert!(path.starts_with("/nix/store/"), "{path}");
         assert!(
-            closure.iter().any(|c| path == c || path.starts_with(&format!("{c}/"))),
+            closure
+                .iter()
+                .any(|c| path == c || path.starts_with(&format!("{c}/"))),
             "{path} is outside the closure"
         );
         assert!(
             fs::symlink_metadata(host(&s.root, path)).is_ok(),
             "kept {path}, which is not in the store"
         );
-        assert!(closure.contains(&kept.store_path), "{path}: {}", kept.store_path);
+        assert!(
+            closure.contains(&kept.store_path),
+            "{path}: {}",
+            kept.store_path
+        );
         if let Some((parent, _)) = path.rsplit_once('/') {
-            if closure.iter().any(|c| parent.len() > c.len() && parent.starts_with(c.as_str())) {
-                assert!(sel.entries.contains_key(parent), "{path} without its parent");
+            if closure
+                .iter()
+                .any(|c| parent.len() > c.len() && parent.starts_with(c.as_str()))
+            {
+                assert!(
+                    sel.entries.contains_key(parent),
+                    "{path} without its parent"
+                );
             }
         }
     }

@@ -61,12 +61,17 @@ fuzz_target!(|data: &[u8]| {
                     continue;
                 }
                 if let Err(e) = parse_all(&out.bytes) {
-                    panic!("stripped output does not parse with object: {e} ({:?})", out.kind);
+                    panic!(
+                        "stripped output does not parse with object: {e} ({:?})",
+                        out.kind
+                    );
                 }
                 // The loadable image keeps its shape: same program headers (type, address,
                 // file size) in the same order.
                 match (segments(data), segments(&out.bytes)) {
-                    (Some(before), Some(after)) => assert_eq!(before, after, "program headers changed"),
+                    (Some(before), Some(after)) => {
+                        assert_eq!(before, after, "program headers changed")
+                    }
                     (Some(_), None) => panic!("program headers of the output are unreadable"),
                     _ => {}
                 }

@@ -20,7 +20,10 @@ fuzz_target!(|data: &[u8]| {
     let found = refs::scan(data);
     let mut last = None;
     for r in &found {
-        assert!(last.is_none_or(|l| r.offset > l), "offsets out of order: {found:?}");
+        assert!(
+            last.is_none_or(|l| r.offset > l),
+            "offsets out of order: {found:?}"
+        );
         last = Some(r.offset);
         // It is in the input, exactly as reported.
         let range = r.range();
@@ -35,8 +38,14 @@ fuzz_target!(|data: &[u8]| {
         assert!(r.hash.bytes().all(|b| NIX_BASE32.contains(&b)), "{r:?}");
         assert!(refs::is_hash(&r.hash));
         assert!(r.name.bytes().all(name_byte), "{r:?}");
-        assert!(r.rest.is_empty() || (r.rest.starts_with('/') && !r.name.is_empty()), "{r:?}");
-        assert!(!r.rest.contains('\0') && !r.rest.contains(char::is_whitespace), "{r:?}");
+        assert!(
+            r.rest.is_empty() || (r.rest.starts_with('/') && !r.name.is_empty()),
+            "{r:?}"
+        );
+        assert!(
+            !r.rest.contains('\0') && !r.rest.contains(char::is_whitespace),
+            "{r:?}"
+        );
         // The store path splits back into the same hash.
         let sp = r.store_path();
         assert!(sp.starts_with(STORE_DIR));
@@ -67,6 +76,10 @@ fuzz_target!(|data: &[u8]| {
     let mut copy = data.to_vec();
     let n = refs::rewrite_hashes(&mut copy, &hashes);
     assert_eq!(copy.len(), data.len());
-    assert!(n >= found.len(), "rewrote {n} of {} references", found.len());
+    assert!(
+        n >= found.len(),
+        "rewrote {n} of {} references",
+        found.len()
+    );
     assert!(refs::scan(&copy).iter().all(|r| !hashes.contains(&r.hash)));
 });

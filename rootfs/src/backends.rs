@@ -210,7 +210,11 @@ fn run_script(svc: &Service, sys: &System) -> String {
         }
     }
     // The start time goes to the console (boot charts read it, like bonsai-init's own line).
-    let _ = writeln!(s, "read -r up _ </proc/uptime; echo \"bonsai: started {n} at ${{up}}s\" >/dev/console", n = svc.name);
+    let _ = writeln!(
+        s,
+        "read -r up _ </proc/uptime; echo \"bonsai: started {n} at ${{up}}s\" >/dev/console",
+        n = svc.name
+    );
     if svc.kind == Kind::Longrun {
         let _ = writeln!(
             s,

@@ -117,17 +117,18 @@ impl<W: Write> ParGzEncoder<W> {
             &mut self.dict,
             data[data.len().saturating_sub(DICT_SIZE)..].to_vec(),
         );
-        let Some(pool) = &self.pool else {
+        if self.pool.is_none() {
             let compressed = compress_block(self.level, &dict, &data, last)?;
             self.emit(&compressed)?;
             self.recycle(data);
             return Ok(());
-        };
-        let jobs = pool.jobs.as_ref().expect("the job queue lives until drop");
-        let (reply, receiver) = mpsc::sync_channel(1);
+        }
         while self.pending.len() >= self.max_pending {
             self.collect_one()?;
         }
+        let jobs = self.pool.as_ref().and_then(|p| p.jobs.as_ref());
+        let jobs = jobs.expect("the job queue lives until drop");
+        let (reply, receiver) = mpsc::sync_channel(1);
         jobs.send(Job {
             data,
             dict,
@@ -159,7 +160,10 @@ impl<W: Write> ParGzEncoder<W> {
 
     /// Writes compressed bytes, after the gzip header the first time.
     fn emit(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let out = self.out.as_mut().expect("the writer is only taken by finish");
+        let out = self
+            .out
+            .as_mut()
+            .expect("the writer is only taken by finish");
         if !self.header_written {
             out.write_all(&header(self.level))?;
             self.header_written = true;
@@ -318,16 +322,23 @@ mod tests {
     /// Deterministic, mildly compressible bytes (a cpio-like mix of text and noise).
     fn sample(len: usize) -> Vec<u8> {
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let words: [&[u8]; 6] = [b"nix/store/", b"lib", b".so.6", b"bin/", b"\0\0\0\0", b"usr"];
+        let words: [&[u8]; 6] = [
+            b"nix/store/",
+            b"lib",
+            b".so.6",
+            b"bin/",
+            b"\0\0\0\0",
+            b"usr",
+        ];
         let mut out = Vec::with_capacity(len);
         while out.len() < len {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            if x % 3 == 0 {
-                out.push((x >> 24) as u8);
-            } else {
+            if x % 3 < 2 {
                 out.extend_from_slice(words[(x >> 8) as usize % words.len()]);
+            } else {
+                out.push((x >> 24) as u8);
             }
         }
         out.truncate(len);
@@ -391,7 +402,15 @@ mod tests {
 
     #[test]
     fn block_boundaries_and_empty_input() {
-        for len in [0, 1, DICT_SIZE, BLOCK_SIZE - 1, BLOCK_SIZE, BLOCK_SIZE + 1, 2 * BLOCK_SIZE] {
+        for len in [
+            0,
+            1,
+            DICT_SIZE,
+            BLOCK_SIZE - 1,
+            BLOCK_SIZE,
+            BLOCK_SIZE + 1,
+            2 * BLOCK_SIZE,
+        ] {
             let data = sample(len);
             let one = gz(&data, 9, 1, 100_000);
             assert!(gz(&data, 9, 2, 100_000) == one, "{len} bytes");
@@ -416,17 +435,18 @@ mod tests {
         // Two identical blocks of noise: the second compresses to almost nothing only if
         // matches reach back into the first.
         let mut x: u32 = 1;
-        let noise: Vec<u8> = (0..DICT_SIZE)
+        // (zlib matches reach at most 32 KiB - 262 bytes back, hence 20 KiB.)
+        let noise: Vec<u8> = (0..20 * 1024)
             .map(|_| {
                 x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
                 (x >> 24) as u8
             })
             .collect();
-        let mut data = vec![0u8; BLOCK_SIZE - DICT_SIZE];
+        let mut data = vec![0u8; BLOCK_SIZE - noise.len()];
         data.extend_from_slice(&noise);
         data.extend_from_slice(&noise);
         let packed = gz(&data, 9, 2, 65536);
-        assert!(packed.len() < DICT_SIZE + DICT_SIZE / 4, "{} bytes", packed.len());
+        assert!(packed.len() < noise.len() + 4096, "{} bytes", packed.len());
         assert_eq!(gunzip(&packed), data);
     }
 

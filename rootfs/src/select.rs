@@ -236,7 +236,11 @@ pub struct Problem {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case", tag = "problem")]
 pub enum ProblemKind {
-    MissingRoot,
+    /// A root that does not exist; `reason` says where it came from (`package hello`,
+    /// `referenced by /etc/app.conf`).
+    MissingRoot {
+        reason: String,
+    },
     RootOutsideStore,
     MissingLibrary {
         library: String,
@@ -312,7 +316,7 @@ impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: ", self.file)?;
         match &self.kind {
-            ProblemKind::MissingRoot => f.write_str("root does not exist"),
+            ProblemKind::MissingRoot { reason } => write!(f, "does not exist ({reason})"),
             ProblemKind::RootOutsideStore => f.write_str("root is not inside a store path"),
             ProblemKind::MissingLibrary {
                 library,
@@ -672,7 +676,12 @@ impl<'a> Walker<'a> {
             };
             match self.visit(&path, reason, Ask::Root, true, None)? {
                 Visit::Kept | Visit::Outside => {}
-                Visit::Missing => self.error(&path, ProblemKind::MissingRoot),
+                Visit::Missing => self.error(
+                    &path,
+                    ProblemKind::MissingRoot {
+                        reason: root.reason.clone(),
+                    },
+                ),
                 Visit::Loop => self.error(&path, ProblemKind::SymlinkLoop { path: path.clone() }),
                 Visit::Pruned(_) => {}
                 Visit::Dropped(sp) => self.error(

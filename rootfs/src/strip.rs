@@ -85,6 +85,9 @@ pub fn strip_bytes<'a>(data: &'a [u8], opts: &StripOptions) -> StripOutcome<'a> 
     if !removed.iter().any(|r| *r) {
         return same(StripAction::Unchanged, Some(kind));
     }
+    if let Some(reason) = dangling_link(&file, &removed) {
+        return same(StripAction::Failed(reason), Some(kind));
+    }
     let result = match kind {
         ElfKind::Relocatable => rewrite_relocatable(&file, data, &removed),
         _ => rewrite_linked(&file, data, &removed),
@@ -404,6 +407,32 @@ fn checked_end(start: u64, size: u64, len: u64, what: &str) -> Result<u64, Strin
             "{what} at {start:#x}+{size:#x} is beyond the end of the file"
         )),
     }
+}
+
+/// A kept section whose `sh_link` (or `sh_info`, when it holds an index) names a section
+/// that does not exist: renumbering cannot keep such a link meaning anything (it would
+/// become 0 and point at, say, the symbol table), so the file is left alone.
+fn dangling_link(file: &ElfFile, removed: &[bool]) -> Option<String> {
+    let n = file.sections.len();
+    file.sections
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !removed[*i])
+        .find_map(|(i, s)| {
+            let bad = if s.sh_link as usize >= n {
+                Some(("sh_link", s.sh_link))
+            } else if s.info_is_section() && s.sh_info as usize >= n {
+                Some(("sh_info", s.sh_info))
+            } else {
+                None
+            };
+            bad.map(|(field, to)| {
+                format!(
+                    "section {i} ({}) has {field} {to}, but there are only {n} sections",
+                    s.name_str()
+                )
+            })
+        })
 }
 
 /// Renumbers sh_link / sh_info; a link to a removed section becomes 0.
@@ -780,6 +809,82 @@ mod tests {
             out.action
         );
         assert_eq!(&*out.bytes, b"\x7fELF\x02\x01\x01\x00garbage");
+    }
+
+    /// A 64-bit little-endian ET_EXEC with no segments and sections: null, `.symtab`,
+    /// `.rela.x` (its sh_link given), `.shstrtab`.
+    fn tiny_exec(rela_link: u32) -> Vec<u8> {
+        let names = b"\0.symtab\0.rela.x\0.shstrtab\0";
+        let mut out = vec![0u8; 64];
+        out[..7].copy_from_slice(b"\x7fELF\x02\x01\x01");
+        out[16..18].copy_from_slice(&elf::ET_EXEC.to_le_bytes());
+        out[18..20].copy_from_slice(&62u16.to_le_bytes());
+        out[20..24].copy_from_slice(&1u32.to_le_bytes());
+        out[52..54].copy_from_slice(&64u16.to_le_bytes());
+        out[58..60].copy_from_slice(&64u16.to_le_bytes());
+        out[60..62].copy_from_slice(&4u16.to_le_bytes());
+        out[62..64].copy_from_slice(&3u16.to_le_bytes());
+        let symtab = out.len() as u64;
+        out.extend([0u8; 48]);
+        let rela = out.len() as u64;
+        out.extend([0u8; 24]);
+        let strings = out.len() as u64;
+        out.extend(names);
+        out.resize(out.len().next_multiple_of(8), 0);
+        let shoff = out.len() as u64;
+        out[40..48].copy_from_slice(&shoff.to_le_bytes());
+        let enc = Enc {
+            is_64: true,
+            little: true,
+        };
+        let section = |name: u32, sh_type: u32, off: u64, size: u64, link: u32, entsize: u64| {
+            let s = Section {
+                name: Vec::new(),
+                sh_type,
+                sh_flags: 0,
+                sh_addr: 0,
+                sh_offset: off,
+                sh_size: size,
+                sh_link: link,
+                sh_info: 0,
+                sh_addralign: 1,
+                sh_entsize: entsize,
+            };
+            enc.section_header(&s, name).unwrap()
+        };
+        out.extend(section(0, 0, 0, 0, 0, 0));
+        out.extend(section(1, elf::SHT_SYMTAB, symtab, 48, 3, 24));
+        out.extend(section(9, elf::SHT_RELA, rela, 24, rela_link, 24));
+        out.extend(section(
+            17,
+            elf::SHT_STRTAB,
+            strings,
+            names.len() as u64,
+            0,
+            0,
+        ));
+        out
+    }
+
+    /// Found by the elf_strip fuzz target: a kept section linking to a section index that
+    /// does not exist had its link renumbered to 0, so the output said something the input
+    /// did not (object then rejected the relocations). Such a file is left alone now.
+    #[test]
+    fn a_link_to_a_missing_section_leaves_the_file_alone() {
+        let opts = StripOptions::default();
+        let good = tiny_exec(1);
+        let out = strip_bytes(&good, &opts);
+        assert_eq!(out.action, StripAction::Stripped, "{:?}", out.action);
+        assert!(out.after < out.before);
+        let bad = tiny_exec(99);
+        let out = strip_bytes(&bad, &opts);
+        assert_eq!(
+            out.action,
+            StripAction::Failed(
+                "section 2 (.rela.x) has sh_link 99, but there are only 4 sections".into()
+            )
+        );
+        assert_eq!(&*out.bytes, &bad[..]);
     }
 
     #[test]

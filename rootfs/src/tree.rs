@@ -32,9 +32,10 @@ const MAX_MINOR: u32 = (1 << 20) - 1;
 /// `init`, `etc/passwd`.
 ///
 /// Rejected: empty paths, a leading `/` (absolute), empty components (`a//b`, trailing `/`),
-/// `.` and `..` components, NUL bytes, paths over 4095 bytes, names over 255 bytes, and
-/// `TRAILER!!!` (the newc end marker). Paths are UTF-8 strings: a host file whose name is not
-/// UTF-8 is an error when it is added, never silently renamed.
+/// `.` and `..` components, NUL bytes, paths over 4095 bytes, names over 255 bytes, and a
+/// first component `TRAILER!!!` (the newc end marker; even as the implicit parent of
+/// `TRAILER!!!/x` it would end the archive early). Paths are UTF-8 strings: a host file
+/// whose name is not UTF-8 is an error when it is added, never silently renamed.
 ///
 /// Ordering compares component by component, so `a` < `a/b` < `a/z` < `a-b`: a directory's
 /// whole subtree sorts right after it, before any sibling.
@@ -112,7 +113,7 @@ fn invalid_reason(path: &str) -> Option<&'static str> {
     if path.len() > MAX_PATH_LEN {
         return Some("longer than 4095 bytes");
     }
-    if path == CPIO_TRAILER {
+    if path.split('/').next() == Some(CPIO_TRAILER) {
         return Some("reserved as the cpio end-of-archive marker");
     }
     for component in path.split('/') {
@@ -590,6 +591,15 @@ mod tests {
         assert!(ImagePath::new("x".repeat(256)).is_err());
         assert!(ImagePath::new("x".repeat(255)).is_ok());
         assert!(ImagePath::new("a/TRAILER!!!").is_ok());
+        // Found by the proptests and the cpio_roundtrip fuzz target: as a parent it would be an implicit directory named like
+        // the end marker, and the kernel would stop reading the archive there.
+        let err = ImagePath::new("TRAILER!!!/x").unwrap_err().to_string();
+        assert!(err.contains("end-of-archive"), "{err}");
+        let mut tree = Tree::new();
+        assert!(tree
+            .insert("TRAILER!!!/x", Node::file(Source::Bytes(vec![]), 0o644))
+            .is_err());
+        assert!(tree.is_empty());
     }
 
     #[test]

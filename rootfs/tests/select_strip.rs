@@ -1197,9 +1197,17 @@ fn real_store_files() -> Vec<PathBuf> {
 /// The store may hold other architectures' packages too (aarch64 boards); binutils here only
 /// reads the host's.
 fn is_host_elf(path: &Path) -> bool {
-    let Ok(bytes) = fs::read(path) else { return false };
+    let Ok(bytes) = fs::read(path) else {
+        return false;
+    };
     let machine = bytes.get(18..20).map(|m| u16::from_le_bytes([m[0], m[1]]));
-    let host: u16 = if cfg!(target_arch = "x86_64") { 62 } else if cfg!(target_arch = "aarch64") { 183 } else { 0 };
+    let host: u16 = if cfg!(target_arch = "x86_64") {
+        62
+    } else if cfg!(target_arch = "aarch64") {
+        183
+    } else {
+        0
+    };
     bytes.starts_with(b"\x7fELF") && machine == Some(host)
 }
 
@@ -1245,7 +1253,8 @@ fn select_over_the_real_glibc() {
         .map(|e| e.path().to_str().unwrap().to_owned())
         .filter(|p| {
             !p.ends_with(".drv")
-                && ((p.contains("-glibc-") && is_host_elf(Path::new(&format!("{p}/lib/libc.so.6"))))
+                && ((p.contains("-glibc-")
+                    && is_host_elf(Path::new(&format!("{p}/lib/libc.so.6"))))
                     || p.ends_with("-hello.c")
                     || *p == hello_sp)
         })

@@ -105,9 +105,22 @@ impl Boot {
         let r = &outcome.report;
         if self.chart {
             let log = std::fs::read_to_string(&outcome.log).unwrap_or_default();
-            let c = crate::chart::from_log(&log, &board.name, &info.profile, &info.init, r.ready_uptime, r.services_up);
+            let c = crate::chart::from_log(
+                &log,
+                &board.name,
+                &info.profile,
+                &info.init,
+                r.ready_uptime,
+                r.services_up,
+            );
             crate::chart::write(&out, &c)?;
-            ui::step(format!("boot chart: {}", out.join("boot.svg").strip_prefix(&root).unwrap_or(&out).display()));
+            ui::step(format!(
+                "boot chart: {}",
+                out.join("boot.svg")
+                    .strip_prefix(&root)
+                    .unwrap_or(&out)
+                    .display()
+            ));
         }
         println!(
             "check passed: {} ({}, init {}): ready at {:.2} s guest uptime, {}/{} checks, {:.1} s wall, log {}",

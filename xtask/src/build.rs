@@ -162,7 +162,12 @@ impl Build {
             let mut report = nix::read_config_report(&cfg_dir)?;
             if let KernelSource::Build { fragments, .. } = &board.kernel.source {
                 for o in &mut report {
-                    if let Some(name) = o.fragment.parse::<usize>().ok().and_then(|i| fragments.get(i.wrapping_sub(1))) {
+                    if let Some(name) = o
+                        .fragment
+                        .parse::<usize>()
+                        .ok()
+                        .and_then(|i| fragments.get(i.wrapping_sub(1)))
+                    {
                         o.fragment = name.clone();
                     }
                 }
@@ -376,8 +381,9 @@ fn assemble(
         match e {
             rootfs::Error::Problems { step, problems } => {
                 let lines: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
+                let plural = if problems.len() == 1 { "" } else { "s" };
                 anyhow::anyhow!(
-                    "{step} found {} problem(s) in profile {}:\n{}",
+                    "{step} found {} problem{plural} in profile {}:\n{}",
                     problems.len(),
                     profile.name,
                     lines.join("\n")
@@ -486,7 +492,7 @@ fn write_output(
         .tempdir_in(parent)
         .with_context(|| format!("cannot write to output folder {}", parent.display()))?;
     // Removed on SIGINT/SIGTERM/SIGHUP too, which run no destructors.
-    let _staged = crate::outdir::track_stage(stage.path());
+    let staged = crate::outdir::track_stage(stage.path());
 
     let kernel_bytes = fs::metadata(kernel_image)?.len();
     if let Some(max) = board.budget.kernel {
@@ -619,6 +625,7 @@ fn write_output(
             let _ = fs::remove_dir_all(&stage);
             return Err(e).with_context(|| format!("moving the new output into {}", out.display()));
         }
+        drop(staged); // swapped in: nothing left for an interrupt to remove
         Ok(())
     })?;
     let _ = fs::remove_dir_all(&old);

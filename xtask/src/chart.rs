@@ -37,10 +37,20 @@ fn stamp(line: &str) -> Option<(f64, &str)> {
 }
 
 /// Reads the chart's data from a serial log.
-pub fn from_log(log: &str, board: &str, profile: &str, init: &str, ready: f64, services_up: Option<f64>) -> Chart {
+pub fn from_log(
+    log: &str,
+    board: &str,
+    profile: &str,
+    init: &str,
+    ready: f64,
+    services_up: Option<f64>,
+) -> Chart {
     let milestones: &[(&str, &str)] = &[
         ("Unpacking initramfs", "unpack initramfs"),
-        ("Trying to unpack rootfs image as initramfs", "unpack initramfs"),
+        (
+            "Trying to unpack rootfs image as initramfs",
+            "unpack initramfs",
+        ),
         ("Freeing initrd memory", "late kernel init"),
         ("Run /init as init process", ""),
     ];
@@ -60,16 +70,27 @@ pub fn from_log(log: &str, board: &str, profile: &str, init: &str, ready: f64, s
             }
         }
         // "bonsai-init: started NAME (pid N) at 1.234s" or "bonsai: started NAME at 1.23s"
-        if let Some(rest) = line.split("started ").nth(1).filter(|_| line.starts_with("bonsai-init: ") || line.starts_with("bonsai: ")) {
+        if let Some(rest) = line
+            .split("started ")
+            .nth(1)
+            .filter(|_| line.starts_with("bonsai-init: ") || line.starts_with("bonsai: "))
+        {
             let name = rest.split_whitespace().next().unwrap_or("").to_string();
             // "all services started at 1.2s" is no service.
             if name == "at" || line.contains("all services started") {
                 continue;
             }
-            let at = rest.rsplit("at ").next().and_then(|t| t.trim().trim_end_matches('s').parse::<f64>().ok());
+            let at = rest
+                .rsplit("at ")
+                .next()
+                .and_then(|t| t.trim().trim_end_matches('s').parse::<f64>().ok());
             if let Some(at) = at {
                 if !name.is_empty() && !services.iter().any(|s| s.name == name) {
-                    services.push(Span { name, start: at, end: ready.max(at) });
+                    services.push(Span {
+                        name,
+                        start: at,
+                        end: ready.max(at),
+                    });
                 }
             }
         }
@@ -78,7 +99,11 @@ pub fn from_log(log: &str, board: &str, profile: &str, init: &str, ready: f64, s
     let mut kernel = Vec::new();
     for w in marks.windows(2) {
         if !w[0].1.is_empty() {
-            kernel.push(Span { name: w[0].1.to_string(), start: w[0].0, end: w[1].0 });
+            kernel.push(Span {
+                name: w[0].1.to_string(),
+                start: w[0].0,
+                end: w[1].0,
+            });
         }
     }
     Chart {
@@ -94,7 +119,9 @@ pub fn from_log(log: &str, board: &str, profile: &str, init: &str, ready: f64, s
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// An SVG timeline: one row per kernel phase, init and service.
@@ -124,7 +151,13 @@ pub fn svg(c: &Chart) -> String {
         ready = c.ready
     );
     // time axis
-    let step = if end > 4.0 { 1.0 } else if end > 1.0 { 0.25 } else { 0.1 };
+    let step = if end > 4.0 {
+        1.0
+    } else if end > 1.0 {
+        0.25
+    } else {
+        0.1
+    };
     let mut t = 0.0;
     while t <= end {
         let _ = writeln!(
@@ -161,9 +194,13 @@ pub fn svg(c: &Chart) -> String {
 
 /// Writes boot.svg and boot.json into `out`.
 pub fn write(out: &Path, chart: &Chart) -> Result<()> {
-    std::fs::write(out.join("boot.svg"), svg(chart)).with_context(|| format!("writing {}/boot.svg", out.display()))?;
-    std::fs::write(out.join("boot.json"), serde_json::to_string_pretty(chart)? + "\n")
-        .with_context(|| format!("writing {}/boot.json", out.display()))?;
+    std::fs::write(out.join("boot.svg"), svg(chart))
+        .with_context(|| format!("writing {}/boot.svg", out.display()))?;
+    std::fs::write(
+        out.join("boot.json"),
+        serde_json::to_string_pretty(chart)? + "\n",
+    )
+    .with_context(|| format!("writing {}/boot.json", out.display()))?;
     Ok(())
 }
 
@@ -177,10 +214,17 @@ mod tests {
         let c = from_log(log, "b", "p", "bonsai-init", 0.9, Some(0.9));
         assert_eq!(c.init_start, Some(0.7));
         let names: Vec<&str> = c.kernel.iter().map(|k| k.name.as_str()).collect();
-        assert_eq!(names, ["kernel init", "unpack initramfs", "late kernel init"]);
+        assert_eq!(
+            names,
+            ["kernel init", "unpack initramfs", "late kernel init"]
+        );
         assert_eq!(c.services.len(), 2);
         assert_eq!(c.services[0].start, 0.75);
         let svg = svg(&c);
-        assert!(svg.starts_with("<svg") && svg.contains("service ticker") && svg.trim_end().ends_with("</svg>"));
+        assert!(
+            svg.starts_with("<svg")
+                && svg.contains("service ticker")
+                && svg.trim_end().ends_with("</svg>")
+        );
     }
 }

@@ -407,9 +407,8 @@ impl Config {
             }
         };
         if let Some(d) = &raw.kernel.dtb {
-            let ok = d.ends_with(".dtb")
-                && !d.starts_with('/')
-                && d.split('/').all(|part| valid_file_name(part));
+            let ok =
+                d.ends_with(".dtb") && !d.starts_with('/') && d.split('/').all(valid_file_name);
             if !ok {
                 return Err(key_err(
                     "kernel.dtb",

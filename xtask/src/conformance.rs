@@ -28,12 +28,14 @@ pub struct Conformance {
 }
 
 /// One backend's column.
-struct Column {
-    init: String,
-    rows: Vec<(String, bool)>,
-    failure: Option<String>,
-    ready: Vec<f64>,
-    init_to_up: Vec<f64>,
+pub struct Column {
+    pub init: String,
+    pub rows: Vec<(String, bool)>,
+    pub failure: Option<String>,
+    /// Guest uptime at the ready marker, one per boot (seconds).
+    pub ready: Vec<f64>,
+    /// From the kernel's `Run /init` to services up, one per boot (seconds, guest clock).
+    pub init_to_up: Vec<f64>,
 }
 
 pub fn median(v: &[f64]) -> Option<f64> {
@@ -47,6 +49,28 @@ pub fn median(v: &[f64]) -> Option<f64> {
 
 impl Conformance {
     pub fn run(self) -> Result<()> {
+        let (columns, skipped) = self.columns()?;
+        print_matrix(&columns);
+        let failed: Vec<String> = columns
+            .iter()
+            .filter_map(|c| c.failure.as_ref().map(|f| format!("{}: {f}", c.init)))
+            .collect();
+        if !failed.is_empty() {
+            bail!("conformance failed for {}", failed.join(" | "));
+        }
+        ui::step(format!("all {} backends pass all checks", columns.len()));
+        if !skipped.is_empty() {
+            ui::warn(format!(
+                "skipped (not run): {} (see the warning above)",
+                skipped.join(", ")
+            ));
+        }
+        Ok(())
+    }
+
+    /// Builds and boots every backend `repeat` times; the columns and the backends skipped.
+    /// Prints progress only: a failed check is in its column, not an error.
+    pub fn columns(&self) -> Result<(Vec<Column>, Vec<String>)> {
         let root = project_root();
         let board = Config::new(&root).load_board(&self.board)?;
         host::ensure_program(&board.qemu.binary, board.arch.qemu_package())?;
@@ -117,22 +141,7 @@ impl Conformance {
             }
             columns.push(col);
         }
-        print_matrix(&columns);
-        let failed: Vec<String> = columns
-            .iter()
-            .filter_map(|c| c.failure.as_ref().map(|f| format!("{}: {f}", c.init)))
-            .collect();
-        if !failed.is_empty() {
-            bail!("conformance failed for {}", failed.join(" | "));
-        }
-        ui::step(format!("all {} backends pass all checks", columns.len()));
-        if !skipped.is_empty() {
-            ui::warn(format!(
-                "skipped (not run): {} (see the warning above)",
-                skipped.join(", ")
-            ));
-        }
-        Ok(())
+        Ok((columns, skipped))
     }
 }
 

@@ -37,15 +37,25 @@ pub struct Report {
 }
 
 fn manifest(dir: &Path) -> Result<BTreeMap<String, (u64, String)>> {
-    let text = std::fs::read_to_string(dir.join("manifest.json")).with_context(|| format!("{} holds no manifest.json; is it a release folder?", dir.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}/manifest.json", dir.display()))?;
+    let text = std::fs::read_to_string(dir.join("manifest.json")).with_context(|| {
+        format!(
+            "{} holds no manifest.json; is it a release folder?",
+            dir.display()
+        )
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("parsing {}/manifest.json", dir.display()))?;
     let mut out = BTreeMap::new();
     for f in v["files"].as_array().cloned().unwrap_or_default() {
         if f["type"] != "file" && f["type"] != "symlink" {
             continue;
         }
         let path = f["path"].as_str().unwrap_or("").to_string();
-        let id = f["sha256"].as_str().or(f["target"].as_str()).unwrap_or("").to_string();
+        let id = f["sha256"]
+            .as_str()
+            .or(f["target"].as_str())
+            .unwrap_or("")
+            .to_string();
         out.insert(path, (f["size"].as_u64().unwrap_or(0), id));
     }
     Ok(out)
@@ -54,7 +64,10 @@ fn manifest(dir: &Path) -> Result<BTreeMap<String, (u64, String)>> {
 fn store_paths(files: &BTreeMap<String, (u64, String)>) -> BTreeMap<String, String> {
     files
         .keys()
-        .filter_map(|p| p.strip_prefix("/nix/store/").and_then(|r| r.split('/').next()))
+        .filter_map(|p| {
+            p.strip_prefix("/nix/store/")
+                .and_then(|r| r.split('/').next())
+        })
         .map(|sp| {
             let (name, version) = crate::sbom::split_name(sp);
             (name, version)
@@ -65,24 +78,49 @@ fn store_paths(files: &BTreeMap<String, (u64, String)>) -> BTreeMap<String, Stri
 fn top_dir(path: &str) -> String {
     match path.strip_prefix("/nix/store/") {
         Some(r) => format!("/nix/store/{}", r.split('/').next().unwrap_or(r)),
-        None => format!("/{}", path.trim_start_matches('/').split('/').next().unwrap_or("")),
+        None => format!(
+            "/{}",
+            path.trim_start_matches('/').split('/').next().unwrap_or("")
+        ),
     }
 }
 
 pub fn report(a: &Path, b: &Path) -> Result<Report> {
     let ma = manifest(a)?;
     let mb = manifest(b)?;
-    let mut r = Report { added: vec![], removed: vec![], changed: vec![], store_paths_added: vec![], store_paths_removed: vec![], dirs: vec![] };
+    let mut r = Report {
+        added: vec![],
+        removed: vec![],
+        changed: vec![],
+        store_paths_added: vec![],
+        store_paths_removed: vec![],
+        dirs: vec![],
+    };
     for (p, (sa, ha)) in &ma {
         match mb.get(p) {
-            None => r.removed.push(FileChange { path: p.clone(), size_a: Some(*sa), size_b: None, delta: -(*sa as i64) }),
-            Some((sb, hb)) if hb != ha => r.changed.push(FileChange { path: p.clone(), size_a: Some(*sa), size_b: Some(*sb), delta: *sb as i64 - *sa as i64 }),
+            None => r.removed.push(FileChange {
+                path: p.clone(),
+                size_a: Some(*sa),
+                size_b: None,
+                delta: -(*sa as i64),
+            }),
+            Some((sb, hb)) if hb != ha => r.changed.push(FileChange {
+                path: p.clone(),
+                size_a: Some(*sa),
+                size_b: Some(*sb),
+                delta: *sb as i64 - *sa as i64,
+            }),
             _ => {}
         }
     }
     for (p, (sb, _)) in &mb {
         if !ma.contains_key(p) {
-            r.added.push(FileChange { path: p.clone(), size_a: None, size_b: Some(*sb), delta: *sb as i64 });
+            r.added.push(FileChange {
+                path: p.clone(),
+                size_a: None,
+                size_b: Some(*sb),
+                delta: *sb as i64,
+            });
         }
     }
     let (spa, spb) = (store_paths(&ma), store_paths(&mb));
@@ -103,7 +141,10 @@ pub fn report(a: &Path, b: &Path) -> Result<Report> {
     for (p, (s, _)) in &mb {
         dirs.entry(top_dir(p)).or_default().1 += s;
     }
-    r.dirs = dirs.into_iter().map(|(d, (x, y))| (d, x, y, y as i64 - x as i64)).collect();
+    r.dirs = dirs
+        .into_iter()
+        .map(|(d, (x, y))| (d, x, y, y as i64 - x as i64))
+        .collect();
     Ok(r)
 }
 
@@ -114,7 +155,11 @@ impl Diff {
             println!("{}", serde_json::to_string_pretty(&r)?);
             return Ok(());
         }
-        for (title, list) in [("added", &r.added), ("removed", &r.removed), ("changed", &r.changed)] {
+        for (title, list) in [
+            ("added", &r.added),
+            ("removed", &r.removed),
+            ("changed", &r.changed),
+        ] {
             println!("{title}: {}", list.len());
             for f in list.iter() {
                 println!("  {:<70} {:>+10}", f.path, f.delta);
@@ -128,7 +173,10 @@ impl Diff {
         for (n, v) in &r.store_paths_removed {
             println!("  - {n} {v}");
         }
-        println!("{:<60} {:>12} {:>12} {:>10}", "directory", "bytes a", "bytes b", "delta");
+        println!(
+            "{:<60} {:>12} {:>12} {:>10}",
+            "directory", "bytes a", "bytes b", "delta"
+        );
         for (d, x, y, dl) in &r.dirs {
             println!("{:<60} {:>12} {:>12} {:>+10}", d, x, y, dl);
         }

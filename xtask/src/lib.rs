@@ -1,6 +1,7 @@
 //! `cargo xtask`: bonsai's command line. Each command lives in its own module as a struct with
 //! `run`; `main` only parses and dispatches. Paths are anchored at [`project_root`].
 
+pub mod bench;
 pub mod boot;
 pub mod build;
 pub mod chart;
@@ -67,10 +68,10 @@ pub enum Command {
     Conformance(conformance::Conformance),
     /// Install what the tests need and run the whole test suite
     Test(test::Test),
+    /// Measure packing, rebuilds and boots against the targets; write BENCHMARKS.md
+    Bench(bench::Bench),
     /// Print shell completions (bash, zsh, fish, elvish, powershell)
-    Completions {
-        shell: clap_complete::Shell,
-    },
+    Completions { shell: clap_complete::Shell },
     /// Print the man page (roff), generated from the same definitions as --help
     Man,
 }
@@ -86,8 +87,25 @@ pub fn project_root() -> PathBuf {
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    ui::set_level(if cli.quiet { ui::Level::Quiet } else if cli.verbose { ui::Level::Verbose } else { ui::Level::Normal });
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // Usage errors on one line, like every other error; help and version as clap prints them.
+        Err(e)
+            if e.use_stderr()
+                && e.kind() != clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand =>
+        {
+            eprintln!("error: {}", ui::usage_error(&e));
+            return ExitCode::from(2);
+        }
+        Err(e) => e.exit(),
+    };
+    ui::set_level(if cli.quiet {
+        ui::Level::Quiet
+    } else if cli.verbose {
+        ui::Level::Verbose
+    } else {
+        ui::Level::Normal
+    });
     let result = match cli.command {
         Command::Build(c) => c.run().map(|_| ()),
         Command::Boot(c) => c.run(),
@@ -100,6 +118,7 @@ pub fn main() -> ExitCode {
         Command::Diff(c) => c.run(),
         Command::NewBoard(c) => c.run(),
         Command::Test(c) => c.run(),
+        Command::Bench(c) => c.run(),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "cargo-xtask", &mut std::io::stdout());
@@ -107,13 +126,15 @@ pub fn main() -> ExitCode {
         }
         Command::Man => {
             let cmd = <Cli as clap::CommandFactory>::command();
-            clap_mangen::Man::new(cmd).render(&mut std::io::stdout()).map_err(Into::into)
+            clap_mangen::Man::new(cmd)
+                .render(&mut std::io::stdout())
+                .map_err(Into::into)
         }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", ui::one_line(&e));
+            eprintln!("error: {}", ui::error_report(&e));
             ExitCode::FAILURE
         }
     }

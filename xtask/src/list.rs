@@ -31,7 +31,12 @@ impl List {
                     Err(e) => serde_json::json!({"name": name, "description": null, "init": null, "packages": [], "inherit": [], "valid": false, "error": crate::ui::one_line(&e)}),
                 });
             }
-            println!("{}", serde_json::to_string_pretty(&serde_json::json!({"boards": boards, "profiles": profiles}))?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(
+                    &serde_json::json!({"boards": boards, "profiles": profiles})
+                )?
+            );
             return Ok(());
         }
         for name in cfg.board_names()? {

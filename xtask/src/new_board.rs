@@ -24,7 +24,10 @@ fn q(s: &str) -> String {
 }
 
 fn list(v: &[String]) -> String {
-    format!("[{}]", v.iter().map(|s| q(s)).collect::<Vec<_>>().join(", "))
+    format!(
+        "[{}]",
+        v.iter().map(|s| q(s)).collect::<Vec<_>>().join(", ")
+    )
 }
 
 impl NewBoard {
@@ -50,7 +53,8 @@ impl NewBoard {
                 // The new board's fragment starts as the merge of the source board's fragments.
                 let mut text = format!("# {}: kernel options merged onto {base}; every option set here is asserted after olddefconfig\n# (started from {} by cargo xtask new-board)\n", self.name, self.from);
                 for f in fragments {
-                    let body = std::fs::read_to_string(root.join("kernel-configs").join(f)).with_context(|| format!("reading kernel-configs/{f}"))?;
+                    let body = std::fs::read_to_string(root.join("kernel-configs").join(f))
+                        .with_context(|| format!("reading kernel-configs/{f}"))?;
                     let _ = write!(text, "\n# --- from {f}\n{body}");
                 }
                 write_new(&fragment, &text)?;
@@ -123,13 +127,20 @@ known-good = {known}
 "#,
             binary = q(&qemu.binary),
             machine = q(&qemu.machine),
-            cpu = qemu.cpu.as_ref().map(|c| format!("cpu = {}\n", q(c))).unwrap_or_default(),
+            cpu = qemu
+                .cpu
+                .as_ref()
+                .map(|c| format!("cpu = {}\n", q(c)))
+                .unwrap_or_default(),
             memory = q(&qemu.memory),
             smp = qemu.smp,
             net = qemu
                 .net_device
                 .as_ref()
-                .map(|d| format!("# network device for QEMU's user networking (restrict=on)\nnet-device = {}\n", q(d)))
+                .map(|d| format!(
+                    "# network device for QEMU's user networking (restrict=on)\nnet-device = {}\n",
+                    q(d)
+                ))
                 .unwrap_or_default(),
             extra = list(&qemu.extra_args),
             timeout = qemu.boot_timeout,
@@ -160,8 +171,14 @@ known-good = {known}
             }
             return Err(e.context("the generated board does not validate (nothing was kept)"));
         }
-        ui::step(format!("created boards/{0}.toml, boards/{0}.md and kernel-configs/{1}", self.name, fragment_name));
-        println!("next:\n  cargo xtask build --board {0}\n  cargo xtask boot --board {0} --check", self.name);
+        ui::step(format!(
+            "created boards/{0}.toml, boards/{0}.md and kernel-configs/{1}",
+            self.name, fragment_name
+        ));
+        println!(
+            "next:\n  cargo xtask build --board {0}\n  cargo xtask boot --board {0} --check",
+            self.name
+        );
         Ok(())
     }
 }

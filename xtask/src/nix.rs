@@ -175,20 +175,123 @@ fn run_nix(mut cmd: Command, what: &str) -> Result<String> {
         }) {
             bail!("{what}: {}", msg.trim());
         }
-        let tail: Vec<&str> = log
-            .iter()
-            .rev()
-            .filter(|l| !l.trim().is_empty())
-            .take(12)
-            .map(|s| s.as_str())
-            .collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
-        bail!(
-            "{what} failed; last lines of Nix's log:\n{}",
-            tail.join("\n")
-        );
+        bail!("{what}: {}", failure_summary(&log));
     }
     Ok(stdout)
+}
+
+/// Longest piece of a log line quoted in an error.
+const QUOTE_MAX: usize = 200;
+
+/// One line saying why a Nix command failed, from its log (never the whole log): the
+/// builder that failed, the lines of its output that mention an error (else its last
+/// lines), at most three, and how to read the full log; or the evaluation error and where
+/// it is.
+pub fn failure_summary(log: &[String]) -> String {
+    let cut = |l: &str| -> String {
+        let l = l.trim();
+        match l.char_indices().nth(QUOTE_MAX) {
+            Some((i, _)) => format!("{}...", &l[..i]),
+            None => l.to_string(),
+        }
+    };
+    let builder = log
+        .iter()
+        .position(|l| l.starts_with("error: builder for '"));
+    if let Some(i) = builder {
+        let rest = &log[i]["error: builder for '".len()..];
+        let drv = rest.split('\'').next().unwrap_or(rest);
+        let name = drv.rsplit('/').next().unwrap_or(drv);
+        let name = name.get(33..).unwrap_or(name).trim_end_matches(".drv");
+        let status = rest
+            .split_once("' ")
+            .map_or("failed", |(_, s)| s)
+            .trim_end_matches([';', '.'])
+            .trim();
+        // Newer Nix quotes the last lines after the error (`> line`); nix-build 2.8 prints the
+        // builder's output before it.
+        let quoted: Vec<&str> = log[i + 1..]
+            .iter()
+            .filter_map(|l| l.trim_start().strip_prefix('>'))
+            .collect();
+        let output: Vec<&str> = if quoted.is_empty() {
+            // From where this builder started (other builders may have printed before).
+            let start = log[..i]
+                .iter()
+                .rposition(|l| l.starts_with(&format!("building '{drv}'")))
+                .map_or(0, |b| b + 1);
+            log[start..i]
+                .iter()
+                .map(String::as_str)
+                .filter(|l| !is_nix_chatter(l))
+                .collect()
+        } else {
+            quoted
+        };
+        let output: Vec<&str> = output
+            .into_iter()
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        let errors: Vec<&str> = output
+            .iter()
+            .copied()
+            .filter(|l| l.to_ascii_lowercase().contains("error"))
+            .collect();
+        let picked = if errors.is_empty() { &output } else { &errors };
+        let picked: Vec<String> = picked[picked.len().saturating_sub(3)..]
+            .iter()
+            .map(|l| cut(l))
+            .collect();
+        let lines = if picked.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", picked.join(" | "))
+        };
+        return format!("builder for {name} {status}{lines} (full log: nix-store -l {drv})");
+    }
+    // An evaluation error: `error: <message>`, then `at <file>:<line>:<column>:` and the
+    // source. Newer Nix puts a trace first and the innermost `error: ...` last.
+    let Some(first) = log.iter().position(|l| l.starts_with("error:")) else {
+        let tail: Vec<String> = log
+            .iter()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| cut(l))
+            .collect();
+        let tail = &tail[tail.len().saturating_sub(3)..];
+        return format!("Nix failed; last lines of its log: {}", tail.join(" | "));
+    };
+    let mut message = log[first]["error:".len()..].trim().to_string();
+    let mut message_at = first;
+    if message.is_empty() {
+        if let Some(j) = log[first + 1..]
+            .iter()
+            .rposition(|l| l.trim_start().starts_with("error: "))
+        {
+            message_at = first + 1 + j;
+            message = log[message_at].trim()["error:".len()..].trim().to_string();
+        }
+    }
+    let at = log[message_at + 1..]
+        .iter()
+        .chain(log[first..message_at].iter().rev())
+        .map(|l| l.trim())
+        .find(|l| l.starts_with("at /") || l.starts_with("at «"))
+        .map(|l| l.trim_end_matches(':').to_string());
+    match at {
+        Some(at) => format!("Nix evaluation failed: {} {at}", cut(&message)),
+        None => format!("Nix evaluation failed: {}", cut(&message)),
+    }
+}
+
+/// Nix's own progress lines, which are not a builder's output.
+fn is_nix_chatter(l: &str) -> bool {
+    l.starts_with("building '")
+        || l.starts_with("these ")
+        || l.starts_with("this ")
+        || l.starts_with("  /nix/store/")
+        || l.starts_with("copying path")
+        || l.starts_with("warning:")
+        || l.starts_with("error:")
 }
 
 /// One store path of a closure.
@@ -270,4 +373,86 @@ pub fn read_config_report(dir: &Path) -> Result<Vec<ConfigOption>> {
             })
         })
         .collect())
+}
+
+#[cfg(test)]
+mod failure_tests {
+    use super::failure_summary;
+
+    fn lines(text: &str) -> Vec<String> {
+        text.lines().map(String::from).collect()
+    }
+
+    #[test]
+    fn a_failed_builder_is_named_with_its_error_lines() {
+        // nix-build 2.8: the builder's output comes before the error.
+        let log = lines(
+            "these 2 derivations will be built:
+  /nix/store/q02bs05rl4hblqhnxw470bjcb0gdpk2p-hello-1.0.drv
+building '/nix/store/q02bs05rl4hblqhnxw470bjcb0gdpk2p-hello-1.0.drv'...
+/nix/store/smm-hello.c:18:5: error: conflicting types for 'main'
+   18 | int main(void) { return x; }
+      |     ^~~~
+/nix/store/smm-hello.c:18:25: note: each undeclared identifier is reported only once
+error: builder for '/nix/store/q02bs05rl4hblqhnxw470bjcb0gdpk2p-hello-1.0.drv' failed with exit code 1
+error: 1 dependencies of derivation '/nix/store/abc-bonsai.drv' failed to build",
+        );
+        assert_eq!(
+            failure_summary(&log),
+            "builder for hello-1.0 failed with exit code 1: /nix/store/smm-hello.c:18:5: error: \
+             conflicting types for 'main' (full log: nix-store -l \
+             /nix/store/q02bs05rl4hblqhnxw470bjcb0gdpk2p-hello-1.0.drv)"
+        );
+        // Newer Nix: the last lines quoted after the error; no error line, so the last three.
+        let log = lines(
+            "error: builder for '/nix/store/q02bs05rl4hblqhnxw470bjcb0gdpk2p-x-1.0.drv' failed with exit code 2;
+       last 10 log lines:
+       > one
+       > two
+       > three
+       > four
+       For full logs, run 'nix log /nix/store/q02bs05rl4hblqhnxw470bjcb0gdpk2p-x-1.0.drv'.",
+        );
+        assert_eq!(
+            failure_summary(&log),
+            "builder for x-1.0 failed with exit code 2: two | three | four (full log: \
+             nix-store -l /nix/store/q02bs05rl4hblqhnxw470bjcb0gdpk2p-x-1.0.drv)"
+        );
+    }
+
+    #[test]
+    fn an_evaluation_error_is_its_message_and_position() {
+        let log = lines(
+            "error: syntax error, unexpected ';'
+
+       at /tmp/scr3/nix/bonsai.nix:20:35:
+
+           19| let
+           20|   req = builtins.fromJSON request;;
+             |                                   ^
+           21|",
+        );
+        assert_eq!(
+            failure_summary(&log),
+            "Nix evaluation failed: syntax error, unexpected ';' at /tmp/scr3/nix/bonsai.nix:20:35"
+        );
+        let log = lines(
+            "error:
+       … while evaluating the attribute 'packages'
+
+         at /x/bonsai.nix:3:1:
+
+       error: undefined variable 'nope'
+
+       at /x/offline/default.nix:7:9:",
+        );
+        assert_eq!(
+            failure_summary(&log),
+            "Nix evaluation failed: undefined variable 'nope' at /x/offline/default.nix:7:9"
+        );
+        assert_eq!(
+            failure_summary(&lines("a\n\nb\nc\nd")),
+            "Nix failed; last lines of its log: b | c | d"
+        );
+    }
 }

@@ -94,8 +94,9 @@ pub fn lock(root: &Path, board: &str, out: &Path) -> Result<OutLock> {
         .open(&path)
         .map_err(|e| {
             anyhow::anyhow!(
-                "cannot write the output folder {}: creating {shown}: {}",
+                "cannot write the output folder {}: creating {}: {}",
                 out.display(),
+                path.display(),
                 io_message(&e)
             )
         })?;
@@ -202,7 +203,11 @@ fn install_handler() {
                     SIGTERM => "SIGTERM",
                     _ => "SIGHUP",
                 };
-                eprintln!("error: interrupted ({what}); the unfinished output was removed, the previous one is unchanged");
+                if stages.is_empty() {
+                    eprintln!("error: interrupted ({what})");
+                } else {
+                    eprintln!("error: interrupted ({what}); the unfinished output was removed, the previous one is unchanged");
+                }
                 std::process::exit(128 + sig);
             }
         });

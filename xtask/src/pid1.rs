@@ -108,10 +108,14 @@ pub fn build(root: &Path, board: &Board) -> Result<PathBuf> {
     ]);
     // Only this build gets the flags; reproducible paths in panic locations.
     // No host paths in the binary: the checkout, the target folder and cargo's registry.
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
     let cargo_home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo"));
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo")
+        });
     let mut rustflags = format!(
         "--remap-path-prefix={}=/target --remap-path-prefix={}=/build --remap-path-prefix={}=/cargo",
         target_dir.display(),

@@ -29,7 +29,6 @@ pub struct Release {
     pub out_dir: Option<PathBuf>,
 }
 
-
 fn git_version(root: &Path) -> String {
     std::process::Command::new("git")
         .args(["describe", "--tags", "--always"])
@@ -64,7 +63,10 @@ impl Release {
                 info.profile
             ));
         }
-        let out_dir = self.out_dir.clone().unwrap_or_else(|| root.join("out/release"));
+        let out_dir = self
+            .out_dir
+            .clone()
+            .unwrap_or_else(|| root.join("out/release"));
         fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
         let dest = out_dir.join(format!("{}-{version}", self.board));
         let stage = tempfile::Builder::new()
@@ -73,16 +75,28 @@ impl Release {
             .with_context(|| format!("cannot write to {}", out_dir.display()))?;
 
         ui::step(format!("release {} {version}", self.board));
-        let mut files: Vec<String> = vec!["kernel".into(), info.initramfs.clone(), "manifest.json".into()];
+        let mut files: Vec<String> = vec![
+            "kernel".into(),
+            info.initramfs.clone(),
+            "manifest.json".into(),
+        ];
         for f in &files {
-            fs::copy(built.out.join(f), stage.path().join(f)).with_context(|| format!("copying {f}"))?;
+            fs::copy(built.out.join(f), stage.path().join(f))
+                .with_context(|| format!("copying {f}"))?;
             set_mode(&stage.path().join(f), 0o644)?;
         }
         let kernel_sha = offline::sha256_file(&stage.path().join("kernel"))?;
         let initramfs_sha = offline::sha256_file(&stage.path().join(&info.initramfs))?;
         let store_paths: Vec<PathBuf> = info.store_paths.iter().map(PathBuf::from).collect();
-        let infos = if store_paths.is_empty() { Default::default() } else { nix::closure(&store_paths)? };
-        let paths: Vec<nix::PathInfo> = infos.into_values().filter(|p| info.store_paths.contains(&p.path)).collect();
+        let infos = if store_paths.is_empty() {
+            Default::default()
+        } else {
+            nix::closure(&store_paths)?
+        };
+        let paths: Vec<nix::PathInfo> = infos
+            .into_values()
+            .filter(|p| info.store_paths.contains(&p.path))
+            .collect();
         let doc = sbom::cyclonedx(&sbom::SbomInput {
             board: &self.board,
             version: &version,
@@ -94,22 +108,33 @@ impl Release {
             kernel_sha256: &kernel_sha,
             paths: &paths,
         });
-        fs::write(stage.path().join("sbom.cdx.json"), serde_json::to_string_pretty(&doc)? + "\n")?;
+        fs::write(
+            stage.path().join("sbom.cdx.json"),
+            serde_json::to_string_pretty(&doc)? + "\n",
+        )?;
         set_mode(&stage.path().join("sbom.cdx.json"), 0o644)?;
         files.push("sbom.cdx.json".into());
         files.sort();
         let mut sums = String::new();
         for f in &files {
-            sums.push_str(&format!("{}  {f}\n", offline::sha256_file(&stage.path().join(f))?));
+            sums.push_str(&format!(
+                "{}  {f}\n",
+                offline::sha256_file(&stage.path().join(f))?
+            ));
         }
         fs::write(stage.path().join("SHA256SUMS"), sums)?;
         set_mode(&stage.path().join("SHA256SUMS"), 0o644)?;
         set_mode(stage.path(), 0o755)?;
 
         let stage = stage.keep();
-        let old = out_dir.join(format!(".{}-{version}.old-{}", self.board, std::process::id()));
+        let old = out_dir.join(format!(
+            ".{}-{version}.old-{}",
+            self.board,
+            std::process::id()
+        ));
         if dest.exists() {
-            fs::rename(&dest, &old).with_context(|| format!("moving the previous {} aside", dest.display()))?;
+            fs::rename(&dest, &old)
+                .with_context(|| format!("moving the previous {} aside", dest.display()))?;
         }
         if let Err(e) = fs::rename(&stage, &dest) {
             let _ = fs::rename(&old, &dest);
@@ -117,7 +142,12 @@ impl Release {
             return Err(e).with_context(|| format!("moving the release into {}", dest.display()));
         }
         let _ = fs::remove_dir_all(&old);
-        println!("released {} {version}: {} ({} store paths in the SBOM)", self.board, dest.strip_prefix(&root).unwrap_or(&dest).display(), paths.len());
+        println!(
+            "released {} {version}: {} ({} store paths in the SBOM)",
+            self.board,
+            dest.strip_prefix(&root).unwrap_or(&dest).display(),
+            paths.len()
+        );
         Ok(dest)
     }
 }
@@ -125,5 +155,6 @@ impl Release {
 /// Fixed modes, whatever the umask.
 fn set_mode(p: &Path, mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(p, fs::Permissions::from_mode(mode)).with_context(|| format!("setting the mode of {}", p.display()))
+    fs::set_permissions(p, fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", p.display()))
 }

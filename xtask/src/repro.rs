@@ -36,7 +36,15 @@ struct Variant {
 }
 
 const VARIANTS: [Variant; 2] = [
-    Variant { dir: "a", tz: "UTC", lang: "C", umask: "022", threads: "1", hostname: "bonsai-repro-a", clock: None },
+    Variant {
+        dir: "a",
+        tz: "UTC",
+        lang: "C",
+        umask: "022",
+        threads: "1",
+        hostname: "bonsai-repro-a",
+        clock: None,
+    },
     Variant {
         dir: "b/a/much/deeper/checkout",
         tz: "Pacific/Kiritimati",
@@ -50,20 +58,37 @@ const VARIANTS: [Variant; 2] = [
 
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
-        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
         .unwrap_or(false)
 }
 
 impl Repro {
     pub fn run(self) -> Result<()> {
         let root = project_root();
-        let dirty = Command::new("git").args(["status", "--porcelain", "--untracked-files=no"]).current_dir(&root).output();
+        let dirty = Command::new("git")
+            .args(["status", "--porcelain", "--untracked-files=no"])
+            .current_dir(&root)
+            .output();
         if dirty.map(|o| !o.stdout.is_empty()).unwrap_or(false) {
             ui::warn("repro builds the committed state; uncommitted changes are not in it");
         }
-        let faketime = host::find_program("faketime").is_some() || host::ensure(&[host::Tool { program: "faketime", package: "faketime" }], &[]).is_ok();
+        let faketime = host::find_program("faketime").is_some()
+            || host::ensure(
+                &[host::Tool {
+                    program: "faketime",
+                    package: "faketime",
+                }],
+                &[],
+            )
+            .is_ok();
         let unshare = is_root() && host::find_program("unshare").is_some();
-        let scratch = tempfile::Builder::new().prefix("bonsai-repro-").tempdir().context("creating a scratch folder")?;
+        let scratch = tempfile::Builder::new()
+            .prefix("bonsai-repro-")
+            .tempdir()
+            .context("creating a scratch folder")?;
         let exe = std::env::current_exe().context("finding the bonsai binary")?;
         let mut outs = Vec::new();
         for (i, v) in VARIANTS.iter().enumerate() {
@@ -89,7 +114,14 @@ impl Repro {
                 cmd_words.extend(["faketime".into(), "-f".into(), clock.into()]);
             }
             cmd_words.push(exe.display().to_string());
-            cmd_words.extend(["-q".into(), "release".into(), "--board".into(), self.board.clone(), "--version".into(), "repro".into()]);
+            cmd_words.extend([
+                "-q".into(),
+                "release".into(),
+                "--board".into(),
+                self.board.clone(),
+                "--version".into(),
+                "repro".into(),
+            ]);
             if let Some(p) = &self.profile {
                 cmd_words.extend(["--profile".into(), p.clone()]);
             }
@@ -98,7 +130,13 @@ impl Repro {
             }
             cmd_words.extend(["--out-dir".into(), out.display().to_string()]);
             script.push_str("exec ");
-            script.push_str(&cmd_words.iter().map(|w| rootfs::backends::sh_quote(w)).collect::<Vec<_>>().join(" "));
+            script.push_str(
+                &cmd_words
+                    .iter()
+                    .map(|w| rootfs::backends::sh_quote(w))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            );
             let mut cmd = if unshare {
                 let mut c = Command::new("unshare");
                 c.args(["--uts", "sh", "-c", &script]);
@@ -113,7 +151,10 @@ impl Repro {
                 .env("LANG", v.lang)
                 .env("LC_ALL", v.lang)
                 .env("BONSAI_THREADS", v.threads)
-                .env("CARGO_TARGET_DIR", scratch.path().join(format!("target-{i}")))
+                .env(
+                    "CARGO_TARGET_DIR",
+                    scratch.path().join(format!("target-{i}")),
+                )
                 .env_remove("SOURCE_DATE_EPOCH");
             ui::step(format!(
                 "build {} in {} (TZ={}, LANG={}, umask {}, {} threads{}{})",
@@ -123,7 +164,11 @@ impl Repro {
                 v.lang,
                 v.umask,
                 v.threads,
-                if unshare { format!(", host {}", v.hostname) } else { String::new() },
+                if unshare {
+                    format!(", host {}", v.hostname)
+                } else {
+                    String::new()
+                },
                 match (v.clock, faketime) {
                     (Some(c), true) => format!(", clock {c}"),
                     _ => String::new(),
@@ -155,7 +200,11 @@ fn files_under(dir: &Path) -> Result<Vec<PathBuf>> {
     for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let p = e?.path();
         if p.is_dir() {
-            out.extend(files_under(&p)?.into_iter().map(|f| p.file_name().map(PathBuf::from).unwrap_or_default().join(f)));
+            out.extend(
+                files_under(&p)?
+                    .into_iter()
+                    .map(|f| p.file_name().map(PathBuf::from).unwrap_or_default().join(f)),
+            );
         } else {
             out.push(PathBuf::from(p.file_name().unwrap()));
         }
@@ -186,13 +235,27 @@ pub fn compare(a: &Path, b: &Path) -> Result<()> {
         for d in &different {
             println!("differs: {}", d.display());
         }
-        host::ensure(&[host::Tool { program: "diffoscope", package: "diffoscope" }], &[])?;
-        let out = Command::new("diffoscope").arg(a.join(first)).arg(b.join(first)).output().context("running diffoscope")?;
+        host::ensure(
+            &[host::Tool {
+                program: "diffoscope",
+                package: "diffoscope",
+            }],
+            &[],
+        )?;
+        let out = Command::new("diffoscope")
+            .arg(a.join(first))
+            .arg(b.join(first))
+            .output()
+            .context("running diffoscope")?;
         let text = String::from_utf8_lossy(&out.stdout);
         for line in text.lines().take(60) {
             println!("{line}");
         }
-        bail!("the two builds differ in {} file(s), first {}", different.len(), first.display());
+        bail!(
+            "the two builds differ in {} file(s), first {}",
+            different.len(),
+            first.display()
+        );
     }
     Ok(())
 }

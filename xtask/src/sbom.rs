@@ -79,7 +79,11 @@ fn debian_packages(store_path: &str) -> Vec<(String, String, String)> {
         .lines()
         .filter_map(|l| {
             let mut f = l.split_whitespace();
-            Some((f.next()?.to_string(), f.next()?.to_string(), f.next()?.to_string()))
+            Some((
+                f.next()?.to_string(),
+                f.next()?.to_string(),
+                f.next()?.to_string(),
+            ))
         })
         .collect()
 }
@@ -111,7 +115,12 @@ pub fn iso8601(epoch: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = if m <= 2 { y + 1 } else { y };
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs % 3600 / 60, secs % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
 }
 
 pub fn cyclonedx(input: &SbomInput) -> Value {
@@ -125,7 +134,9 @@ pub fn cyclonedx(input: &SbomInput) -> Value {
             json!({"name": "bonsai:package-source", "value": input.source}),
         ];
         for (pkg, ver, sha) in debian_packages(&p.path) {
-            props.push(json!({"name": "debian:package", "value": format!("{pkg}={ver} sha256:{sha}")}));
+            props.push(
+                json!({"name": "debian:package", "value": format!("{pkg}={ver} sha256:{sha}")}),
+            );
         }
         let mut c = json!({
             "type": "library",
@@ -197,7 +208,10 @@ mod tests {
             split_name("/nix/store/kpj6hslx23ajwvspqkdkbrrclzqx8c67-glibc-2.36-9+deb12u14"),
             ("glibc".into(), "2.36-9+deb12u14".into())
         );
-        assert_eq!(split_name("/nix/store/kpj6hslx23ajwvspqkdkbrrclzqx8c67-hello.c"), ("hello.c".into(), String::new()));
+        assert_eq!(
+            split_name("/nix/store/kpj6hslx23ajwvspqkdkbrrclzqx8c67-hello.c"),
+            ("hello.c".into(), String::new())
+        );
     }
 
     #[test]

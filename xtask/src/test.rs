@@ -27,13 +27,19 @@ impl Test {
             ui::step("check host prerequisites for the end-to-end tests");
             let mut tools = vec![host::NIX, host::CPIO, host::DPKG_DEB];
             tools.extend_from_slice(host::KERNEL_TOOLS);
-            host::ensure(
-                &tools,
-                &[
-                    host::LIBELF_HEADER,
-                    ("/usr/bin/qemu-system-x86_64", "qemu-system-x86"),
-                ],
-            )?;
+            let mut extra = vec![
+                host::LIBELF_HEADER,
+                ("/usr/bin/qemu-system-x86_64", "qemu-system-x86"),
+                // xtask/tests/aarch64.rs: the qemu-aarch64 board, cross-built on this host
+                ("/usr/bin/qemu-system-aarch64", "qemu-system-arm"),
+            ];
+            if let Some((cc, libc)) =
+                host::cross_tools(crate::config::Arch::Aarch64, crate::offline::host_arch()?)
+            {
+                tools.push(cc);
+                extra.push(libc);
+            }
+            host::ensure(&tools, &extra)?;
         }
         if !self.unit {
             // The tests read real store paths: build the default board first (installs what is
@@ -96,6 +102,30 @@ impl Test {
         let status = cmd.status().context("running cargo test")?;
         if !status.success() {
             bail!("tests failed after {:.0} s", timer.secs());
+        }
+        if !self.unit {
+            // The benchmark's short version, so it cannot rot (it never asserts on times).
+            ui::step("cargo xtask bench --quick");
+            let exe = std::env::current_exe().context("finding the xtask binary")?;
+            let st = Command::new(exe)
+                .args(["bench", "--quick"])
+                .current_dir(&root)
+                .status()
+                .context("running bench")?;
+            if !st.success() {
+                bail!("cargo xtask bench --quick failed");
+            }
+            // Every fuzz target for a bounded time (installs nightly and cargo-fuzz if missing).
+            let secs = std::env::var("BONSAI_FUZZ_SECONDS").unwrap_or_else(|_| "20".into());
+            ui::step(format!("fuzz every target for {secs} s"));
+            let st = Command::new("bash")
+                .arg(root.join("fuzz/run.sh"))
+                .arg(&secs)
+                .status()
+                .context("running fuzz/run.sh")?;
+            if !st.success() {
+                bail!("fuzzing found a crash (see fuzz/artifacts/)");
+            }
         }
         ui::step(format!("all tests passed in {:.0} s", timer.secs()));
         Ok(())

@@ -66,6 +66,39 @@ pub fn one_line(e: &anyhow::Error) -> String {
     format!("{e:#}").replace('\n', " ")
 }
 
+/// What `main` prints after `error: `: the chain on one line, except that a list of
+/// problems (lines indented by two spaces, as selection and verification report them)
+/// keeps one problem per line.
+pub fn error_report(e: &anyhow::Error) -> String {
+    let text = format!("{e:#}");
+    let mut out = String::new();
+    for (i, line) in text.lines().enumerate() {
+        if i > 0 {
+            out.push(if line.starts_with("  ") { '\n' } else { ' ' });
+        }
+        out.push_str(line);
+    }
+    out
+}
+
+/// A command-line usage error from clap as one line: `invalid value 'x' for '--init <INIT>'
+/// [possible values: ...]`, without clap's usage and help lines.
+pub fn usage_error(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with("For more information") && !l.starts_with("Usage:")
+        })
+        .collect();
+    let joined = lines.join(" ");
+    joined
+        .strip_prefix("error: ")
+        .unwrap_or(&joined)
+        .to_string()
+}
+
 /// Bytes as a short human figure: 1.4 MiB.
 pub fn size(bytes: u64) -> String {
     const K: f64 = 1024.0;
@@ -76,5 +109,22 @@ pub fn size(bytes: u64) -> String {
         format!("{:.1} KiB", b / K)
     } else {
         format!("{bytes} B")
+    }
+}
+
+#[cfg(test)]
+mod error_tests {
+    use super::*;
+
+    #[test]
+    fn problems_keep_their_lines_everything_else_is_one_line() {
+        let e = anyhow::anyhow!("select found 2 problems in profile p:\n  /a: x\n  /b: y")
+            .context("assembling");
+        assert_eq!(
+            error_report(&e),
+            "assembling: select found 2 problems in profile p:\n  /a: x\n  /b: y"
+        );
+        let e = anyhow::anyhow!("one\ntwo");
+        assert_eq!(error_report(&e), "one two");
     }
 }

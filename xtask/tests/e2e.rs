@@ -423,29 +423,101 @@ fn release_sbom_validates_and_diff_sees_the_change() {
     let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap();
-    ok(&["release", "--board", BOARD, "--version", "t1", "--out-dir", d]);
-    ok(&["release", "--board", BOARD, "--profile", "ssh", "--version", "t2", "--out-dir", d]);
+    ok(&[
+        "release",
+        "--board",
+        BOARD,
+        "--version",
+        "t1",
+        "--out-dir",
+        d,
+    ]);
+    ok(&[
+        "release",
+        "--board",
+        BOARD,
+        "--profile",
+        "ssh",
+        "--version",
+        "t2",
+        "--out-dir",
+        d,
+    ]);
     let a = dir.path().join(format!("{BOARD}-t1"));
     let b = dir.path().join(format!("{BOARD}-t2"));
     for rel in [&a, &b] {
-        let names: Vec<String> = std::fs::read_dir(rel).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
-        for f in ["kernel", "initramfs.cpio.gz", "manifest.json", "sbom.cdx.json", "SHA256SUMS"] {
-            assert!(names.contains(&f.to_string()), "{f} missing from {}", rel.display());
+        let names: Vec<String> = std::fs::read_dir(rel)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        for f in [
+            "kernel",
+            "initramfs.cpio.gz",
+            "manifest.json",
+            "sbom.cdx.json",
+            "SHA256SUMS",
+        ] {
+            assert!(
+                names.contains(&f.to_string()),
+                "{f} missing from {}",
+                rel.display()
+            );
         }
         // SHA256SUMS checks out with coreutils.
-        let st = Command::new("sha256sum").args(["-c", "--quiet", "SHA256SUMS"]).current_dir(rel).status().unwrap();
-        assert!(st.success(), "SHA256SUMS does not match in {}", rel.display());
+        let st = Command::new("sha256sum")
+            .args(["-c", "--quiet", "SHA256SUMS"])
+            .current_dir(rel)
+            .status()
+            .unwrap();
+        assert!(
+            st.success(),
+            "SHA256SUMS does not match in {}",
+            rel.display()
+        );
         let sbom = rel.join("sbom.cdx.json");
-        let v = Command::new("python3").arg(root().join("schemas/validate.py")).arg(&sbom).output().expect("python3");
-        assert!(v.status.success(), "SBOM invalid: {}{}", String::from_utf8_lossy(&v.stdout), String::from_utf8_lossy(&v.stderr));
+        let v = Command::new("python3")
+            .arg(root().join("schemas/validate.py"))
+            .arg(&sbom)
+            .output()
+            .expect("python3");
+        assert!(
+            v.status.success(),
+            "SBOM invalid: {}{}",
+            String::from_utf8_lossy(&v.stdout),
+            String::from_utf8_lossy(&v.stderr)
+        );
         let text = std::fs::read_to_string(&sbom).unwrap();
-        assert!(!text.contains(root().to_str().unwrap()), "host path in the SBOM");
-        assert!(text.contains("libc6=2.36"), "Debian provenance missing from the SBOM");
+        assert!(
+            !text.contains(root().to_str().unwrap()),
+            "host path in the SBOM"
+        );
+        assert!(
+            text.contains("libc6=2.36"),
+            "Debian provenance missing from the SBOM"
+        );
     }
-    let diff: serde_json::Value = serde_json::from_str(&ok(&["diff", a.to_str().unwrap(), b.to_str().unwrap(), "--json"])).unwrap();
-    let added: Vec<String> = diff["store_paths_added"].as_array().unwrap().iter().map(|p| p[0].as_str().unwrap().to_string()).collect();
-    assert!(added.contains(&"dropbear".to_string()), "dropbear not among added store paths: {added:?}");
-    assert!(diff["added"].as_array().unwrap().iter().any(|f| f["path"].as_str().unwrap().ends_with("/bin/dropbear")));
+    let diff: serde_json::Value = serde_json::from_str(&ok(&[
+        "diff",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap();
+    let added: Vec<String> = diff["store_paths_added"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p[0].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        added.contains(&"dropbear".to_string()),
+        "dropbear not among added store paths: {added:?}"
+    );
+    assert!(diff["added"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| f["path"].as_str().unwrap().ends_with("/bin/dropbear")));
 }
 
 #[test]
@@ -458,7 +530,15 @@ fn every_board_rebuilds_bit_for_bit() {
         assert!(out.contains("different=0"), "{name}: {out}");
     }
     // bonsai-init is compiled by cargo in each checkout's own target folder: it must match too.
-    let out = ok(&["repro", "--board", BOARD, "--profile", "conformance", "--init", "bonsai-init"]);
+    let out = ok(&[
+        "repro",
+        "--board",
+        BOARD,
+        "--profile",
+        "conformance",
+        "--init",
+        "bonsai-init",
+    ]);
     assert!(out.contains("different=0"), "{out}");
 }
 
@@ -468,8 +548,14 @@ fn size_map_renders_in_chromium_and_boot_chart_is_drawn() {
     require("chromium", "chromium");
     built();
     ok(&["size", "--board", BOARD, "--html"]);
-    let files: serde_json::Value = serde_json::from_str(&ok(&["size", "--board", BOARD, "--files", "--json"])).unwrap();
-    let expected = files["rows"].as_array().unwrap().iter().filter(|r| r["image_bytes"].as_u64().unwrap() > 0).count();
+    let files: serde_json::Value =
+        serde_json::from_str(&ok(&["size", "--board", BOARD, "--files", "--json"])).unwrap();
+    let expected = files["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["image_bytes"].as_u64().unwrap() > 0)
+        .count();
     let page = out_dir().join("size-map.html");
     let shot = tempfile::tempdir().unwrap();
     let png = shot.path().join("map.png");
@@ -494,21 +580,58 @@ fn size_map_renders_in_chromium_and_boot_chart_is_drawn() {
             .arg(format!("file://{}", page.display()))
             .output()
             .unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
-    let (ok_shot, _, err) = run(&[format!("--screenshot={}", png.display()), "--window-size=1200,900".into()]);
-    assert!(ok_shot && std::fs::metadata(&png).map(|m| m.len() > 1000).unwrap_or(false), "no screenshot: {err}");
+    let (ok_shot, _, err) = run(&[
+        format!("--screenshot={}", png.display()),
+        "--window-size=1200,900".into(),
+    ]);
+    assert!(
+        ok_shot
+            && std::fs::metadata(&png)
+                .map(|m| m.len() > 1000)
+                .unwrap_or(false),
+        "no screenshot: {err}"
+    );
     assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
     let (ok_dom, dom, err) = run(&["--dump-dom".into()]);
     assert!(ok_dom, "{err}");
-    assert_eq!(dom.matches("class=\"file\"").count(), expected, "boxes rendered vs files in the image");
-    assert!(!err.contains("Uncaught") && !err.contains(":ERROR:CONSOLE"), "console errors: {err}");
+    assert_eq!(
+        dom.matches("class=\"file\"").count(),
+        expected,
+        "boxes rendered vs files in the image"
+    );
+    assert!(
+        !err.contains("Uncaught") && !err.contains(":ERROR:CONSOLE"),
+        "console errors: {err}"
+    );
 
     // The boot chart of a check boot.
-    ok(&["boot", "--board", BOARD, "--check", "--chart", "--init", "bonsai-init", "--profile", "conformance"]);
+    ok(&[
+        "boot",
+        "--board",
+        BOARD,
+        "--check",
+        "--chart",
+        "--init",
+        "bonsai-init",
+        "--profile",
+        "conformance",
+    ]);
     let svg = std::fs::read_to_string(out_dir().join("boot.svg")).unwrap();
-    assert!(svg.starts_with("<svg") && svg.contains("kernel: unpack initramfs") && svg.contains("service ticker"), "{svg}");
-    let chart: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out_dir().join("boot.json")).unwrap()).unwrap();
+    assert!(
+        svg.starts_with("<svg")
+            && svg.contains("kernel: unpack initramfs")
+            && svg.contains("service ticker"),
+        "{svg}"
+    );
+    let chart: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir().join("boot.json")).unwrap())
+            .unwrap();
     assert!(chart["ready"].as_f64().unwrap() > chart["init_start"].as_f64().unwrap());
 }
 
@@ -517,22 +640,41 @@ fn new_board_from_the_default_builds_and_boots() {
     let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let scratch = tempfile::tempdir().unwrap();
     for d in ["boards", "profiles", "kernel-configs", "nix"] {
-        let status = Command::new("cp").arg("-r").arg(root().join(d)).arg(scratch.path()).status().unwrap();
+        let status = Command::new("cp")
+            .arg("-r")
+            .arg(root().join(d))
+            .arg(scratch.path())
+            .status()
+            .unwrap();
         assert!(status.success());
     }
     let run = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_xtask")).args(args).env("BONSAI_ROOT", scratch.path()).output().unwrap();
-        eprintln!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .args(args)
+            .env("BONSAI_ROOT", scratch.path())
+            .output()
+            .unwrap();
+        eprintln!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         out
     };
     let out = run(&["new-board", "bench-board", "--from", BOARD]);
     assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("cargo xtask boot --board bench-board --check"));
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .contains("cargo xtask boot --board bench-board --check"));
     let again = run(&["new-board", "bench-board", "--from", BOARD]);
-    assert!(!again.status.success(), "new-board overwrote an existing board");
+    assert!(
+        !again.status.success(),
+        "new-board overwrote an existing board"
+    );
     assert!(run(&["build", "--board", "bench-board"]).status.success());
     let boot = run(&["boot", "--board", "bench-board", "--check"]);
-    assert!(boot.status.success() && String::from_utf8_lossy(&boot.stdout).contains("check passed"));
+    assert!(
+        boot.status.success() && String::from_utf8_lossy(&boot.stdout).contains("check passed")
+    );
 }
 
 #[test]
@@ -540,9 +682,22 @@ fn every_init_backend_survives_abuse() {
     let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     require("qemu-system-x86_64", "qemu-system-x86");
     let stdout = ok(&["conformance", "--board", BOARD, "--profile", "abuse"]);
-    let rows: Vec<&str> = stdout.lines().filter(|l| l.contains(" | ") && !l.starts_with("check ")).collect();
-    for row in rows.iter().filter(|r| !r.starts_with("ready at") && !r.starts_with("/init to")) {
-        assert_eq!(row.matches("pass").count(), 4, "not every backend survived: {row}");
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains(" | ") && !l.starts_with("check "))
+        .collect();
+    for row in rows
+        .iter()
+        .filter(|r| !r.starts_with("ready at") && !r.starts_with("/init to"))
+    {
+        assert_eq!(
+            row.matches("pass").count(),
+            4,
+            "not every backend survived: {row}"
+        );
     }
-    assert!(rows.iter().any(|r| r.starts_with("the OOM killer acted")), "{stdout}");
+    assert!(
+        rows.iter().any(|r| r.starts_with("the OOM killer acted")),
+        "{stdout}"
+    );
 }

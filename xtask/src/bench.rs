@@ -1,0 +1,1331 @@
+//! `cargo xtask bench`: packing, rebuild and boot figures measured side by side in one run
+//! (medians of `--runs`), written to BENCHMARKS.md with the machine and the command that
+//! produced them, and judged against the performance targets. It reports times; it never
+//! fails because of them (only because something it measures failed or gave wrong bytes).
+//!
+//! Packing compares bonsai's packer, run as a child process of this binary
+//! (`bench --pack-dir DIR OUT`, hidden) that reports its own CPU time and peak memory, with
+//! the shell pipeline `find | sort | cpio | gzip` timed by bash, on the same root tree.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+use crate::build::Build;
+use crate::conformance::{median, Conformance};
+use crate::{host, project_root, ui};
+
+/// The shell pipeline bonsai's packer is measured against (`{level}` is 9 or 6).
+const PIPELINE: &str = "find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --reproducible -R +0:+0 | gzip -{level}n";
+
+#[derive(Args, Debug)]
+pub struct Bench {
+    /// Runs of each measurement; the report gives medians
+    #[arg(long, default_value_t = 5)]
+    pub runs: u32,
+    /// For CI: one run, a 20 MB synthetic tree, no boots; writes out/bench/BENCHMARKS.md
+    #[arg(long)]
+    pub quick: bool,
+    /// Board whose image, rebuilds and boots are measured
+    #[arg(long, default_value = "qemu-x86_64")]
+    pub board: String,
+    /// Where to write the report (default: BENCHMARKS.md, or out/bench/BENCHMARKS.md with --quick)
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Run the bench and all it starts (packers, builds, QEMU) at this niceness; a negative
+    /// one (root only) keeps other work on a shared machine from skewing the times
+    #[arg(long, allow_hyphen_values = true)]
+    pub nice: Option<i32>,
+    /// Internal: pack DIR into OUT as bonsai does and print the cost as JSON
+    #[arg(long, hide = true, num_args = 2, value_names = ["DIR", "OUT"])]
+    pub pack_dir: Vec<PathBuf>,
+}
+
+/// What the `--pack-dir` child reports on stdout.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PackCost {
+    /// Seconds from the start of the tree walk to the packed, synced file.
+    wall: f64,
+    /// User + system CPU seconds of the whole process (all threads).
+    cpu: f64,
+    /// Peak resident memory (VmHWM), bytes.
+    peak_rss: u64,
+    compressed_bytes: u64,
+    archive_bytes: u64,
+    entries: u64,
+}
+
+/// One measured run of a packer.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    wall: f64,
+    cpu: f64,
+    bytes: u64,
+    peak_rss: Option<u64>,
+}
+
+/// Every run of one packer on one tree.
+struct Packer {
+    name: String,
+    samples: Vec<Sample>,
+}
+
+impl Packer {
+    fn wall(&self) -> f64 {
+        med(self.samples.iter().map(|s| s.wall))
+    }
+    fn cpu(&self) -> f64 {
+        med(self.samples.iter().map(|s| s.cpu))
+    }
+    fn bytes(&self) -> u64 {
+        self.samples.last().map_or(0, |s| s.bytes)
+    }
+    fn peak_rss(&self) -> Option<u64> {
+        self.samples.iter().filter_map(|s| s.peak_rss).max()
+    }
+}
+
+/// The packing figures of one tree.
+struct PackResult {
+    tree: String,
+    files: u64,
+    dirs: u64,
+    symlinks: u64,
+    content_bytes: u64,
+    entries: u64,
+    archive_bytes: u64,
+    packers: Vec<Packer>,
+    /// bonsai's own cpio stream recompressed by `gzip -9n`: the compressor alone compared.
+    same_stream_gzip9: u64,
+    /// bonsai's output was the same with 1 thread and with all of them.
+    identical_across_threads: bool,
+}
+
+/// A build timed from the outside, with the time of each `==>` step.
+struct TimedBuild {
+    wall: f64,
+    /// (step, seconds from its line to the next step line or the end).
+    phases: Vec<(String, f64)>,
+    stdout: String,
+}
+
+struct RebuildResult {
+    no_change: Vec<f64>,
+    /// Runs of the no-change build that did not say "up to date" (an input changed meanwhile).
+    no_change_rebuilt: usize,
+    changed: Vec<TimedBuild>,
+    hello_rebuilt: bool,
+    fresh: Vec<TimedBuild>,
+}
+
+struct BootRow {
+    init: String,
+    ready: Option<f64>,
+    init_to_up: Option<f64>,
+    boots: usize,
+    failure: Option<String>,
+}
+
+impl Bench {
+    pub fn run(self) -> Result<()> {
+        if let [dir, out] = self.pack_dir.as_slice() {
+            return pack_child(dir, out);
+        }
+        if !self.pack_dir.is_empty() {
+            bail!("--pack-dir takes a directory and an output file");
+        }
+        let root = project_root();
+        let runs = if self.quick { 1 } else { self.runs.max(1) } as usize;
+        let output = self.output.clone().unwrap_or_else(|| {
+            if self.quick {
+                root.join("out/bench/BENCHMARKS.md")
+            } else {
+                root.join("BENCHMARKS.md")
+            }
+        });
+        if let Some(n) = self.nice {
+            // Children inherit the niceness of this process.
+            let status = Command::new("renice")
+                .args(["-n", &n.to_string(), "-p", &std::process::id().to_string()])
+                .stdout(Stdio::null())
+                .status()
+                .context("running renice")?;
+            if !status.success() {
+                bail!("renice -n {n} failed (a negative niceness needs root)");
+            }
+        }
+        host::ensure(&[host::CPIO], &[])?;
+        for p in ["gzip", "bash", "find", "sort"] {
+            if host::find_program(p).is_none() {
+                bail!("{p} is missing; install it with: apt-get install -y gzip bash findutils coreutils");
+            }
+        }
+        let command = std::iter::once("cargo xtask".to_string())
+            .chain(std::env::args().skip(1))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let scratch = tempfile::Builder::new().prefix("bonsai-bench-").tempdir()?;
+        let load_at_start = load_average();
+
+        // The board's default image: built if missing or stale, then unpacked with GNU cpio.
+        ui::step(format!("bench: build {} (if needed)", self.board));
+        let built = Build {
+            board: self.board.clone(),
+            nested: true,
+            ..Build::default()
+        }
+        .run()?;
+        let image_dir = scratch.path().join("image");
+        unpack_image(&built.out.join(&built.info.initramfs), &image_dir)?;
+
+        let synthetic_dir = scratch.path().join("synthetic");
+        let synthetic_mb = if self.quick { 20 } else { 200 };
+        ui::step(format!("bench: write a {synthetic_mb} MB synthetic tree"));
+        write_synthetic_tree(&synthetic_dir, synthetic_mb << 20)?;
+
+        let mut packing = Vec::new();
+        for (name, dir) in [
+            (
+                format!(
+                    "{} image ({}, init {})",
+                    self.board, built.info.profile, built.info.init
+                ),
+                &image_dir,
+            ),
+            (
+                format!("synthetic tree ({synthetic_mb} MB of small files)"),
+                &synthetic_dir,
+            ),
+        ] {
+            ui::step(format!("bench: pack the {name}, {runs} run(s) per packer"));
+            packing.push(bench_packing(&name, dir, scratch.path(), runs)?);
+        }
+        fs::remove_dir_all(&synthetic_dir).ok();
+
+        ui::step(format!(
+            "bench: rebuilds of {}, {runs} run(s) each",
+            self.board
+        ));
+        let rebuild = bench_rebuild(&root, &self.board, scratch.path(), runs)?;
+
+        let boots = if self.quick {
+            None
+        } else {
+            ui::step(format!(
+                "bench: boot {} with every init backend, {runs} boot(s) each",
+                self.board
+            ));
+            let rows = bench_boots(&self.board, runs as u32);
+            // The boots left the conformance profile in out/<board>; put the default back.
+            Build {
+                board: self.board.clone(),
+                nested: true,
+                ..Build::default()
+            }
+            .run()?;
+            Some(rows?)
+        };
+
+        let report = render(&Report {
+            command,
+            runs,
+            quick: self.quick,
+            board: &self.board,
+            nice: self.nice,
+            machine: machine(load_at_start)?,
+            packing: &packing,
+            rebuild: &rebuild,
+            boots: boots.as_deref(),
+        });
+        if let Some(parent) = output.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        fs::write(&output, &report).with_context(|| format!("writing {}", output.display()))?;
+        println!(
+            "{}",
+            report
+                .split("\n## Targets")
+                .nth(1)
+                .map(|t| format!("## Targets{t}"))
+                .unwrap_or_default()
+        );
+        println!(
+            "wrote {}",
+            output.strip_prefix(&root).unwrap_or(&output).display()
+        );
+        Ok(())
+    }
+}
+
+fn med(values: impl Iterator<Item = f64>) -> f64 {
+    median(&values.collect::<Vec<_>>()).unwrap_or(f64::NAN)
+}
+
+// ---------------------------------------------------------------------------------------
+// The --pack-dir child
+
+fn pack_child(dir: &Path, out: &Path) -> Result<()> {
+    let start = Instant::now();
+    let mut tree = rootfs::Tree::new();
+    let mut names = fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    names.sort();
+    for name in names {
+        let image = name
+            .to_str()
+            .with_context(|| format!("{}: a name that is not UTF-8", dir.display()))?;
+        tree.add_host_tree(image, &dir.join(&name), None)?;
+    }
+    let report = rootfs::pack(
+        &tree,
+        &rootfs::PackOptions {
+            compression: rootfs::Compression::Gzip,
+            level: None,
+            mtime: 0,
+        },
+        out,
+    )?;
+    let wall = start.elapsed().as_secs_f64();
+    let cost = PackCost {
+        wall,
+        cpu: self_cpu_seconds()?,
+        peak_rss: status_kib("VmHWM")? * 1024,
+        compressed_bytes: report.compressed_bytes,
+        archive_bytes: report.cpio.archive_bytes,
+        entries: report.cpio.entries,
+    };
+    println!("{}", serde_json::to_string(&cost)?);
+    Ok(())
+}
+
+/// utime + stime of this process, all threads, from /proc/self/stat.
+fn self_cpu_seconds() -> Result<f64> {
+    let stat = fs::read_to_string("/proc/self/stat")?;
+    // Fields after the command name (which may hold spaces) start at field 3, the state.
+    let rest = stat
+        .rsplit_once(')')
+        .context("unexpected /proc/self/stat")?
+        .1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields
+        .get(11)
+        .zip(fields.get(12))
+        .and_then(|(u, s)| Some(u.parse::<f64>().ok()? + s.parse::<f64>().ok()?))
+        .context("unexpected /proc/self/stat")?;
+    Ok(ticks / clock_ticks())
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// A `kB` line of /proc/self/status (VmHWM, VmRSS).
+fn status_kib(key: &str) -> Result<u64> {
+    let status = fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("no {key} in /proc/self/status"))
+}
+
+// ---------------------------------------------------------------------------------------
+// Packing
+
+/// Unpacks an initramfs with GNU cpio into `dir`, then removes device nodes and other
+/// special files (bonsai's host-tree walk takes files, directories and symlinks only), so
+/// both packers get the same tree.
+fn unpack_image(image: &Path, dir: &Path) -> Result<()> {
+    let packed = fs::read(image).with_context(|| format!("reading {}", image.display()))?;
+    let mut archive = Vec::new();
+    match image.extension().and_then(|e| e.to_str()) {
+        Some("gz") => {
+            flate2::read::MultiGzDecoder::new(&packed[..]).read_to_end(&mut archive)?;
+        }
+        Some("zst") => archive = zstd::decode_all(&packed[..])?,
+        Some("xz") => {
+            liblzma::read::XzDecoder::new(&packed[..]).read_to_end(&mut archive)?;
+        }
+        _ => archive = packed,
+    }
+    fs::create_dir_all(dir)?;
+    let mut child = Command::new("cpio")
+        .args(["-idm", "--quiet", "--no-absolute-filenames"])
+        .current_dir(dir)
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running cpio")?;
+    let mut stdin = child.stdin.take().context("cpio's stdin")?;
+    let feeder = std::thread::spawn(move || stdin.write_all(&archive));
+    let out = child.wait_with_output()?;
+    feeder
+        .join()
+        .map_err(|_| anyhow::anyhow!("feeding cpio"))??;
+    if !out.status.success() {
+        bail!(
+            "cpio -i of {} failed: {}",
+            image.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    remove_special_files(dir)
+}
+
+fn remove_special_files(dir: &Path) -> Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            remove_special_files(&entry.path())?;
+        } else if !kind.is_file() && !kind.is_symlink() {
+            fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// A deterministic tree of small files: 1–10 KB each in nested directories, about `total`
+/// bytes, mildly compressible (words from a fixed vocabulary mixed with noise, about 2.5:1
+/// under gzip -9, like a store path of binaries and text).
+fn write_synthetic_tree(dir: &Path, total: u64) -> Result<()> {
+    let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
+    let vocabulary: Vec<Vec<u8>> = (0..512)
+        .map(|_| {
+            let len = 3 + rng.below(10) as usize;
+            (0..len).map(|_| b'a' + rng.below(26) as u8).collect()
+        })
+        .collect();
+    let mut written = 0u64;
+    let mut data = Vec::with_capacity(10 * 1024);
+    for i in 0u64.. {
+        if written >= total {
+            break;
+        }
+        let sub = dir.join(format!(
+            "nix/store/{:02}-pkg/share/d{:02}",
+            i % 40,
+            (i / 40) % 25
+        ));
+        if i < 1000 {
+            fs::create_dir_all(&sub)?;
+        }
+        let len = 1024 + rng.below(9 * 1024) as usize;
+        data.clear();
+        while data.len() < len {
+            let r = rng.next();
+            if r % 8 < 5 {
+                data.extend_from_slice(&vocabulary[(r >> 8) as usize % vocabulary.len()]);
+                data.push(if r & 0x10000 == 0 { b' ' } else { b'\n' });
+            } else {
+                for k in 0..(1 + (r >> 20) % 6) {
+                    data.push((r >> (24 + 4 * k)) as u8);
+                }
+            }
+        }
+        data.truncate(len);
+        fs::write(sub.join(format!("f{i:06}")), &data)?;
+        written += len as u64;
+    }
+    Ok(())
+}
+
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn bench_packing(name: &str, dir: &Path, scratch: &Path, runs: usize) -> Result<PackResult> {
+    let nproc = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let exe = std::env::current_exe().context("finding the xtask binary")?;
+    let out_all = scratch.join("bonsai-all.cpio.gz");
+    let out_one = scratch.join("bonsai-one.cpio.gz");
+    let out_shell = scratch.join("shell.cpio.gz");
+    let mut packers: Vec<Packer> = [
+        format!("bonsai, {nproc} threads"),
+        "bonsai, 1 thread".to_string(),
+        "shell pipeline, gzip -9n".to_string(),
+        "shell pipeline, gzip -6n".to_string(),
+    ]
+    .into_iter()
+    .map(|name| Packer {
+        name,
+        samples: Vec::new(),
+    })
+    .collect();
+    let mut last_cost = None;
+    // Round-robin, so a slow moment of the machine hits every packer alike.
+    for _ in 0..runs {
+        for (i, threads) in [(0, nproc), (1, 1)] {
+            let out = if i == 0 { &out_all } else { &out_one };
+            let (wall, cost) = run_pack_child(&exe, dir, out, threads)?;
+            packers[i].samples.push(Sample {
+                wall,
+                cpu: cost.cpu,
+                bytes: cost.compressed_bytes,
+                peak_rss: Some(cost.peak_rss),
+            });
+            last_cost = Some(cost);
+        }
+        for (i, level) in [(2, 9), (3, 6)] {
+            packers[i]
+                .samples
+                .push(run_pipeline(dir, &out_shell, level)?);
+        }
+    }
+    let cost = last_cost.context("no pack ran")?;
+    let identical_across_threads = fs::read(&out_all)? == fs::read(&out_one)?;
+    if !identical_across_threads {
+        bail!("bonsai's gzip output differs between 1 and {nproc} threads on the {name}");
+    }
+    // gzip -dc checks the stream; recompressing its output compares the compressors alone.
+    let script = format!(
+        "gzip -dc '{}' | gzip -9n | wc -c",
+        out_all.display().to_string().replace('\'', "'\\''")
+    );
+    let out = Command::new("bash")
+        .args(["-o", "pipefail", "-c", &script])
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "gzip -dc of bonsai's output failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let same_stream_gzip9 = String::from_utf8_lossy(&out.stdout).trim().parse()?;
+    let (files, dirs, symlinks, content_bytes) = count_tree(dir)?;
+    Ok(PackResult {
+        entries: cost.entries,
+        tree: name.to_string(),
+        files,
+        dirs,
+        symlinks,
+        content_bytes,
+        archive_bytes: cost.archive_bytes,
+        packers,
+        same_stream_gzip9,
+        identical_across_threads,
+    })
+}
+
+fn count_tree(dir: &Path) -> Result<(u64, u64, u64, u64)> {
+    let mut counts = (0, 0, 0, 0);
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            let sub = count_tree(&entry.path())?;
+            counts.0 += sub.0;
+            counts.1 += sub.1 + 1;
+            counts.2 += sub.2;
+            counts.3 += sub.3;
+        } else if kind.is_symlink() {
+            counts.2 += 1;
+        } else {
+            counts.0 += 1;
+            counts.3 += entry.metadata()?.len();
+        }
+    }
+    Ok(counts)
+}
+
+/// Runs `xtask bench --pack-dir` with `threads` compression threads; (wall seen from
+/// outside, what the child reported).
+fn run_pack_child(exe: &Path, dir: &Path, out: &Path, threads: usize) -> Result<(f64, PackCost)> {
+    let start = Instant::now();
+    let output = Command::new(exe)
+        .args(["bench", "--pack-dir"])
+        .arg(dir)
+        .arg(out)
+        .env("BONSAI_THREADS", threads.to_string())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {} bench --pack-dir", exe.display()))?;
+    let wall = start.elapsed().as_secs_f64();
+    if !output.status.success() {
+        bail!("bonsai's packer failed on {}", dir.display());
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    let cost: PackCost = serde_json::from_str(text.trim())
+        .with_context(|| format!("reading the packer's report {text:?}"))?;
+    Ok((wall, cost))
+}
+
+/// The shell pipeline under bash's `time`: wall, user + sys of every process in it.
+fn run_pipeline(dir: &Path, out: &Path, level: u32) -> Result<Sample> {
+    let pipeline = PIPELINE.replace("{level}", &level.to_string());
+    let script = format!(
+        "TIMEFORMAT='BONSAI-BENCH-TIME %R %U %S'; time ( cd \"$1\" && {pipeline} > \"$2\" )"
+    );
+    let output = Command::new("bash")
+        .args(["-o", "pipefail", "-c", &script, "bench"])
+        .arg(dir)
+        .arg(out)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() {
+        bail!("the shell pipeline failed: {}", stderr.trim());
+    }
+    let times: Vec<f64> = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("BONSAI-BENCH-TIME "))
+        .context("bash printed no time")?
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let [wall, user, sys] = times[..] else {
+        bail!("unexpected time line in {stderr:?}");
+    };
+    Ok(Sample {
+        wall,
+        cpu: user + sys,
+        bytes: fs::metadata(out)?.len(),
+        peak_rss: None,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Rebuilds
+
+fn bench_rebuild(root: &Path, board: &str, scratch: &Path, runs: usize) -> Result<RebuildResult> {
+    let exe = std::env::current_exe()?;
+    let epoch = crate::build::source_date_epoch(root)?.to_string();
+    let build_args = ["build", "--board", board];
+
+    // No change: one untimed build first, in case an input changed since the image was made.
+    timed_build(&exe, &build_args, &[])?;
+    let mut no_change = Vec::new();
+    let mut no_change_rebuilt = 0;
+    for _ in 0..runs {
+        let b = timed_build(&exe, &build_args, &[])?;
+        if !b.stdout.contains("is up to date") {
+            no_change_rebuilt += 1;
+        }
+        no_change.push(b.wall);
+    }
+
+    // A fresh output folder: everything but Nix from scratch (Nix's cache is warm).
+    let mut fresh = Vec::new();
+    for i in 0..runs {
+        let out = scratch.join(format!("fresh-{i}"));
+        let mut args: Vec<String> = build_args.iter().map(|s| s.to_string()).collect();
+        args.push("--out".into());
+        args.push(out.display().to_string());
+        fresh.push(timed_build(&exe, &args, &[])?);
+        fs::remove_dir_all(&out).ok();
+    }
+
+    // One package changed: a scratch copy of the data folders, hello.c edited before each run.
+    let copy = scratch.join("root");
+    for d in ["boards", "profiles", "kernel-configs", "nix"] {
+        copy_dir(&root.join(d), &copy.join(d))?;
+    }
+    let env = [
+        ("BONSAI_ROOT", copy.display().to_string()),
+        ("SOURCE_DATE_EPOCH", epoch),
+    ];
+    timed_build(&exe, &build_args, &env)?;
+    let hello = copy.join("nix/offline/src/hello.c");
+    let info_path = copy.join("out").join(board).join("build.json");
+    let hello_path = |p: &Path| -> Result<Option<String>> {
+        let info: crate::build::BuildInfo = serde_json::from_str(&fs::read_to_string(p)?)?;
+        Ok(info.store_paths.into_iter().find(|s| s.contains("-hello-")))
+    };
+    let mut before = hello_path(&info_path)?;
+    let mut hello_rebuilt = before.is_some();
+    let unique = format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    );
+    let mut changed = Vec::new();
+    for i in 0..runs {
+        let mut f = fs::OpenOptions::new().append(true).open(&hello)?;
+        writeln!(f, "/* cargo xtask bench: change {unique}-{i} */")?;
+        drop(f);
+        changed.push(timed_build(&exe, &build_args, &env)?);
+        let after = hello_path(&info_path)?;
+        hello_rebuilt &= after.is_some() && after != before;
+        before = after;
+    }
+    Ok(RebuildResult {
+        no_change,
+        no_change_rebuilt,
+        changed,
+        hello_rebuilt,
+        fresh,
+    })
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    fs::create_dir_all(to)?;
+    for entry in fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        let target = to.join(entry.file_name());
+        if kind.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else if kind.is_symlink() {
+            std::os::unix::fs::symlink(fs::read_link(entry.path())?, &target)?;
+        } else {
+            fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs `xtask <args>` and times it, and each `==> step` line it prints on stderr.
+fn timed_build<S: AsRef<std::ffi::OsStr>>(
+    exe: &Path,
+    args: &[S],
+    env: &[(&str, String)],
+) -> Result<TimedBuild> {
+    let start = Instant::now();
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env("NO_COLOR", "1");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn()?;
+    let mut stdout = child.stdout.take().context("stdout")?;
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let mut steps: Vec<(String, f64)> = Vec::new();
+    let mut tail = Vec::new();
+    for line in BufReader::new(child.stderr.take().context("stderr")?).lines() {
+        let line = line?;
+        if let Some(step) = line.strip_prefix("==> ") {
+            steps.push((step_name(step), start.elapsed().as_secs_f64()));
+        }
+        tail.push(line);
+        if tail.len() > 20 {
+            tail.remove(0);
+        }
+    }
+    let status = child.wait()?;
+    let wall = start.elapsed().as_secs_f64();
+    let stdout = reader.join().unwrap_or_default();
+    if !status.success() {
+        bail!(
+            "{} {} failed: {}",
+            exe.display(),
+            args.iter()
+                .map(|a| a.as_ref().to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" "),
+            tail.join(" | ")
+        );
+    }
+    let mut phases = Vec::new();
+    for (i, (name, at)) in steps.iter().enumerate() {
+        let end = steps.get(i + 1).map_or(wall, |s| s.1);
+        phases.push((name.clone(), end - at));
+    }
+    Ok(TimedBuild {
+        wall,
+        phases,
+        stdout,
+    })
+}
+
+/// `realise 3 packages and the kernel` -> `realise packages and the kernel`: a step's name
+/// without its counts, so runs line up.
+fn step_name(step: &str) -> String {
+    let words: Vec<&str> = step
+        .split(" (")
+        .next()
+        .unwrap_or(step)
+        .split_whitespace()
+        .filter(|w| !w.chars().all(|c| c.is_ascii_digit()))
+        .collect();
+    words.join(" ")
+}
+
+// ---------------------------------------------------------------------------------------
+// Boots
+
+fn bench_boots(board: &str, runs: u32) -> Result<Vec<BootRow>> {
+    let conformance = Conformance {
+        board: board.to_string(),
+        profile: "conformance".into(),
+        inits: Vec::new(),
+        repeat: runs,
+    };
+    let (columns, skipped) = conformance.columns()?;
+    let mut rows: Vec<BootRow> = columns
+        .into_iter()
+        .map(|c| BootRow {
+            ready: median(&c.ready),
+            init_to_up: median(&c.init_to_up),
+            boots: c.ready.len(),
+            init: c.init,
+            failure: c.failure,
+        })
+        .collect();
+    for init in skipped {
+        rows.push(BootRow {
+            init,
+            ready: None,
+            init_to_up: None,
+            boots: 0,
+            failure: Some("skipped: no Rust target for this board".into()),
+        });
+    }
+    Ok(rows)
+}
+
+// ---------------------------------------------------------------------------------------
+// The machine
+
+struct Machine {
+    cpu: String,
+    nproc: usize,
+    memory: String,
+    kernel: String,
+    qemu: String,
+    accel: String,
+    tools: String,
+    date: String,
+    /// 1-minute load average when the bench started and when it ended.
+    load: (String, String),
+    /// How many cores' worth of work the machine did: nproc copies of one compression job
+    /// run at once, against one alone.
+    effective_cores: f64,
+}
+
+/// The 1-minute load average.
+fn load_average() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
+/// Compresses the same 8 MB with gzip -9 once alone, then once on each core at the same
+/// time; the cores' worth of throughput the machine gave (nproc on an idle machine).
+fn effective_cores() -> f64 {
+    let nproc = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut rng = XorShift(7);
+    let data: std::sync::Arc<Vec<u8>> = std::sync::Arc::new(
+        (0..8 << 20)
+            .map(|i| {
+                if i % 16 < 9 {
+                    b'a' + (i % 7) as u8
+                } else {
+                    rng.next() as u8
+                }
+            })
+            .collect(),
+    );
+    let job = |data: &[u8]| {
+        let mut e = flate2::write::GzEncoder::new(std::io::sink(), flate2::Compression::best());
+        let _ = e.write_all(data);
+        let _ = e.finish();
+    };
+    let start = Instant::now();
+    job(&data);
+    let one = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let handles: Vec<_> = (0..nproc)
+        .map(|_| {
+            let data = std::sync::Arc::clone(&data);
+            std::thread::spawn(move || job(&data))
+        })
+        .collect();
+    for h in handles {
+        let _ = h.join();
+    }
+    let all = start.elapsed().as_secs_f64();
+    nproc as f64 * one / all
+}
+
+fn machine(load_at_start: String) -> Result<Machine> {
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|x| x.1))
+        .unwrap_or("unknown")
+        .trim()
+        .to_string();
+    let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let first_line = |program: &str, args: &[&str]| -> String {
+        Command::new(program)
+            .args(args)
+            .output()
+            .ok()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_string()
+            })
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| format!("{program}: not found"))
+    };
+    let kernel = format!(
+        "{} {}",
+        fs::read_to_string("/proc/sys/kernel/ostype")
+            .unwrap_or_default()
+            .trim(),
+        fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+    );
+    let os = fs::read_to_string("/etc/os-release")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+        .map(|s| s.trim_matches('"').to_string())
+        .unwrap_or_default();
+    Ok(Machine {
+        cpu,
+        nproc: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        memory: format!("{:.1} GiB", mem_kib as f64 / (1024.0 * 1024.0)),
+        kernel: format!("{kernel} ({os})"),
+        qemu: first_line("qemu-system-x86_64", &["--version"]),
+        accel: qemu::Accel::detect().as_str().to_uppercase(),
+        tools: [
+            first_line("gzip", &["--version"]),
+            first_line("cpio", &["--version"]),
+            first_line("rustc", &["--version"]),
+        ]
+        .join(", "),
+        date: first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        load: (load_at_start, load_average()),
+        effective_cores: effective_cores(),
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// The report
+
+struct Report<'a> {
+    command: String,
+    runs: usize,
+    quick: bool,
+    board: &'a str,
+    nice: Option<i32>,
+    machine: Machine,
+    packing: &'a [PackResult],
+    rebuild: &'a RebuildResult,
+    boots: Option<&'a [BootRow]>,
+}
+
+fn mb(bytes: u64) -> String {
+    format!("{:.2} MB", bytes as f64 / 1e6)
+}
+
+fn pct(a: f64, b: f64) -> String {
+    format!("{:+.2} %", (a / b - 1.0) * 100.0)
+}
+
+fn yes(met: bool) -> &'static str {
+    if met {
+        "**met**"
+    } else {
+        "not met"
+    }
+}
+
+fn render(r: &Report) -> String {
+    let m = &r.machine;
+    let mut s = String::new();
+    let mut line = |text: String| {
+        s.push_str(&text);
+        s.push('\n');
+    };
+    line("# Benchmarks".into());
+    line(String::new());
+    line(format!(
+        "Written by `{}` on {}{}. Every figure is the median of {} run(s) unless it says otherwise; \
+         times are wall-clock seconds on a warm page cache and a warm Nix store. The command \
+         reports and never fails on a time, so CI runs `cargo xtask bench --quick` only to \
+         keep it working.",
+        r.command,
+        m.date,
+        if r.quick { " (quick mode: one run, a 20 MB synthetic tree, no boots)" } else { "" },
+        r.runs
+    ));
+    line(String::new());
+    line("| machine | |".into());
+    line("| --- | --- |".into());
+    line(format!("| CPU | {} |", m.cpu));
+    line(format!("| cores (`nproc`) | {} |", m.nproc));
+    line(format!("| memory | {} |", m.memory));
+    line(format!("| kernel | {} |", m.kernel));
+    line(format!("| QEMU | {} ({}) |", m.qemu, m.accel));
+    line(format!("| tools | {} |", m.tools));
+    line(format!(
+        "| load average (1 min) | {} at the start, {} at the end |",
+        m.load.0, m.load.1
+    ));
+    line(format!(
+        "| cores' worth of throughput | {:.2} ({} copies of a gzip -9 job at once against one alone, at the end) |",
+        m.effective_cores, m.nproc
+    ));
+    line(String::new());
+    if m.load.0.parse::<f64>().is_ok_and(|l| l > 0.5) {
+        line(format!(
+            "Other work was running on the machine (load average {} before the bench started \
+             anything), so times, and most of all the gain from more threads, are noisier and \
+             slower than on an idle machine of {} cores; CPU seconds are less affected than \
+             wall times.{}",
+            m.load.0,
+            m.nproc,
+            match r.nice {
+                Some(n) => format!(
+                    " The bench ran at niceness {n} (`--nice`), it and everything it started, \
+                     to keep that work from skewing the comparison."
+                ),
+                None => String::new(),
+            }
+        ));
+        line(String::new());
+    }
+
+    line("## Packing".into());
+    line(String::new());
+    line(format!(
+        "bonsai's packer (`rootfs::Tree::add_host_tree` on the unpacked tree, then `rootfs::pack` \
+         with gzip level 9: cpio writer, parallel gzip, fsync and rename), run as a child process \
+         that reports its own CPU time (utime + stime of all threads) and peak memory (VmHWM), \
+         against `{}` (and `-6n`) under bash's `time` (wall, user + sys of the whole pipeline), \
+         on the same root tree. Ratios are against the gzip -9n pipeline.",
+        PIPELINE.replace("{level}", "9")
+    ));
+    for p in r.packing {
+        line(String::new());
+        line(format!(
+            "### {}: {} files, {} directories, {} symlinks ({} cpio entries), {} of file data, cpio stream {}",
+            p.tree,
+            p.files,
+            p.dirs,
+            p.symlinks,
+            p.entries,
+            mb(p.content_bytes),
+            mb(p.archive_bytes)
+        ));
+        line(String::new());
+        line("| packer | wall (s) | CPU (s) | output | size vs gzip -9n | speed vs gzip -9n | peak memory |".into());
+        line("| --- | ---: | ---: | ---: | ---: | ---: | ---: |".into());
+        let base = &p.packers[2];
+        for k in &p.packers {
+            line(format!(
+                "| {} | {:.3} | {:.3} | {} ({} B) | {} | {:.2}× | {} |",
+                k.name,
+                k.wall(),
+                k.cpu(),
+                mb(k.bytes()),
+                k.bytes(),
+                pct(k.bytes() as f64, base.bytes() as f64),
+                base.wall() / k.wall(),
+                k.peak_rss()
+                    .map_or("-".into(), |b| format!("{:.1} MiB", b as f64 / 1048576.0))
+            ));
+        }
+        line(String::new());
+        line(format!(
+            "Same cpio stream, compressor alone: bonsai's archive recompressed with `gzip -9n` is \
+             {} B; bonsai's gzip is {} B ({}). Output identical with 1 and {} threads: {}.",
+            p.same_stream_gzip9,
+            p.packers[0].bytes(),
+            pct(p.packers[0].bytes() as f64, p.same_stream_gzip9 as f64),
+            m.nproc,
+            if p.identical_across_threads {
+                "yes"
+            } else {
+                "NO"
+            }
+        ));
+    }
+    line(String::new());
+
+    let rb = r.rebuild;
+    let no_change = med(rb.no_change.iter().copied());
+    let changed = med(rb.changed.iter().map(|b| b.wall));
+    let fresh = med(rb.fresh.iter().map(|b| b.wall));
+    let pack_phase = |b: &TimedBuild| {
+        b.phases
+            .iter()
+            .filter(|(n, _)| n.starts_with("pack initramfs"))
+            .map(|p| p.1)
+            .sum::<f64>()
+    };
+    let cold_pack = med(rb.fresh.iter().map(pack_phase));
+    line("## Rebuild".into());
+    line(String::new());
+    line(format!(
+        "The xtask binary itself (`{}`), not `cargo run`, building `--board {}` with its default \
+         profile. \"One package changed\" runs on a scratch copy of `boards/ profiles/ \
+         kernel-configs/ nix/` (`BONSAI_ROOT`), appending a comment line to \
+         `nix/offline/src/hello.c` before each run, so Nix rebuilds `hello` and bonsai \
+         re-assembles and repacks{}. \"Fresh output folder\" builds into a new `--out` folder: \
+         Nix's cache answers, everything else is done from scratch; its pack step (\"cold pack\") \
+         runs from the `==> pack initramfs` line to the end of the process (pack, manifest, \
+         output hashes, the swap of the folder).",
+        "target/release/xtask",
+        r.board,
+        if rb.hello_rebuilt {
+            " (a new hello store path every run: checked)"
+        } else {
+            " (WARNING: hello's store path did not change every run)"
+        }
+    ));
+    line(String::new());
+    line("| case | wall (s) | runs |".into());
+    line("| --- | ---: | ---: |".into());
+    line(format!(
+        "| no change{} | {:.3} | {} |",
+        if rb.no_change_rebuilt == 0 {
+            String::new()
+        } else {
+            format!(
+                " (WARNING: {} run(s) rebuilt: an input changed meanwhile)",
+                rb.no_change_rebuilt
+            )
+        },
+        no_change,
+        rb.no_change.len()
+    ));
+    line(format!(
+        "| one package changed (hello.c) | {:.3} | {} |",
+        changed,
+        rb.changed.len()
+    ));
+    line(format!(
+        "| fresh output folder | {:.3} | {} |",
+        fresh,
+        rb.fresh.len()
+    ));
+    line(format!(
+        "| cold pack (pack step of the fresh build) | {:.3} | {} |",
+        cold_pack,
+        rb.fresh.len()
+    ));
+    line(String::new());
+    line("Where the time goes (median seconds per step, as the build prints them):".into());
+    line(String::new());
+    let mut names: Vec<String> = Vec::new();
+    for b in rb.changed.iter().chain(&rb.fresh) {
+        for (n, _) in &b.phases {
+            if !names.contains(n) {
+                names.push(n.clone());
+            }
+        }
+    }
+    let phase = |builds: &[TimedBuild], name: &str| -> String {
+        let v: Vec<f64> = builds
+            .iter()
+            .map(|b| {
+                b.phases
+                    .iter()
+                    .filter(|(n, _)| n == name)
+                    .map(|p| p.1)
+                    .sum()
+            })
+            .collect();
+        median(&v).map_or("-".into(), |x| format!("{x:.3}"))
+    };
+    line("| step | one package changed | fresh output folder |".into());
+    line("| --- | ---: | ---: |".into());
+    let mut before_steps = BTreeMap::new();
+    for (label, builds) in [("changed", &rb.changed), ("fresh", &rb.fresh)] {
+        let v: Vec<f64> = builds
+            .iter()
+            .map(|b| b.wall - b.phases.iter().map(|p| p.1).sum::<f64>())
+            .collect();
+        before_steps.insert(label, median(&v).unwrap_or(f64::NAN));
+    }
+    line(format!(
+        "| start: load config, fingerprint | {:.3} | {:.3} |",
+        before_steps["changed"], before_steps["fresh"]
+    ));
+    for n in &names {
+        line(format!(
+            "| {n} | {} | {} |",
+            phase(&rb.changed, n),
+            phase(&rb.fresh, n)
+        ));
+    }
+    line(String::new());
+
+    line("## Boot".into());
+    line(String::new());
+    match r.boots {
+        None => line("Not measured (`--quick`).".into()),
+        Some(rows) => {
+            line(format!(
+                "`cargo xtask conformance --board {} --repeat {}`'s figures: the `conformance` \
+                 profile booted under {} with each init backend; guest uptime when the ready \
+                 marker is printed, and from the kernel's `Run /init` line to the services-up \
+                 mark (guest clock), medians of the boots.",
+                r.board, r.runs, m.accel
+            ));
+            line(String::new());
+            line("| board | init | ready at (s, guest uptime) | /init to services up (ms) | boots | result |".into());
+            line("| --- | --- | ---: | ---: | ---: | --- |".into());
+            for b in rows {
+                line(format!(
+                    "| {} | {} | {} | {} | {} | {} |",
+                    r.board,
+                    b.init,
+                    b.ready.map_or("-".into(), |v| format!("{v:.3}")),
+                    b.init_to_up
+                        .map_or("-".into(), |v| format!("{:.0}", v * 1000.0)),
+                    b.boots,
+                    b.failure.as_deref().unwrap_or("all checks pass")
+                ));
+            }
+        }
+    }
+    line(String::new());
+
+    line("## Targets".into());
+    line(String::new());
+    line("| target | measured | |".into());
+    line("| --- | --- | --- |".into());
+    for p in r.packing {
+        let (b, g) = (&p.packers[0], &p.packers[2]);
+        let speed = g.wall() / b.wall();
+        line(format!(
+            "| packing the {}: ≥ 2× faster (wall) than the gzip -9n pipeline, output no larger | {:.2}× ({:.3} s vs {:.3} s; CPU {:.2} s vs {:.2} s), {} vs {} B ({}) | {} |",
+            p.tree,
+            speed,
+            b.wall(),
+            g.wall(),
+            b.cpu(),
+            g.cpu(),
+            b.bytes(),
+            g.bytes(),
+            pct(b.bytes() as f64, g.bytes() as f64),
+            yes(speed >= 2.0 && b.bytes() <= g.bytes())
+        ));
+    }
+    line(format!(
+        "| no-change rebuild < 0.3 s | {no_change:.3} s | {} |",
+        yes(no_change < 0.3)
+    ));
+    line(format!(
+        "| one changed package < 25 % of a cold pack | {changed:.3} s = {:.0} % of the cold pack ({cold_pack:.3} s); {:.0} % of a fresh-folder build ({fresh:.3} s) | {} |",
+        changed / cold_pack * 100.0,
+        changed / fresh * 100.0,
+        yes(changed < 0.25 * cold_pack)
+    ));
+    if let Some(big) = r.packing.get(1) {
+        let peak = big.packers[0].peak_rss().unwrap_or(0);
+        line(format!(
+            "| peak memory < 64 MB packing the {} | {:.1} MB (VmHWM, whole process) | {} |",
+            big.tree,
+            peak as f64 / 1e6,
+            yes(peak < 64_000_000)
+        ));
+    }
+    match r.boots.and_then(|rows| rows.iter().find(|b| b.init == "bonsai-init")) {
+        Some(b) => {
+            line(format!(
+                "| {} with bonsai-init ready within 1.0 s of guest uptime | {} | {} |",
+                r.board,
+                b.ready.map_or("not measured".into(), |v| format!("{v:.3} s")),
+                yes(b.ready.is_some_and(|v| v <= 1.0))
+            ));
+            line(format!(
+                "| {} with bonsai-init: /init to services up < 50 ms | {} | {} |",
+                r.board,
+                b.init_to_up.map_or("not measured".into(), |v| format!("{:.0} ms", v * 1000.0)),
+                yes(b.init_to_up.is_some_and(|v| v < 0.05))
+            ));
+        }
+        None => line(format!(
+            "| {} with bonsai-init ready within 1.0 s, /init to services up < 50 ms | not measured{} | - |",
+            r.board,
+            if r.quick { " (`--quick`)" } else { "" }
+        )),
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_names_drop_counts_and_details() {
+        assert_eq!(
+            step_name("realise 3 packages and the kernel"),
+            "realise packages and the kernel"
+        );
+        assert_eq!(
+            step_name("pack initramfs (gzip, 588 entries)"),
+            "pack initramfs"
+        );
+        assert_eq!(
+            step_name("select files from 4 store paths"),
+            "select files from store paths"
+        );
+    }
+
+    #[test]
+    fn the_synthetic_tree_is_the_same_every_time() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        write_synthetic_tree(a.path(), 200_000).unwrap();
+        write_synthetic_tree(b.path(), 200_000).unwrap();
+        let (files, dirs, symlinks, bytes) = count_tree(a.path()).unwrap();
+        assert_eq!(
+            count_tree(b.path()).unwrap(),
+            (files, dirs, symlinks, bytes)
+        );
+        assert!(
+            files > 15 && bytes >= 200_000,
+            "{files} files, {bytes} bytes"
+        );
+        let first = a.path().join("nix/store/00-pkg/share/d00/f000000");
+        let again = b.path().join("nix/store/00-pkg/share/d00/f000000");
+        assert_eq!(fs::read(first).unwrap(), fs::read(again).unwrap());
+    }
+
+    #[test]
+    fn process_figures_are_readable() {
+        assert!(self_cpu_seconds().unwrap() >= 0.0);
+        assert!(status_kib("VmHWM").unwrap() > 0);
+        assert!(load_average().parse::<f64>().is_ok());
+    }
+}

@@ -1,0 +1,828 @@
+//! One test per row of docs/errors.md: every failure a user can meet, triggered through the
+//! `xtask` binary against a scratch copy of the repository's data folders (`BONSAI_ROOT`),
+//! checking the exact message, the non-zero exit code, that the error is one line on stderr
+//! (plus one line per problem for selection and verification errors), and that no output
+//! folder or temporary folder is left behind.
+//!
+//! The rows that realise packages need Nix and the offline package set's cache (a few
+//! seconds each once the default board has been built; the kernel-config row builds one
+//! extra kernel config, about 20 s the first time, cached afterwards). Packages that fail
+//! to build, fail to evaluate or hard-code a store path come from a wrapper around the
+//! scratch copy's offline package set (see `with_test_packages`).
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BOARD: &str = "qemu-x86_64";
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// A scratch project: copies of boards/, profiles/, kernel-configs/ and nix/.
+struct Scratch {
+    dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    fn new() -> Scratch {
+        let dir = tempfile::tempdir().unwrap();
+        for d in ["boards", "profiles", "kernel-configs", "nix"] {
+            let status = Command::new("cp")
+                .arg("-r")
+                .arg(repo().join(d))
+                .arg(dir.path())
+                .status()
+                .unwrap();
+            assert!(status.success(), "copying {d}");
+        }
+        Scratch { dir }
+    }
+
+    fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn write(&self, rel: &str, text: &str) {
+        let p = self.root().join(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, text).unwrap();
+    }
+
+    /// A profile on top of `minimal` with `extra` TOML.
+    fn profile(&self, name: &str, extra: &str) {
+        self.write(
+            &format!("profiles/{name}.toml"),
+            &format!("description = \"{name}\"\ninherit = [\"minimal\"]\n{extra}"),
+        );
+    }
+
+    /// A copy of the default board under `name`, changed by `edit` (on the parsed TOML, so
+    /// the test does not depend on the board file's layout).
+    fn board(&self, name: &str, edit: impl FnOnce(&mut toml::Table)) {
+        let text = fs::read_to_string(self.root().join(format!("boards/{BOARD}.toml"))).unwrap();
+        let mut table: toml::Table = toml::from_str(&text).unwrap();
+        edit(&mut table);
+        self.write(
+            &format!("boards/{name}.toml"),
+            &toml::to_string(&table).unwrap(),
+        );
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_xtask"));
+        cmd.args(args)
+            .current_dir(self.root())
+            .env("BONSAI_ROOT", self.root())
+            .env("NO_COLOR", "1")
+            .env_remove("BONSAI_NIXPKGS")
+            .env_remove("BONSAI_TEST_PACK_DELAY_MS");
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let out = self.command(args).output().expect("running xtask");
+        eprintln!(
+            "$ xtask {}\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    fn out(&self, board: &str) -> PathBuf {
+        self.root().join("out").join(board)
+    }
+
+    /// Nothing was written for `board`: no output folder, no stage folder.
+    fn assert_nothing_written(&self, board: &str) {
+        assert!(
+            !self.out(board).exists(),
+            "a failed build left {}",
+            self.out(board).display()
+        );
+        self.assert_no_leftovers(board);
+    }
+
+    /// No `.<board>.tmp-*` or `.<board>.old-*` beside the output folder.
+    fn assert_no_leftovers(&self, board: &str) {
+        let Ok(entries) = fs::read_dir(self.root().join("out")) else {
+            return;
+        };
+        for e in entries {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            assert!(
+                !name.starts_with(&format!(".{board}.tmp-"))
+                    && !name.starts_with(&format!(".{board}.old-")),
+                "left behind: out/{name}"
+            );
+        }
+    }
+}
+
+/// The error a failed run printed: its `error:` line and the problem lines after it. Checks
+/// the exit code, that there is exactly one `error:` line, and that only indented problem
+/// lines follow it.
+fn error_of(out: &Output, code: i32) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "exit status; stderr:\n{stderr}"
+    );
+    let lines: Vec<&str> = stderr.lines().collect();
+    let errors: Vec<usize> = (0..lines.len())
+        .filter(|i| lines[*i].starts_with("error:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "want one error line:\n{stderr}");
+    let rest = &lines[errors[0] + 1..];
+    assert!(
+        rest.iter().all(|l| l.starts_with("  ")),
+        "only problem lines may follow the error:\n{stderr}"
+    );
+    lines[errors[0]..].join("\n")
+}
+
+/// `text` matches `pattern`, where `*` stands for any run of characters.
+fn glob(pattern: &str, text: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if parts.len() == 1 {
+        return text == pattern;
+    }
+    if !text.starts_with(first) || !text[first.len()..].ends_with(last) {
+        return false;
+    }
+    let mut rest = &text[first.len()..text.len() - last.len()];
+    for p in &parts[1..parts.len() - 1] {
+        match rest.find(p) {
+            Some(i) => rest = &rest[i + p.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+fn assert_glob(pattern: &str, text: &str) {
+    assert!(glob(pattern, text), "\n  want: {pattern}\n   got: {text}");
+}
+
+/// Runs `args` in `s`, expects exit code 1 with exactly `want`, and nothing written.
+fn fails_with(s: &Scratch, args: &[&str], want: &str) {
+    let err = error_of(&s.run(args), 1);
+    assert_glob(want, &err);
+    s.assert_nothing_written(BOARD);
+}
+
+/// Replaces the scratch offline package set by a wrapper that adds packages for the error
+/// rows: `dangler` (a script that hard-codes a store path Nix does not know), `broken` (its
+/// build fails like a compile error) and `unevaluable` (its Nix file has a syntax error).
+fn with_test_packages(s: &Scratch) {
+    let offline = s.root().join("nix/offline");
+    fs::rename(offline.join("default.nix"), offline.join("upstream.nix")).unwrap();
+    s.write(
+        "nix/offline/default.nix",
+        r#"# xtask/tests/errors.rs: the offline package set plus packages that fail.
+args:
+let
+  pkgs = import ./upstream.nix args;
+  tools = pkgs.bonsai.tools;
+  mk = name: script: derivation {
+    inherit name;
+    system = args.hostSystem;
+    builder = "${tools}/bin/sh";
+    PATH = "${tools}/bin";
+    args = [ "-e" "-c" script ];
+  };
+in
+pkgs // {
+  dangler = mk "dangler-1.0" ''
+    mkdir -p $out/bin
+    printf '#!/bin/sh\nexec /nix/store/0c6kzph7l0dcbyhx8ph5hs5v6d5yvkhd-plugin-2.0/bin/plugin "$@"\n' >$out/bin/dangler
+    chmod 555 $out/bin/dangler
+  '';
+  broken = mk "broken-1.0" ''
+    echo "compiling broken.c"
+    echo "broken.c:3:1: error: expected ';' before '}' token" >&2
+    exit 1
+  '';
+  unevaluable = import ./unevaluable.nix;
+}
+"#,
+    );
+    s.write("nix/offline/unevaluable.nix", "{ x = ; }\n");
+}
+
+/// A folder of links to every program on the host except those `hide` rejects, for a PATH
+/// on which some tool is missing.
+fn path_without(dir: &Path, hide: impl Fn(&str) -> bool) -> String {
+    let bin = dir.join("bin");
+    fs::create_dir_all(&bin).unwrap();
+    for d in [
+        "/usr/local/bin",
+        "/usr/bin",
+        "/bin",
+        "/usr/local/sbin",
+        "/usr/sbin",
+        "/sbin",
+    ] {
+        let Ok(entries) = fs::read_dir(d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !hide(&name) && !bin.join(&name).exists() {
+                let _ = std::os::unix::fs::symlink(e.path(), bin.join(&name));
+            }
+        }
+    }
+    bin.display().to_string()
+}
+
+// ------------------------------------------------------------------ boards and profiles
+
+#[test]
+fn unknown_board() {
+    let s = Scratch::new();
+    fails_with(
+        &s,
+        &["build", "--board", "nope"],
+        "error: unknown board 'nope' (no boards/nope.toml); known boards: *qemu-x86_64*",
+    );
+}
+
+#[test]
+fn unknown_profile() {
+    let s = Scratch::new();
+    fails_with(
+        &s,
+        &["build", "--profile", "nope"],
+        "error: unknown profile 'nope' (no profiles/nope.toml); known profiles: *minimal*",
+    );
+    s.write(
+        "profiles/orphan.toml",
+        "description = \"o\"\ninherit = [\"ghost\"]\n",
+    );
+    fails_with(
+        &s,
+        &["build", "--profile", "orphan"],
+        "error: profiles/orphan.toml: key 'inherit': unknown profile 'ghost'; known profiles: *",
+    );
+}
+
+#[test]
+fn unknown_init() {
+    let s = Scratch::new();
+    s.profile("sysd", "init = \"systemd\"\n");
+    fails_with(
+        &s,
+        &["build", "--profile", "sysd"],
+        "error: profiles/sysd.toml: key 'init': unknown init 'systemd' (expected one of busybox, runit, s6, bonsai-init)",
+    );
+    // On the command line: a usage error, exit code 2, still one line.
+    let err = error_of(&s.run(&["build", "--init", "systemd"]), 2);
+    assert_eq!(
+        err,
+        "error: invalid value 'systemd' for '--init <INIT>' [possible values: busybox, runit, s6, bonsai-init]"
+    );
+}
+
+#[test]
+fn unknown_command_line_argument() {
+    let s = Scratch::new();
+    let err = error_of(&s.run(&["build", "--colour"]), 2);
+    assert_glob("error: unexpected argument '--colour' found*", &err);
+}
+
+#[test]
+fn malformed_toml() {
+    let s = Scratch::new();
+    s.write(
+        "boards/bad.toml",
+        "arch = \"x86_64\"\nnix-system\nconsole = \"ttyS0\"\n",
+    );
+    fails_with(
+        &s,
+        &["build", "--board", "bad"],
+        "error: boards/bad.toml:2:11: key with no value, expected `=`",
+    );
+    s.write("profiles/bad.toml", "description = \"unterminated\n");
+    fails_with(
+        &s,
+        &["build", "--profile", "bad"],
+        "error: profiles/bad.toml:1:28: invalid basic string, expected `\"`",
+    );
+}
+
+#[test]
+fn unknown_key() {
+    let s = Scratch::new();
+    s.board("colour", |t| {
+        t.insert("colour".into(), "red".into());
+    });
+    fails_with(
+        &s,
+        &["build", "--board", "colour"],
+        "error: boards/colour.toml:*:1: unknown field `colour`, expected one of `description`, `arch`, *",
+    );
+    s.profile("typo", "pakages = [\"hello\"]\n");
+    fails_with(
+        &s,
+        &["build", "--profile", "typo"],
+        "error: profiles/typo.toml:3:1: unknown field `pakages`, expected one of *",
+    );
+}
+
+#[test]
+fn wrong_type() {
+    let s = Scratch::new();
+    s.board("typed", |t| {
+        t["qemu"]
+            .as_table_mut()
+            .unwrap()
+            .insert("smp".into(), "two".into());
+    });
+    fails_with(
+        &s,
+        &["build", "--board", "typed"],
+        "error: boards/typed.toml:*:7: invalid type: string \"two\", expected u32",
+    );
+}
+
+#[test]
+fn inheritance_cycle_and_diamond() {
+    let s = Scratch::new();
+    s.write(
+        "profiles/ca.toml",
+        "description = \"a\"\ninherit = [\"cb\"]\npackages = [\"hello\"]\n",
+    );
+    s.write(
+        "profiles/cb.toml",
+        "description = \"b\"\ninherit = [\"ca\"]\n",
+    );
+    fails_with(
+        &s,
+        &["build", "--profile", "ca"],
+        "error: profiles/cb.toml: key 'inherit': inheritance cycle ca -> cb -> ca",
+    );
+    s.write(
+        "profiles/left.toml",
+        "description = \"l\"\ninherit = [\"base\"]\n",
+    );
+    s.write(
+        "profiles/right.toml",
+        "description = \"r\"\ninherit = [\"base\"]\n",
+    );
+    s.write(
+        "profiles/both.toml",
+        "description = \"t\"\ninherit = [\"left\", \"right\"]\n",
+    );
+    fails_with(
+        &s,
+        &["build", "--profile", "both"],
+        "error: profiles/both.toml: key 'inherit': profile 'base' is inherited twice (through 'left' and 'right'); diamonds are not allowed",
+    );
+}
+
+// ------------------------------------------------------------------ Nix and host tools
+
+#[test]
+fn package_attribute_missing() {
+    let s = Scratch::new();
+    s.profile("nopkg", "packages = [\"no-such-package\"]\n");
+    fails_with(
+        &s,
+        &["build", "--profile", "nopkg"],
+        "error: realising packages: package attribute 'no-such-package' does not exist in the offline package set",
+    );
+}
+
+#[test]
+fn nix_evaluation_failure() {
+    let s = Scratch::new();
+    with_test_packages(&s);
+    s.profile("uneval", "packages = [\"unevaluable\"]\n");
+    fails_with(
+        &s,
+        &["build", "--profile", "uneval"],
+        &format!(
+            "error: realising packages: Nix evaluation failed: syntax error, unexpected ';' at {}/nix/offline/unevaluable.nix:1:7",
+            s.root().display()
+        ),
+    );
+}
+
+#[test]
+fn nix_build_failure() {
+    let s = Scratch::new();
+    with_test_packages(&s);
+    s.profile("broken", "packages = [\"broken\"]\n");
+    fails_with(
+        &s,
+        &["build", "--profile", "broken"],
+        "error: realising packages: builder for broken-1.0 failed with exit code 1: broken.c:3:1: error: expected ';' before '}' token (full log: nix-store -l /nix/store/*-broken-1.0.drv)",
+    );
+}
+
+#[test]
+fn nix_missing_and_not_installable() {
+    let s = Scratch::new();
+    let tools = tempfile::tempdir().unwrap();
+    let path = path_without(tools.path(), |name| name.starts_with("nix"));
+    let out = s
+        .command(&["build"])
+        .env("PATH", &path)
+        .env("BONSAI_NO_INSTALL", "1")
+        .output()
+        .unwrap();
+    assert_eq!(
+        error_of(&out, 1),
+        "error: missing host packages: nix-bin; install them with: sudo apt-get install -y nix-bin"
+    );
+    s.assert_nothing_written(BOARD);
+}
+
+#[test]
+fn qemu_missing_and_not_installable() {
+    let s = Scratch::new();
+    let built = s.run(&["build"]);
+    assert!(built.status.success(), "the scratch build failed");
+    let tools = tempfile::tempdir().unwrap();
+    let path = path_without(tools.path(), |name| name.starts_with("qemu-system-"));
+    let out = s
+        .command(&["boot", "--check", "--timeout", "5"])
+        .env("PATH", &path)
+        .env("BONSAI_NO_INSTALL", "1")
+        .output()
+        .unwrap();
+    assert_eq!(
+        error_of(&out, 1),
+        "error: missing host packages: qemu-system-x86; install them with: sudo apt-get install -y qemu-system-x86"
+    );
+}
+
+#[test]
+fn kernel_option_dropped() {
+    let s = Scratch::new();
+    s.write(
+        "kernel-configs/usb-storage.config",
+        "# USB mass storage, on a board without USB\nCONFIG_USB_STORAGE=y\n",
+    );
+    s.board("nousb", |t| {
+        let kernel = t["kernel"].as_table_mut().unwrap();
+        let mut fragments = kernel["fragments"].as_array().unwrap().clone();
+        fragments.push("usb-storage.config".into());
+        kernel.insert("fragments".into(), fragments.into());
+    });
+    let err = error_of(&s.run(&["build", "--board", "nousb"]), 1);
+    assert_eq!(
+        err,
+        "error: kernel option CONFIG_USB_STORAGE=y from kernel-configs/usb-storage.config was dropped by olddefconfig (it became n); check its dependencies"
+    );
+    s.assert_nothing_written("nousb");
+}
+
+// ------------------------------------------------------------------ selection and verification
+
+#[test]
+fn unresolved_library() {
+    let s = Scratch::new();
+    s.profile("noglibc", "[image]\ndrop = [\"*-glibc-*\"]\n");
+    let err = error_of(&s.run(&["build", "--profile", "noglibc"]), 1);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(
+        lines[0],
+        "error: select found 3 problems in profile noglibc:"
+    );
+    assert_glob(
+        "  /nix/store/*-hello-1.0/bin/hello: library libc.so.6 not found in RUNPATH /nix/store/*-glibc-*/lib (only in dropped /nix/store/*-glibc-*)",
+        lines[1],
+    );
+    assert_glob(
+        "  /nix/store/*-hello-1.0/bin/hello: RUNPATH/RPATH entry in /nix/store/*-glibc-*, which is dropped (rewrite = true in its drop rule rewrites the reference)",
+        lines[2],
+    );
+    assert_glob(
+        "  /nix/store/*-hello-1.0/bin/hello: interpreter is in /nix/store/*-glibc-*, which is dropped",
+        lines[3],
+    );
+    assert_eq!(lines.len(), 4);
+    s.assert_nothing_written(BOARD);
+}
+
+#[test]
+fn dangling_store_reference() {
+    let s = Scratch::new();
+    with_test_packages(&s);
+    s.profile("dangling", "packages = [\"dangler\"]\n");
+    fails_with(
+        &s,
+        &["build", "--profile", "dangling"],
+        "error: verify found 1 problem in profile dangling:\n  /nix/store/*-dangler-1.0/bin/dangler: refers to /nix/store/0c6kzph7l0dcbyhx8ph5hs5v6d5yvkhd-plugin-2.0, which is not in the image",
+    );
+}
+
+#[test]
+fn missing_store_path_named_in_a_profile() {
+    let s = Scratch::new();
+    s.profile(
+        "plugin",
+        "[[setup.files]]\npath = \"/etc/app.conf\"\ncontent = \"plugin = /nix/store/0c6kzph7l0dcbyhx8ph5hs5v6d5yvkhd-plugin/lib/p.so\\n\"\n",
+    );
+    fails_with(
+        &s,
+        &["build", "--profile", "plugin"],
+        "error: select found 1 problem in profile plugin:\n  /nix/store/0c6kzph7l0dcbyhx8ph5hs5v6d5yvkhd-plugin/lib/p.so: does not exist (referenced by /etc/bonsai/setup-files/0)",
+    );
+}
+
+#[test]
+fn size_budget_exceeded() {
+    let s = Scratch::new();
+    s.board("tight-kernel", |t| {
+        t["budget"]
+            .as_table_mut()
+            .unwrap()
+            .insert("kernel".into(), "1 MiB".into());
+    });
+    let err = error_of(&s.run(&["build", "--board", "tight-kernel"]), 1);
+    assert_glob(
+        "error: boards/tight-kernel.toml: budget.kernel: kernel is * MiB (* B), over the budget of 1.00 MiB (1048576 B)",
+        &err,
+    );
+    s.assert_nothing_written("tight-kernel");
+
+    s.board("tight-initramfs", |t| {
+        t["budget"]
+            .as_table_mut()
+            .unwrap()
+            .insert("initramfs".into(), "512 KiB".into());
+    });
+    let err = error_of(&s.run(&["build", "--board", "tight-initramfs"]), 1);
+    assert_glob(
+        "error: boards/tight-initramfs.toml: budget.initramfs: initramfs is * MiB, over the budget of 512.0 KiB; largest: /nix/store/*-glibc-* * MiB, /nix/store/*",
+        &err,
+    );
+    s.assert_nothing_written("tight-initramfs");
+}
+
+#[test]
+fn output_folder_unwritable() {
+    let s = Scratch::new();
+    let file = s.root().join("a-file");
+    fs::write(&file, "").unwrap();
+    let out = file.join("out");
+    let err = error_of(&s.run(&["build", "--out", out.to_str().unwrap()]), 1);
+    assert_eq!(
+        err,
+        format!(
+            "error: cannot write the output folder {}: {} is a file, not a folder",
+            out.display(),
+            file.display()
+        )
+    );
+    // The output folder itself a file.
+    let err = error_of(&s.run(&["build", "--out", file.to_str().unwrap()]), 1);
+    assert_eq!(
+        err,
+        format!(
+            "error: cannot write the output folder {}: it is a file, not a folder",
+            file.display()
+        )
+    );
+    assert_eq!(fs::read(&file).unwrap(), b"");
+}
+
+#[test]
+fn output_folder_not_writable() {
+    let s = Scratch::new();
+    let ro = s.root().join("read-only");
+    fs::create_dir(&ro).unwrap();
+    let out = ro.join("out");
+    // Root may write anywhere: drop to nobody for this run (a read-only folder is enough
+    // for anyone else).
+    let root_user = fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+    let mut cmd = if root_user {
+        for p in [s.root(), ro.as_path()] {
+            fs::set_permissions(p, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(env!("CARGO_BIN_EXE_xtask"))
+            .current_dir("/")
+            .env("BONSAI_ROOT", s.root())
+            .env("HOME", "/nonexistent");
+        cmd
+    } else {
+        fs::set_permissions(&ro, fs::Permissions::from_mode(0o555)).unwrap();
+        s.command(&[])
+    };
+    let output = cmd
+        .args(["build", "--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(
+        error_of(&output, 1),
+        format!(
+            "error: cannot write the output folder {}: creating {}/.out.lock: Permission denied",
+            out.display(),
+            ro.display()
+        )
+    );
+    assert_eq!(fs::read_dir(&ro).unwrap().count(), 0);
+}
+
+// ------------------------------------------------------------------ services and users
+
+#[test]
+fn unknown_service_in_a_dependency() {
+    let s = Scratch::new();
+    s.profile(
+        "svc",
+        "[services.web]\ncommand = [\"/bin/sh\", \"-c\", \"true\"]\nafter = [\"db\"]\n",
+    );
+    fails_with(
+        &s,
+        &["build", "--profile", "svc"],
+        "error: profiles/svc.toml: services.web.after: unknown service 'db'",
+    );
+}
+
+#[test]
+fn dependency_cycle() {
+    let s = Scratch::new();
+    s.profile(
+        "cycle",
+        "[services.a]\ncommand = [\"/bin/sh\"]\nafter = [\"b\"]\n[services.b]\ncommand = [\"/bin/sh\"]\nafter = [\"a\"]\n",
+    );
+    fails_with(
+        &s,
+        &["build", "--profile", "cycle"],
+        "error: profiles/cycle.toml: services.a.after: dependency cycle a -> b -> a",
+    );
+}
+
+#[test]
+fn service_program_not_in_the_image() {
+    let s = Scratch::new();
+    s.profile(
+        "nginx",
+        "[services.web]\ncommand = [\"/bin/nginx\", \"-g\", \"daemon off;\"]\n",
+    );
+    fails_with(
+        &s,
+        &["build", "--profile", "nginx"],
+        "error: profiles/nginx.toml: services.web.command: program '/bin/nginx' is not in the image",
+    );
+}
+
+#[test]
+fn unknown_user() {
+    let s = Scratch::new();
+    s.profile(
+        "www",
+        "[services.web]\ncommand = [\"/bin/sh\"]\nuser = \"www\"\n",
+    );
+    fails_with(
+        &s,
+        &["build", "--profile", "www"],
+        "error: profiles/www.toml: services.web.user: unknown user 'www' (define [users.www])",
+    );
+}
+
+// ------------------------------------------------------------------ concurrency and interrupts
+
+/// Starts a build that pauses after packing (`BONSAI_TEST_PACK_DELAY_MS`) with a new
+/// SOURCE_DATE_EPOCH, so it is not up to date.
+fn slow_build(s: &Scratch, epoch: &str) -> Child {
+    s.command(&["build"])
+        .env("BONSAI_TEST_PACK_DELAY_MS", "60000")
+        .env("SOURCE_DATE_EPOCH", epoch)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until `what` holds, up to two minutes (the first build of a scratch copy
+/// evaluates everything).
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The stage folder of a running build, once the initramfs is packed into it.
+fn packed_stage(s: &Scratch) -> Option<PathBuf> {
+    fs::read_dir(s.root().join("out"))
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(&format!(".{BOARD}.tmp-"))
+                && p.join("initramfs.cpio.gz").exists()
+        })
+}
+
+fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn digest(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn two_builds_of_the_same_board_at_once() {
+    let s = Scratch::new();
+    let mut first = slow_build(&s, "1000");
+    let lock = s.root().join(format!("out/.{BOARD}.lock"));
+    let pid = first.id().to_string();
+    wait_for("the first build to take the lock", || {
+        fs::read_to_string(&lock).is_ok_and(|t| t.trim() == pid)
+    });
+    let start = Instant::now();
+    let err = error_of(&s.run(&["build"]), 1);
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "the second build waited {:?}",
+        start.elapsed()
+    );
+    assert_eq!(
+        err,
+        format!(
+            "error: another build of {BOARD} is running (lock out/.{BOARD}.lock held by pid {pid})"
+        )
+    );
+    signal(&first, "INT");
+    first.wait().unwrap();
+    s.assert_no_leftovers(BOARD);
+}
+
+#[test]
+fn interrupted_build_leaves_the_previous_output_and_no_temporary_files() {
+    let s = Scratch::new();
+    let built = s.run(&["build"]);
+    assert!(built.status.success(), "the first scratch build failed");
+    let before = digest(&s.out(BOARD));
+
+    // SIGINT while packing: the handler removes the stage folder.
+    let first = slow_build(&s, "2000");
+    wait_for("the build to pack", || packed_stage(&s).is_some());
+    signal(&first, "INT");
+    let out = first.wait_with_output().unwrap();
+    assert_eq!(
+        error_of(&out, 130),
+        "error: interrupted (SIGINT); the unfinished output was removed, the previous one is unchanged"
+    );
+    assert_eq!(digest(&s.out(BOARD)), before, "the previous output changed");
+    s.assert_no_leftovers(BOARD);
+
+    // SIGKILL runs no handler: the stage stays, and the next build removes it.
+    let mut second = slow_build(&s, "3000");
+    wait_for("the build to pack", || packed_stage(&s).is_some());
+    let stage = packed_stage(&s).unwrap();
+    signal(&second, "KILL");
+    second.wait().unwrap();
+    assert!(stage.exists());
+    assert_eq!(digest(&s.out(BOARD)), before, "the previous output changed");
+    let again = s.run(&["build"]);
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("left by an interrupted build"));
+    assert!(!stage.exists(), "{} was not cleaned up", stage.display());
+    s.assert_no_leftovers(BOARD);
+}
