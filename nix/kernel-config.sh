@@ -26,8 +26,16 @@ for f in $fragments; do
 		got=$(grep -E "^$opt=" .config | tail -n 1 | cut -d= -f2- || true)
 		[ -n "$got" ] || got=n
 		status=ok
-		[ "$got" = "$want" ] || status=dropped
-		printf '%s\t%s\t%s\t%s\t%s\n' "$opt" "$want" "$got" "$name" "$status" >>"$out/report"
+		why=
+		if [ "$got" != "$want" ]; then
+			status=dropped
+			# What Kconfig says the option needs (its "depends on" lines), as the reason.
+			sym=${opt#CONFIG_}
+			why=$(find . -name 'Kconfig*' -exec grep -A30 -h "^[[:space:]]*\(menu\)\?config $sym\$" {} + 2>/dev/null |
+				sed -n '2,$p' | sed '/^[[:space:]]*\(menu\)\?config /,$d' | grep -E '^[[:space:]]*depends on' |
+				sed 's/^[[:space:]]*//' | tr '\n' ';' | sed 's/;$//')
+		fi
+		printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$opt" "$want" "$got" "$name" "$status" "$why" >>"$out/report"
 	done
 done
 cp .config "$out/config"

@@ -173,6 +173,7 @@ impl Bench {
             .join(" ");
         let scratch = tempfile::Builder::new().prefix("bonsai-bench-").tempdir()?;
         let load_at_start = load_average();
+        let cores_at_start = effective_cores();
 
         // The board's default image: built if missing or stale, then unpacked with GNU cpio.
         ui::step(format!("bench: build {} (if needed)", self.board));
@@ -239,7 +240,7 @@ impl Bench {
             quick: self.quick,
             board: &self.board,
             nice: self.nice,
-            machine: machine(load_at_start)?,
+            machine: machine(load_at_start, cores_at_start)?,
             packing: &packing,
             rebuild: &rebuild,
             boots: boots.as_deref(),
@@ -819,9 +820,9 @@ struct Machine {
     date: String,
     /// 1-minute load average when the bench started and when it ended.
     load: (String, String),
-    /// How many cores' worth of work the machine did: nproc copies of one compression job
-    /// run at once, against one alone.
-    effective_cores: f64,
+    /// How many cores' worth of work the machine did, at the start and at the end: nproc
+    /// copies of one compression job run at once, against one alone.
+    effective_cores: (f64, f64),
 }
 
 /// The 1-minute load average.
@@ -870,7 +871,7 @@ fn effective_cores() -> f64 {
     nproc as f64 * one / all
 }
 
-fn machine(load_at_start: String) -> Result<Machine> {
+fn machine(load_at_start: String, cores_at_start: f64) -> Result<Machine> {
     let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu = cpuinfo
         .lines()
@@ -930,7 +931,7 @@ fn machine(load_at_start: String) -> Result<Machine> {
         .join(", "),
         date: first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
         load: (load_at_start, load_average()),
-        effective_cores: effective_cores(),
+        effective_cores: (cores_at_start, effective_cores()),
     })
 }
 
@@ -998,8 +999,8 @@ fn render(r: &Report) -> String {
         m.load.0, m.load.1
     ));
     line(format!(
-        "| cores' worth of throughput | {:.2} ({} copies of a gzip -9 job at once against one alone, at the end) |",
-        m.effective_cores, m.nproc
+        "| cores' worth of throughput | {:.2} at the start, {:.2} at the end ({} copies of a gzip -9 job at once against one alone; {} on an idle machine) |",
+        m.effective_cores.0, m.effective_cores.1, m.nproc, m.nproc
     ));
     line(String::new());
     if m.load.0.parse::<f64>().is_ok_and(|l| l > 0.5) {

@@ -173,8 +173,13 @@ impl Build {
                 }
             }
             if let Some(bad) = report.iter().find(|o| !o.survived) {
+                let why = if bad.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (Kconfig: {})", bad.reason)
+                };
                 bail!(
-                    "kernel option {}={} from kernel-configs/{} was dropped by olddefconfig (it became {}); check its dependencies",
+                    "kernel option {}={} from kernel-configs/{} was dropped by olddefconfig (it became {}); check its dependencies{why}",
                     bad.option,
                     bad.wanted,
                     bad.fragment,
@@ -697,9 +702,8 @@ pub fn fingerprint(
                 .as_bytes(),
         );
     }
-    if let Ok(exe) = std::env::current_exe() {
-        add_file(&mut h, &exe)?;
-    }
+    // The running binary (through /proc, which works even after cargo replaced the file).
+    add_file(&mut h, Path::new("/proc/self/exe"))?;
     Ok(Some(crate::offline::hex(&h.finalize())))
 }
 

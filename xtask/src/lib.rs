@@ -9,6 +9,7 @@ pub mod config;
 pub mod conformance;
 pub mod diff;
 pub mod host;
+pub mod kernel_config;
 pub mod list;
 pub mod new_board;
 pub mod nix;
@@ -22,6 +23,7 @@ pub mod size;
 pub mod sizemap;
 pub mod ssh;
 pub mod test;
+pub mod test_boards;
 pub mod ui;
 pub mod why;
 
@@ -62,6 +64,10 @@ pub enum Command {
     Repro(repro::Repro),
     /// What changed between two releases: files, sizes, store paths and versions
     Diff(diff::Diff),
+    /// The merged kernel config: which fragment set each option and whether it survived
+    KernelConfig(kernel_config::KernelConfig),
+    /// Every board with every init backend: build, check, and a matrix of boot times and sizes
+    TestBoards(test_boards::TestBoards),
     /// Why is a file or store path in the image: the chain of references back to a root
     Why(why::Why),
     /// Boot one profile with every init backend and print the check x backend matrix
@@ -113,6 +119,8 @@ pub fn main() -> ExitCode {
         Command::Conformance(c) => c.run(),
         Command::Size(c) => c.run(),
         Command::Why(c) => c.run(),
+        Command::KernelConfig(c) => c.run(),
+        Command::TestBoards(c) => c.run(),
         Command::Release(c) => c.run().map(|_| ()),
         Command::Repro(c) => c.run(),
         Command::Diff(c) => c.run(),

@@ -355,6 +355,8 @@ pub struct ConfigOption {
     pub got: String,
     pub fragment: String,
     pub survived: bool,
+    /// For a dropped option: what Kconfig says it depends on.
+    pub reason: String,
 }
 
 pub fn read_config_report(dir: &Path) -> Result<Vec<ConfigOption>> {
@@ -364,12 +366,13 @@ pub fn read_config_report(dir: &Path) -> Result<Vec<ConfigOption>> {
         .lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split('\t').collect();
-            (f.len() == 5).then(|| ConfigOption {
+            (f.len() >= 5).then(|| ConfigOption {
                 option: f[0].into(),
                 wanted: f[1].into(),
                 got: f[2].into(),
                 fragment: f[3].into(),
                 survived: f[4] == "ok",
+                reason: f.get(5).map(|r| r.to_string()).unwrap_or_default(),
             })
         })
         .collect())

@@ -701,3 +701,29 @@ fn every_init_backend_survives_abuse() {
         "{stdout}"
     );
 }
+
+#[test]
+fn board_matrix_and_kernel_config_report() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let cells: serde_json::Value = serde_json::from_str(&ok(&["test-boards", "--json"])).unwrap();
+    let cells = cells.as_array().unwrap();
+    let list: serde_json::Value = serde_json::from_str(&ok(&["list", "--json"])).unwrap();
+    assert_eq!(
+        cells.len(),
+        list["boards"].as_array().unwrap().len() * 4,
+        "one cell per board and init"
+    );
+    for c in cells {
+        assert!(c["passed"].as_bool().unwrap(), "{c}");
+        assert!(c["ready_s"].as_f64().unwrap() > 0.0);
+    }
+    let report = ok(&["kernel-config", "--board", BOARD]);
+    assert!(
+        report
+            .lines()
+            .any(|l| l.starts_with("CONFIG_VIRTIO_NET") && l.trim_end().ends_with("ok")),
+        "{report}"
+    );
+    let diff = ok(&["kernel-config", "--board", BOARD, "--diff", "qemu-aarch64"]);
+    assert!(diff.contains("CONFIG_SERIAL_AMBA_PL011"), "{diff}");
+}

@@ -484,7 +484,7 @@ fn kernel_option_dropped() {
     let err = error_of(&s.run(&["build", "--board", "nousb"]), 1);
     assert_eq!(
         err,
-        "error: kernel option CONFIG_USB_STORAGE=y from kernel-configs/usb-storage.config was dropped by olddefconfig (it became n); check its dependencies"
+        "error: kernel option CONFIG_USB_STORAGE=y from kernel-configs/usb-storage.config was dropped by olddefconfig (it became n); check its dependencies (Kconfig: depends on SCSI)"
     );
     s.assert_nothing_written("nousb");
 }

@@ -1,0 +1,146 @@
+//! `cargo xtask kernel-config --board <b>`: the merged kernel config, and for each option the
+//! fragments set: which fragment set it, what it became, and (when Kconfig dropped it) what it
+//! depends on. `--diff <board>` compares two boards' merged configs.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::Args;
+
+use crate::config::{Config, KernelSource};
+use crate::nix::{self, Eval, PackageSource};
+use crate::{project_root, ui};
+
+#[derive(Args, Debug)]
+pub struct KernelConfig {
+    #[arg(long, default_value = "qemu-x86_64")]
+    pub board: String,
+    /// Compare with another board's merged config
+    #[arg(long)]
+    pub diff: Option<String>,
+    /// Print the whole merged .config too
+    #[arg(long)]
+    pub full: bool,
+}
+
+/// Realises a board's merged config; returns the folder (config, report) and the report with
+/// fragment names.
+fn merged(board_name: &str) -> Result<(PathBuf, Vec<nix::ConfigOption>)> {
+    let root = project_root();
+    let board = Config::new(&root).load_board(board_name)?;
+    let KernelSource::Build { fragments, .. } = &board.kernel.source else {
+        bail!(
+            "boards/{board_name}.toml uses a prebuilt kernel package; it has no fragments to merge"
+        );
+    };
+    if board.arch != crate::offline::host_arch()? {
+        if let Some((cc, libc)) = crate::host::cross_tools(board.arch, crate::offline::host_arch()?)
+        {
+            crate::host::ensure(&[cc], &[libc])?;
+        }
+    }
+    crate::host::ensure(crate::host::KERNEL_TOOLS, &[crate::host::LIBELF_HEADER])?;
+    let eval = Eval::new(
+        &root,
+        &board,
+        &["busybox".to_string()],
+        &PackageSource::Offline,
+    )?;
+    ui::step(format!("merge the kernel config of {board_name}"));
+    let dir = eval
+        .build(&["kernelConfig".into()], "kernel config")?
+        .remove(0);
+    let mut report = nix::read_config_report(&dir)?;
+    for o in &mut report {
+        if let Some(n) = o
+            .fragment
+            .parse::<usize>()
+            .ok()
+            .and_then(|i| fragments.get(i.wrapping_sub(1)))
+        {
+            o.fragment = n.clone();
+        }
+    }
+    Ok((dir, report))
+}
+
+fn options(text: &str) -> BTreeMap<String, String> {
+    let mut m = BTreeMap::new();
+    for l in text.lines() {
+        if let Some((k, v)) = l.split_once('=').filter(|(k, _)| k.starts_with("CONFIG_")) {
+            m.insert(k.to_string(), v.to_string());
+        } else if let Some(k) = l
+            .strip_prefix("# ")
+            .and_then(|r| r.strip_suffix(" is not set"))
+        {
+            m.insert(k.to_string(), "n".into());
+        }
+    }
+    m
+}
+
+impl KernelConfig {
+    pub fn run(self) -> Result<()> {
+        let (dir, report) = merged(&self.board)?;
+        if let Some(other) = &self.diff {
+            let (odir, _) = merged(other)?;
+            let a = options(&std::fs::read_to_string(dir.join("config"))?);
+            let b = options(&std::fs::read_to_string(odir.join("config"))?);
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            println!("{:<44} {:>16} {:>16}", "option", self.board, other);
+            let mut n = 0;
+            for k in keys {
+                let (x, y) = (
+                    a.get(k).map(String::as_str).unwrap_or("n"),
+                    b.get(k).map(String::as_str).unwrap_or("n"),
+                );
+                if x != y {
+                    n += 1;
+                    println!("{k:<44} {x:>16} {y:>16}");
+                }
+            }
+            println!("{n} options differ");
+            return Ok(());
+        }
+        if self.full {
+            print!("{}", std::fs::read_to_string(dir.join("config"))?);
+        }
+        println!(
+            "{:<36} {:>8} {:>8}  {:<24} status",
+            "option (set by a fragment)", "wanted", "got", "fragment"
+        );
+        for o in &report {
+            let status = if o.survived {
+                "ok".to_string()
+            } else {
+                format!(
+                    "DROPPED{}",
+                    if o.reason.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", o.reason)
+                    }
+                )
+            };
+            println!(
+                "{:<36} {:>8} {:>8}  {:<24} {status}",
+                o.option, o.wanted, o.got, o.fragment
+            );
+        }
+        let dropped = report.iter().filter(|o| !o.survived).count();
+        if dropped > 0 {
+            bail!(
+                "{dropped} option(s) set by the fragments of {} did not survive olddefconfig",
+                self.board
+            );
+        }
+        ui::step(format!(
+            "all {} options set by the fragments survived",
+            report.len()
+        ));
+        Ok(())
+    }
+}
