@@ -62,7 +62,7 @@ impl NewBoard {
                     kernel,
                     "# base config the fragments are merged onto: tinyconfig, defconfig or allnoconfig\nbase = {}\n# fragments under kernel-configs/, merged in order\nfragments = {}\n",
                     q(base),
-                    list(&[fragment_name.clone()])
+                    list(std::slice::from_ref(&fragment_name))
                 );
             }
             KernelSource::Package(p) => {

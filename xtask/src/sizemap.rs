@@ -165,7 +165,7 @@ pub fn render(by_path: &Report, by_file: &Report) -> (String, usize) {
             .iter()
             .filter(|f| f.image_bytes > 0 && f.name.starts_with(&format!("{}/", g.name)))
             .collect();
-        files.sort_by(|a, b| b.image_bytes.cmp(&a.image_bytes));
+        files.sort_by_key(|f| std::cmp::Reverse(f.image_bytes));
         let fw: Vec<f64> = files.iter().map(|f| f.image_bytes as f64).collect();
         // Files fill the group below its label line.
         let inner = squarify(
