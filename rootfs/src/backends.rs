@@ -539,6 +539,27 @@ fn init_json(sys: &System) -> String {
     serde_json::to_string_pretty(&json).unwrap_or_default() + "\n"
 }
 
+/// runsv's and s6-supervise's service folder: run, finish and log/run hand over to the shared
+/// scripts under /etc/bonsai/svc/<name>/.
+fn service_dir(dir: &str, name: &str) -> Vec<(String, Node)> {
+    [
+        ("run", format!("exec /etc/bonsai/svc/{name}/run")),
+        (
+            "finish",
+            format!("exec /etc/bonsai/svc/{name}/finish \"$@\""),
+        ),
+        ("log/run", format!("exec /etc/bonsai/svc/{name}/log")),
+    ]
+    .into_iter()
+    .map(|(f, body)| {
+        (
+            format!("{dir}/{f}"),
+            file(format!("#!/bin/sh\n{body}\n"), 0o755),
+        )
+    })
+    .collect()
+}
+
 /// The path `/proc/1/exe` must show once the backend runs.
 pub fn expected_pid1(inputs: &InitInputs) -> String {
     match inputs.backend {
@@ -634,18 +655,7 @@ pub fn render(tree: &mut Tree, sys: &System, inputs: &InitInputs) -> Result<()> 
             for svc in sys.longruns() {
                 let d = format!("etc/service/{}", svc.name);
                 let n = &svc.name;
-                files.push(exe(
-                    &format!("{d}/run"),
-                    format!("#!/bin/sh\nexec /etc/bonsai/svc/{n}/run\n"),
-                ));
-                files.push(exe(
-                    &format!("{d}/finish"),
-                    format!("#!/bin/sh\nexec /etc/bonsai/svc/{n}/finish \"$@\"\n"),
-                ));
-                files.push(exe(
-                    &format!("{d}/log/run"),
-                    format!("#!/bin/sh\nexec /etc/bonsai/svc/{n}/log\n"),
-                ));
+                files.extend(service_dir(&d, n));
                 if svc.stop_signal.0 != "TERM" {
                     files.push(exe(
                         &format!("{d}/control/d"),
@@ -673,18 +683,7 @@ pub fn render(tree: &mut Tree, sys: &System, inputs: &InitInputs) -> Result<()> 
             for svc in sys.longruns() {
                 let d = format!("etc/s6/scan/{}", svc.name);
                 let n = &svc.name;
-                files.push(exe(
-                    &format!("{d}/run"),
-                    format!("#!/bin/sh\nexec /etc/bonsai/svc/{n}/run\n"),
-                ));
-                files.push(exe(
-                    &format!("{d}/finish"),
-                    format!("#!/bin/sh\nexec /etc/bonsai/svc/{n}/finish \"$@\"\n"),
-                ));
-                files.push(exe(
-                    &format!("{d}/log/run"),
-                    format!("#!/bin/sh\nexec /etc/bonsai/svc/{n}/log\n"),
-                ));
+                files.extend(service_dir(&d, n));
                 files.push((
                     format!("{d}/timeout-finish"),
                     file(format!("{}\n", svc.restart_max_delay_ms + 2000), 0o644),
