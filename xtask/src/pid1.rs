@@ -13,8 +13,14 @@ use crate::ui;
 /// name contains "release" so that release tooling finds it.
 pub const PROFILE: &str = "release-pid1";
 
+/// `repro` fakes the wall clock with libfaketime, under which rustc hangs: the Rust toolchain
+/// runs at the real time (its output does not depend on the clock).
+fn real_clock(cmd: &mut Command) -> &mut Command {
+    cmd.env_remove("LD_PRELOAD").env_remove("FAKETIME").env_remove("FAKETIME_NO_CACHE")
+}
+
 fn target_installed(triple: &str) -> bool {
-    Command::new("rustc")
+    real_clock(&mut Command::new("rustc"))
         .args(["--print", "sysroot"])
         .output()
         .ok()
@@ -35,7 +41,7 @@ fn add_target(triple: &str) -> bool {
         return true;
     }
     ui::detail(format!("rustup target add {triple}"));
-    let ok = Command::new("rustup")
+    let ok = real_clock(&mut Command::new("rustup"))
         .args(["target", "add", triple])
         .output()
         .map(|o| o.status.success())
@@ -131,6 +137,9 @@ pub fn build(root: &Path, board: &Board) -> Result<PathBuf> {
         rustflags.push_str(&linker);
     }
     cmd.env("CARGO_ENCODED_RUSTFLAGS", rustflags.replace(' ', "\x1f"));
+    // `repro` fakes the wall clock with libfaketime, under which rustc hangs; the compiler
+    // runs at the real time (its output does not depend on the clock).
+    real_clock(&mut cmd);
     let status = cmd
         .status()
         .context("running cargo build for bonsai-init")?;
