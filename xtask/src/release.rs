@@ -80,6 +80,8 @@ impl Release {
             info.initramfs.clone(),
             "manifest.json".into(),
         ];
+        // Boards that boot with a device tree ship it too.
+        files.extend(info.dtb.clone());
         for f in &files {
             fs::copy(built.out.join(f), stage.path().join(f))
                 .with_context(|| format!("copying {f}"))?;
