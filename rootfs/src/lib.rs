@@ -10,8 +10,8 @@
 //!   spawn GNU `cpio`, `gzip` and `xz` as independent oracles, the crate itself never does.
 //! - **Output is a function of the inputs.** No clocks (the mtime is given by the caller, as
 //!   `SOURCE_DATE_EPOCH`), no host state in the archive (no host paths, owners, inode
-//!   numbers or timestamps), and no hash-map order (trees are sorted maps; compressors are
-//!   single-threaded with fixed headers).
+//!   numbers or timestamps), and no hash-map order (trees are sorted maps; gzip uses fixed 1 MiB
+//!   blocks whatever the thread count; all compressors have fixed headers).
 //! - **Every error names what it is about**: the image path, host file or value, in a
 //!   lowercase message with no trailing period.
 

@@ -1094,15 +1094,14 @@ fn render(r: &Report) -> String {
     line("## Rebuild".into());
     line(String::new());
     line(format!(
-        "The xtask binary itself (`{}`), not `cargo run`, building `--board {}` with its default \
-         profile. \"One package changed\" runs on a scratch copy of `boards/ profiles/ \
+        "The xtask binary running the bench (`std::env::current_exe()`), not `cargo run`, \
+         building `--board {}` with its default profile. \"One package changed\" runs on a scratch copy of `boards/ profiles/ \
          kernel-configs/ nix/` (`BONSAI_ROOT`), appending a comment line to \
          `nix/offline/src/hello.c` before each run, so Nix rebuilds `hello` and bonsai \
          re-assembles and repacks{}. \"Fresh output folder\" builds into a new `--out` folder: \
          Nix's cache answers, everything else is done from scratch; its pack step (\"cold pack\") \
          runs from the `==> pack initramfs` line to the end of the process (pack, manifest, \
          output hashes, the swap of the folder).",
-        "target/release/xtask",
         r.board,
         if rb.hello_rebuilt {
             " (a new hello store path every run: checked)"
