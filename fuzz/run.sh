@@ -1,28 +1,35 @@
 #!/usr/bin/env bash
 # fuzz/run.sh [seconds]: runs every fuzz target for N seconds each (default 30) and fails if
-# any of them finds a crash. CI-friendly: installs the nightly toolchain and cargo-fuzz when
-# they are missing, starts from the checked-in seeds (fuzz/seeds/<target>/, with the
-# dictionary fuzz/dicts/<target>.dict) plus whatever corpus earlier runs left in
+# any of them finds a crash. CI-friendly: installs cargo-fuzz when it is missing, starts from
+# the checked-in seeds (fuzz/seeds/<target>/, with the dictionary fuzz/dicts/<target>.dict) plus whatever corpus earlier runs left in
 # fuzz/corpus/<target>/ (not checked in), and prints one summary line per target.
 # Crashing inputs land in fuzz/artifacts/<target>/; reproduce one with
 #   cargo +nightly fuzz run <target> fuzz/artifacts/<target>/<file>
+# (or, without nightly: RUSTC_BOOTSTRAP=1 cargo fuzz run ...)
 set -euo pipefail
 secs=${1:-30}
 case $secs in '' | *[!0-9]*) echo "usage: fuzz/run.sh [seconds per target]" >&2; exit 2 ;; esac
 cd "$(dirname "$0")"
 
-if ! cargo +nightly --version >/dev/null 2>&1; then
-    echo "==> installing the nightly toolchain (cargo-fuzz needs it)" >&2
-    rustup toolchain install nightly --profile minimal
+# cargo-fuzz passes unstable flags (-Zsanitizer=address) to rustc. A nightly toolchain is used
+# when one is installed; otherwise the default toolchain with RUSTC_BOOTSTRAP=1, which accepts
+# the same flags (machines that reach only crates.io cannot download nightly).
+if cargo +nightly --version >/dev/null 2>&1; then
+    toolchain=(+nightly)
+else
+    echo "==> no nightly toolchain: using $(rustc --version) with RUSTC_BOOTSTRAP=1" \
+        "(rustup toolchain install nightly to use nightly instead)" >&2
+    toolchain=()
+    export RUSTC_BOOTSTRAP=1
 fi
 if ! cargo fuzz --version >/dev/null 2>&1; then
-    echo "==> installing cargo-fuzz" >&2
+    echo "==> installing cargo-fuzz from crates.io" >&2
     cargo install --locked cargo-fuzz
 fi
 
 # Release build with debug assertions and overflow checks (cargo-fuzz's default) and ASan.
-cargo +nightly fuzz build
-targets=$(cargo +nightly fuzz list)
+cargo "${toolchain[@]}" fuzz build
+targets=$(cargo "${toolchain[@]}" fuzz list)
 failed=()
 for t in $targets; do
     mkdir -p "corpus/$t" "artifacts/$t"
@@ -31,7 +38,7 @@ for t in $targets; do
     set +e
     dict=()
     [ -f "dicts/$t.dict" ] && dict=(-dict="dicts/$t.dict")
-    cargo +nightly fuzz run "$t" "corpus/$t" "seeds/$t" -- \
+    cargo "${toolchain[@]}" fuzz run "$t" "corpus/$t" "seeds/$t" -- \
         -max_total_time="$secs" -timeout=20 -rss_limit_mb=2048 -print_final_stats=1 "${dict[@]}" \
         >"$log" 2>&1
     rc=$?

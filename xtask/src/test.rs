@@ -106,9 +106,12 @@ impl Test {
         if !self.unit {
             // The benchmark's short version, so it cannot rot (it never asserts on times).
             ui::step("cargo xtask bench --quick");
-            let exe = std::env::current_exe().context("finding the xtask binary")?;
-            let st = Command::new(exe)
-                .args(["bench", "--quick"])
+            // Through cargo, not this process's own file: `cargo test --release` has just
+            // relinked target/release/xtask (test builds unify dev-dependency features), so
+            // the file this process started from may be gone.
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let st = Command::new(cargo)
+                .args(["run", "--quiet", "--release", "-p", "xtask", "--", "bench", "--quick"])
                 .current_dir(&root)
                 .status()
                 .context("running bench")?;
