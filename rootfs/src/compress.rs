@@ -2,19 +2,22 @@
 //! input bytes and the level (never on the number of threads), and so the Linux kernel can
 //! unpack it.
 //!
-//! gzip is compressed on every core by [`pargz`] (one gzip member cut into fixed 1 MiB
-//! blocks); zstd and xz stay single-threaded (see [`compress_writer`]).
+//! gzip is compressed on every core by [`pargz`] (one gzip member cut into 1 MiB blocks per
+//! segment, each store path a segment, with blocks reusable from a [`PieceCache`]); zstd and
+//! xz stay single-threaded (see [`compress_writer`]).
 
 use std::fmt;
 use std::io::{self, Write};
 use std::ops::RangeInclusive;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use liblzma::stream::{Check, Filters, LzmaOptions, Stream};
 use liblzma::write::XzEncoder;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::piececache::PieceCache;
 
 #[path = "pargz.rs"]
 pub mod pargz;
@@ -181,6 +184,25 @@ impl<W: Write> Encoder<W> {
         })
     }
 
+    /// Like [`Encoder::with_threads`]; gzip takes compressed blocks from `cache` and stores
+    /// new ones there (other compressions ignore it). The output is the same either way.
+    pub fn with_cache(
+        compression: Compression,
+        level: Option<u32>,
+        threads: usize,
+        cache: Option<Arc<PieceCache>>,
+        out: W,
+    ) -> Result<Encoder<W>> {
+        match (compression, compression.resolve_level(level)?, cache) {
+            (Compression::Gzip, Some(level), Some(cache)) => {
+                ParGzEncoder::with_cache(out, level, threads, Some(cache))
+                    .map(Encoder::Gzip)
+                    .map_err(|error| Error::CompressorSetup { compression, error })
+            }
+            _ => Encoder::with_threads(compression, level, threads, out),
+        }
+    }
+
     /// Writes the end of the compressed stream and returns the inner writer.
     pub fn finish(self) -> io::Result<W> {
         match self {
@@ -188,6 +210,16 @@ impl<W: Write> Encoder<W> {
             Encoder::Gzip(e) => e.finish(),
             Encoder::Zstd(e) => e.finish(),
             Encoder::Xz(e) => e.finish(),
+        }
+    }
+}
+
+/// gzip starts a new segment (see [`pargz`]); the other compressors ignore segments.
+impl<W: Write> crate::cpio::Segmented for Encoder<W> {
+    fn cut(&mut self) -> io::Result<()> {
+        match self {
+            Encoder::Gzip(e) => e.cut(),
+            _ => Ok(()),
         }
     }
 }

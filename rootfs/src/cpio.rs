@@ -1,9 +1,12 @@
 //! The newc (SVR4 "new ASCII") cpio writer, on top of the `cpio` crate's header builder.
 //!
 //! Every field that could carry host state is fixed: mtime is the caller's
-//! `SOURCE_DATE_EPOCH`, uid/gid are 0, inodes count up from 1 in archive order, nlink is 1,
-//! the device is 0:0. Entries come in [`Tree`] order, so each directory precedes its
-//! contents. The `cpio` crate's writer silently skips padding when an entry gets fewer bytes
+//! `SOURCE_DATE_EPOCH`, uid/gid are 0, nlink is 1, the device is 0:0, and the inode number
+//! is a hash of the entry's name (not a counter, so that an entry's bytes do not depend on
+//! the entries before it; with nlink 1 the kernel and GNU cpio never compare inode numbers).
+//! Entries come in [`Tree`] order, so each directory precedes its contents, and each store
+//! path's entries are contiguous: [`write_newc_segmented`] tells its output where one store
+//! path ends and the next begins (the gzip compressor starts a fresh, cacheable segment there). The `cpio` crate's writer silently skips padding when an entry gets fewer bytes
 //! than its header announced; here that is an error.
 
 use std::io::{self, BufWriter, Write};
@@ -43,23 +46,95 @@ pub struct CpioStats {
     pub file_bytes: u64,
 }
 
+/// An output that can be told where a segment of the archive ends (see
+/// [`write_newc_segmented`]).
+pub trait Segmented: Write {
+    /// The bytes written so far end a segment.
+    fn cut(&mut self) -> io::Result<()>;
+}
+
+impl<S: Segmented + ?Sized> Segmented for &mut S {
+    fn cut(&mut self) -> io::Result<()> {
+        (**self).cut()
+    }
+}
+
+/// Any writer, ignoring segment ends.
+struct Unsegmented<W>(W);
+
+impl<W: Write> Write for Unsegmented<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl<W: Write> Segmented for Unsegmented<W> {
+    fn cut(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Writes `tree` as a newc archive to `out`, ending with the `TRAILER!!!` entry.
 ///
 /// Names carry no leading `/` (`init`, `nix/store/…`). Host files are streamed through a
 /// fixed buffer; one that changes size while being read is an error naming it. `out` is
 /// buffered internally and flushed before returning.
 pub fn write_newc<W: Write>(tree: &Tree, opts: &CpioOptions, out: W) -> Result<CpioStats> {
+    write_newc_segmented(tree, opts, Unsegmented(out))
+}
+
+/// The segment an entry belongs to: its store path (`nix/store/<hash>-<name>`), or `None`
+/// for everything outside the store paths.
+fn segment_of(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix("nix/store/")?;
+    let end = rest
+        .find('/')
+        .map_or(path.len(), |i| "nix/store/".len() + i);
+    Some(&path[..end])
+}
+
+/// The inode number of an entry: FNV-1a of its name, never 0.
+fn inode_of(path: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in path.bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    h.max(1)
+}
+
+/// Like [`write_newc`], and calls `out.cut()` wherever the archive passes from one store
+/// path to the next (or to or from the entries outside the store), so that each store
+/// path's entries form a segment of their own; the trailer follows a cut.
+pub fn write_newc_segmented<W: Segmented>(
+    tree: &Tree,
+    opts: &CpioOptions,
+    out: W,
+) -> Result<CpioStats> {
     let mut out = Counter::new(BufWriter::with_capacity(BUF_SIZE, out));
     let mut buf = vec![0u8; BUF_SIZE];
     let mut stats = CpioStats::default();
+    let cut = |out: &mut Counter<BufWriter<W>>| {
+        out.inner
+            .flush()
+            .and_then(|()| out.inner.get_mut().cut())
+            .map_err(|error| Error::WriteArchive {
+                what: "segment",
+                error,
+            })
+    };
 
-    for (index, (path, node)) in tree.iter().enumerate() {
-        let ino = u32::try_from(index + 1).map_err(|_| Error::InvalidNode {
-            path: path.clone(),
-            reason: "more entries than newc's 32-bit inode numbers allow".into(),
-        })?;
+    let mut segment: Option<Option<&str>> = None;
+    for (path, node) in tree.iter() {
+        let this = segment_of(path.as_str());
+        if segment.is_some_and(|s| s != this) {
+            cut(&mut out)?;
+        }
+        segment = Some(this);
         let header = Builder::new(path.as_str())
-            .ino(ino)
+            .ino(inode_of(path.as_str()))
             .uid(0)
             .gid(0)
             .nlink(1)
@@ -70,6 +145,7 @@ pub fn write_newc<W: Write>(tree: &Tree, opts: &CpioOptions, out: W) -> Result<C
         stats.entries += 1;
     }
 
+    cut(&mut out)?;
     cpio::newc::trailer(&mut out).map_err(|error| Error::WriteArchive {
         what: "trailer",
         error,
@@ -332,8 +408,15 @@ mod tests {
                 "tmp",
             ]
         );
-        for (i, e) in entries.iter().enumerate() {
-            assert_eq!(e.ino, i as u32 + 1, "{}", e.name);
+        let mut inodes = std::collections::BTreeSet::new();
+        for e in &entries {
+            assert_eq!(e.ino, inode_of(&e.name), "{}", e.name);
+            assert!(
+                e.ino != 0 && inodes.insert(e.ino),
+                "{}: inode {}",
+                e.name,
+                e.ino
+            );
             assert_eq!((e.uid, e.gid, e.nlink), (0, 0, 1), "{}", e.name);
             assert_eq!(e.mtime, 1_700_000_000, "{}", e.name);
             assert_eq!(e.dev, (0, 0), "{}", e.name);

@@ -10,8 +10,8 @@
 //!   spawn GNU `cpio`, `gzip` and `xz` as independent oracles, the crate itself never does.
 //! - **Output is a function of the inputs.** No clocks (the mtime is given by the caller, as
 //!   `SOURCE_DATE_EPOCH`), no host state in the archive (no host paths, owners, inode
-//!   numbers or timestamps), and no hash-map order (trees are sorted maps; gzip uses fixed 1 MiB
-//!   blocks whatever the thread count; all compressors have fixed headers).
+//!   numbers or timestamps), and no hash-map order (trees are sorted maps; gzip cuts its blocks at
+//!   fixed places whatever the thread count or the state of its cache; all compressors have fixed headers).
 //! - **Every error names what it is about**: the image path, host file or value, in a
 //!   lowercase message with no trailing period.
 
@@ -21,13 +21,15 @@ mod error;
 mod host;
 mod manifest;
 mod pack;
+mod piececache;
 mod tree;
 
 pub use crate::compress::{compress_writer, Compression, Encoder, XZ_MAX_DICT_SIZE};
-pub use crate::cpio::{write_newc, CpioOptions, CpioStats};
+pub use crate::cpio::{write_newc, write_newc_segmented, CpioOptions, CpioStats, Segmented};
 pub use crate::error::{Error, Result};
 pub use crate::manifest::{manifest, EntryType, Manifest, ManifestEntry, Totals, MANIFEST_VERSION};
-pub use crate::pack::{pack, write_atomic, PackOptions, PackReport};
+pub use crate::pack::{pack, pack_cached, write_atomic, PackOptions, PackReport};
+pub use crate::piececache::{CacheStats, PieceCache, PruneReport};
 pub use crate::tree::{
     ImagePath, Node, NodeKind, Source, Tree, IMPLICIT_DIR_MODE, PERMISSION_BITS,
 };

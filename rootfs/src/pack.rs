@@ -5,13 +5,15 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, ErrorKind, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::compress::{compress_writer, Compression};
-use crate::cpio::{write_newc, Counter, CpioOptions, CpioStats};
+use crate::compress::{default_threads, Compression, Encoder};
+use crate::cpio::{write_newc_segmented, Counter, CpioOptions, CpioStats};
 use crate::error::{Error, Result};
 use crate::host::BUF_SIZE;
+use crate::piececache::PieceCache;
 use crate::tree::Tree;
 
 /// Settings for [`pack`].
@@ -36,11 +38,24 @@ pub struct PackReport {
 
 /// Writes `tree` as a compressed newc archive to `out_path`, atomically.
 pub fn pack(tree: &Tree, opts: &PackOptions, out_path: &Path) -> Result<PackReport> {
+    pack_cached(tree, opts, out_path, None)
+}
+
+/// Like [`pack`], with gzip taking compressed blocks from `cache` and storing new ones there
+/// (see [`crate::compress::pargz`]). The output's bytes are the same with any cache, empty,
+/// warm or damaged, as without one; read the cache's counts with [`PieceCache::stats`].
+pub fn pack_cached(
+    tree: &Tree,
+    opts: &PackOptions,
+    out_path: &Path,
+    cache: Option<Arc<PieceCache>>,
+) -> Result<PackReport> {
     // Fail on a bad level before touching the file system.
     opts.compression.resolve_level(opts.level)?;
     let (cpio, compressed_bytes) = write_atomic(out_path, |file| {
-        let mut encoder = compress_writer(opts.compression, opts.level, file)?;
-        let stats = write_newc(tree, &CpioOptions { mtime: opts.mtime }, &mut encoder)?;
+        let mut encoder =
+            Encoder::with_cache(opts.compression, opts.level, default_threads(), cache, file)?;
+        let stats = write_newc_segmented(tree, &CpioOptions { mtime: opts.mtime }, &mut encoder)?;
         encoder
             .finish()
             .map_err(|e| Error::io("compressing into", out_path, e))?;

@@ -1,18 +1,25 @@
 //! Parallel gzip, pigz-style: one gzip member whose deflate stream is compressed in
-//! fixed-size blocks on several threads, with the same bytes whatever the thread count.
+//! blocks on several threads, with the same bytes whatever the thread count, and with
+//! compressed blocks that can be reused from a [`PieceCache`] across builds.
 //!
-//! The input is cut every [`BLOCK_SIZE`] bytes (a constant, never derived from the number of
-//! cores). Each block is compressed as raw deflate by a fresh compressor primed with the
-//! previous block's last 32 KiB as its dictionary, so matches reach back across the cut as
-//! they would in one stream. Every block but the last ends with a sync flush (an empty stored
-//! block, which byte-aligns the stream); the last ends with finish (the final-block bit). The
+//! The input is a sequence of *segments* (the packer cuts one at every store path, see
+//! [`ParGzEncoder::cut`]); each segment is cut into blocks of [`BLOCK_SIZE`] bytes (a
+//! constant, never derived from the number of cores), and its last block may be shorter.
+//! Each block is compressed as raw deflate by a fresh compressor primed with the previous
+//! block's last 32 KiB *of the same segment* as its dictionary, so matches reach back across
+//! cuts inside a segment as they would in one stream, while the first block of a segment
+//! depends on nothing before it. Every block ends with a sync flush (an empty stored block,
+//! which byte-aligns the stream), and [`ParGzEncoder::finish`] adds an empty final block. The
 //! pieces concatenate into one valid deflate stream, wrapped in a fixed gzip header (no name,
 //! mtime 0, OS 255) and a trailer with the CRC32 and length of the raw data.
 //!
 //! A block's compressed bytes depend only on its data, its dictionary and the level, so they
-//! are the same whether it was compressed inline (one thread) or on any worker. The blocks are
-//! written in input order by the calling thread; at most two blocks per thread are in flight,
-//! so memory stays bounded whatever the input size.
+//! are the same whether it was compressed inline (one thread), on any worker, or taken from
+//! the cache (which is keyed by exactly those inputs). Because a segment starts without a
+//! dictionary, a package that changes moves no block boundary and changes no dictionary in
+//! any other segment: everything else comes out of the cache. The blocks are written in input
+//! order by the calling thread; at most two blocks per thread are in flight, so memory stays
+//! bounded whatever the input size.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -22,6 +29,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use flate2::{Compress, FlushCompress, Status};
+
+use crate::piececache::PieceCache;
 
 /// Uncompressed bytes per block. Part of the output format: changing it changes the bytes.
 pub const BLOCK_SIZE: usize = 1 << 20;
@@ -36,7 +45,6 @@ type Reply = io::Result<(Vec<u8>, Vec<u8>)>;
 struct Job {
     data: Vec<u8>,
     dict: Vec<u8>,
-    last: bool,
     reply: SyncSender<Reply>,
 }
 
@@ -52,8 +60,11 @@ pub struct ParGzEncoder<W: Write> {
     level: u32,
     /// The block being filled.
     block: Vec<u8>,
-    /// The last [`DICT_SIZE`] bytes of the previous block; empty before the first.
+    /// The last [`DICT_SIZE`] bytes of the previous block of this segment; empty at the
+    /// start of a segment.
     dict: Vec<u8>,
+    /// Where compressed blocks are looked up and stored, if anywhere.
+    cache: Option<Arc<PieceCache>>,
     crc: crc32fast::Hasher,
     header_written: bool,
     /// `None`: compress inline on the calling thread.
@@ -68,17 +79,29 @@ pub struct ParGzEncoder<W: Write> {
 impl<W: Write> ParGzEncoder<W> {
     /// A gzip encoder at `level` (0–9) using `threads` threads (1: no extra thread at all).
     pub fn new(out: W, level: u32, threads: usize) -> io::Result<Self> {
+        Self::with_cache(out, level, threads, None)
+    }
+
+    /// Like [`ParGzEncoder::new`], taking compressed blocks from `cache` when it has them and
+    /// storing the others there. The output is the same with or without a cache.
+    pub fn with_cache(
+        out: W,
+        level: u32,
+        threads: usize,
+        cache: Option<Arc<PieceCache>>,
+    ) -> io::Result<Self> {
         let threads = threads.max(1);
         let pool = if threads == 1 {
             None
         } else {
-            Some(Pool::start(level, threads)?)
+            Some(Pool::start(level, threads, cache.clone())?)
         };
         Ok(ParGzEncoder {
             out: Some(out),
             level,
             block: Vec::with_capacity(BLOCK_SIZE),
             dict: Vec::new(),
+            cache,
             crc: crc32fast::Hasher::new(),
             header_written: false,
             pool,
@@ -88,12 +111,15 @@ impl<W: Write> ParGzEncoder<W> {
         })
     }
 
-    /// Compresses what is left, writes the trailer and returns the inner writer.
+    /// Compresses what is left, writes the final block and the trailer, and returns the
+    /// inner writer.
     pub fn finish(mut self) -> io::Result<W> {
-        self.submit(true)?;
+        self.cut()?;
         while !self.pending.is_empty() {
             self.collect_one()?;
         }
+        // The final block: BFINAL set, fixed Huffman codes, just the end-of-block code.
+        self.emit(&[0x03, 0x00])?;
         // ISIZE is the input length modulo 2^32 (RFC 1952).
         let size = self.crc.total_len() as u32;
         let crc = self.crc.clone().finalize();
@@ -106,8 +132,18 @@ impl<W: Write> ParGzEncoder<W> {
         Ok(out)
     }
 
+    /// Ends the current segment: what is buffered becomes a (possibly short) block, and the
+    /// next block starts without a dictionary. Cutting with nothing buffered does nothing.
+    pub fn cut(&mut self) -> io::Result<()> {
+        if !self.block.is_empty() {
+            self.submit()?;
+        }
+        self.dict.clear();
+        Ok(())
+    }
+
     /// Hands the current block to a worker (or compresses it here with one thread).
-    fn submit(&mut self, last: bool) -> io::Result<()> {
+    fn submit(&mut self) -> io::Result<()> {
         let fresh = self
             .spare
             .pop()
@@ -118,7 +154,7 @@ impl<W: Write> ParGzEncoder<W> {
             data[data.len().saturating_sub(DICT_SIZE)..].to_vec(),
         );
         if self.pool.is_none() {
-            let compressed = compress_block(self.level, &dict, &data, last)?;
+            let compressed = piece(self.level, &dict, &data, self.cache.as_deref())?;
             self.emit(&compressed)?;
             self.recycle(data);
             return Ok(());
@@ -129,13 +165,8 @@ impl<W: Write> ParGzEncoder<W> {
         let jobs = self.pool.as_ref().and_then(|p| p.jobs.as_ref());
         let jobs = jobs.expect("the job queue lives until drop");
         let (reply, receiver) = mpsc::sync_channel(1);
-        jobs.send(Job {
-            data,
-            dict,
-            last,
-            reply,
-        })
-        .map_err(|_| worker_gone())?;
+        jobs.send(Job { data, dict, reply })
+            .map_err(|_| worker_gone())?;
         self.pending.push_back(receiver);
         Ok(())
     }
@@ -177,18 +208,18 @@ impl<W: Write> Write for ParGzEncoder<W> {
         if buf.is_empty() {
             return Ok(0);
         }
-        // A full block is handed on only once more data shows it is not the last one.
-        if self.block.len() == BLOCK_SIZE {
-            self.submit(false)?;
-        }
         let n = buf.len().min(BLOCK_SIZE - self.block.len());
         self.block.extend_from_slice(&buf[..n]);
         self.crc.update(&buf[..n]);
+        if self.block.len() == BLOCK_SIZE {
+            self.submit()?;
+        }
         Ok(n)
     }
 
     /// Writes the blocks already compressed and flushes the inner writer. The block being
-    /// filled stays buffered: cutting it short would move every later block boundary.
+    /// filled stays buffered: cutting it short would move every later block boundary (only
+    /// [`ParGzEncoder::cut`] ends a block early).
     fn flush(&mut self) -> io::Result<()> {
         while let Some(Ok(reply)) = self.pending.front().map(|r| r.try_recv()) {
             self.pending.pop_front();
@@ -214,7 +245,7 @@ impl<W: Write> Drop for ParGzEncoder<W> {
 }
 
 impl Pool {
-    fn start(level: u32, threads: usize) -> io::Result<Pool> {
+    fn start(level: u32, threads: usize, cache: Option<Arc<PieceCache>>) -> io::Result<Pool> {
         let (jobs, queue) = mpsc::sync_channel::<Job>(threads);
         let queue = Arc::new(Mutex::new(queue));
         let mut pool = Pool {
@@ -223,9 +254,10 @@ impl Pool {
         };
         for i in 0..threads {
             let queue = Arc::clone(&queue);
+            let cache = cache.clone();
             let worker = std::thread::Builder::new()
                 .name(format!("bonsai-gzip-{i}"))
-                .spawn(move || work(level, &queue));
+                .spawn(move || work(level, &queue, cache.as_deref()));
             match worker {
                 Ok(handle) => pool.workers.push(handle),
                 Err(e) => {
@@ -246,15 +278,15 @@ impl Pool {
     }
 }
 
-fn work(level: u32, queue: &Mutex<Receiver<Job>>) {
+fn work(level: u32, queue: &Mutex<Receiver<Job>>, cache: Option<&PieceCache>) {
     loop {
         let job = match queue.lock() {
             Ok(queue) => queue.recv(),
             Err(_) => return,
         };
         let Ok(job) = job else { return };
-        let reply = compress_block(level, &job.dict, &job.data, job.last)
-            .map(|compressed| (compressed, job.data));
+        let reply =
+            piece(level, &job.dict, &job.data, cache).map(|compressed| (compressed, job.data));
         // The encoder may have been dropped meanwhile; then nobody wants the block.
         let _ = job.reply.send(reply);
     }
@@ -274,23 +306,27 @@ fn header(level: u32) -> [u8; 10] {
     [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, xfl, 255]
 }
 
-/// One block as raw deflate, primed with `dict`; ends byte-aligned (sync flush) unless
-/// `last`, which ends the deflate stream.
-pub(crate) fn compress_block(
-    level: u32,
-    dict: &[u8],
-    data: &[u8],
-    last: bool,
-) -> io::Result<Vec<u8>> {
+/// One block's compressed bytes: from the cache when it holds them (checked), else
+/// compressed here and stored there.
+fn piece(level: u32, dict: &[u8], data: &[u8], cache: Option<&PieceCache>) -> io::Result<Vec<u8>> {
+    let Some(cache) = cache else {
+        return compress_block(level, dict, data);
+    };
+    let key = cache.key(level, dict, data);
+    if let Some(bytes) = cache.get(&key, data.len()) {
+        return Ok(bytes);
+    }
+    let bytes = compress_block(level, dict, data)?;
+    cache.put(&key, &bytes, data.len());
+    Ok(bytes)
+}
+
+/// One block as raw deflate, primed with `dict`, ending byte-aligned with a sync flush.
+pub(crate) fn compress_block(level: u32, dict: &[u8], data: &[u8]) -> io::Result<Vec<u8>> {
     let mut c = Compress::new(flate2::Compression::new(level), false);
     if !dict.is_empty() {
         c.set_dictionary(dict).map_err(io::Error::other)?;
     }
-    let flush = if last {
-        FlushCompress::Finish
-    } else {
-        FlushCompress::Sync
-    };
     let mut out = Vec::with_capacity(data.len() / 2 + 1024);
     loop {
         if out.len() == out.capacity() {
@@ -298,13 +334,13 @@ pub(crate) fn compress_block(
         }
         let consumed = usize::try_from(c.total_in()).expect("a block fits in memory");
         let status = c
-            .compress_vec(&data[consumed..], &mut out, flush)
+            .compress_vec(&data[consumed..], &mut out, FlushCompress::Sync)
             .map_err(io::Error::other)?;
+        // A sync flush is complete once all input is in and output space is left over.
         let done = match status {
             Status::StreamEnd => true,
-            // A sync flush is complete once all input is in and output space is left over.
             Status::Ok | Status::BufError => {
-                !last && c.total_in() == data.len() as u64 && out.len() < out.capacity()
+                c.total_in() == data.len() as u64 && out.len() < out.capacity()
             }
         };
         if done {

@@ -7,10 +7,12 @@ use std::fs;
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::sync::Arc;
 
 use common::*;
 use rootfs::{
-    manifest, pack, write_newc, Compression, CpioOptions, Node, NodeKind, PackOptions, Source, Tree,
+    manifest, pack, pack_cached, write_newc, Compression, CpioOptions, Node, NodeKind, PackOptions,
+    PieceCache, Source, Tree,
 };
 
 fn options(compression: Compression) -> PackOptions {
@@ -84,9 +86,9 @@ fn packed_archive_round_trips_through_the_cpio_crate_reader() {
 
         let entries = read_newc(&archive);
         assert_eq!(entries.len(), tree.len());
-        for (i, (entry, (path, node))) in entries.iter().zip(tree.iter()).enumerate() {
+        for (entry, (path, node)) in entries.iter().zip(tree.iter()) {
             assert_eq!(entry.name, path.as_str());
-            assert_eq!(entry.ino, i as u32 + 1, "{path}");
+            assert_eq!(entry.ino, fnv_inode(path.as_str()), "{path}");
             assert_eq!(entry.nlink, 1, "{path}");
             assert_eq!((entry.uid, entry.gid), (0, 0), "{path}");
             assert_eq!(entry.mtime, MTIME, "{path}");
@@ -385,5 +387,112 @@ fn pack_replaces_a_previous_output() {
     assert_eq!(
         report.cpio.files + report.cpio.dirs + report.cpio.symlinks + report.cpio.devices,
         report.cpio.entries
+    );
+}
+
+/// FNV-1a of the name, never 0: the inode number the writer gives each entry.
+fn fnv_inode(name: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in name.bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    h.max(1)
+}
+
+/// The sample tree plus a store path of a few MiB (several gzip blocks), with `hello`'s
+/// script replaced by `hello` bytes.
+fn cache_tree(store: &Store, hello: &[u8]) -> Tree {
+    let mut tree = sample_tree(store, false);
+    let big = "nix/store/q9i0fjl5yx8k3a1dcm7v2c4rb6n0h8s1-big-1.0";
+    let mut text = Vec::new();
+    while text.len() < 5 << 20 {
+        text.extend_from_slice(
+            format!("line {} of a large, compressible file\n", text.len()).as_bytes(),
+        );
+        text.extend_from_slice(&pseudo_random(40, text.len() as u64));
+    }
+    tree.insert(
+        format!("{big}/share/data"),
+        Node::file(Source::Bytes(text), 0o444),
+    )
+    .unwrap();
+    tree.remove(HELLO).expect("the sample tree has hello");
+    tree.insert(HELLO, Node::file(Source::Bytes(hello.to_vec()), 0o555))
+        .unwrap();
+    tree
+}
+
+fn pack_with(tree: &Tree, cache: Option<&Arc<PieceCache>>, out: &Path) -> Vec<u8> {
+    pack_cached(tree, &options(Compression::Gzip), out, cache.cloned()).unwrap();
+    fs::read(out).unwrap()
+}
+
+#[test]
+fn the_piece_cache_never_changes_the_bytes_and_reuses_unchanged_store_paths() {
+    let store = Store::new(time(1));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("initramfs.cpio.gz");
+    let cache_dir = dir.path().join("cache");
+    let open = || Arc::new(PieceCache::open(&cache_dir, b"salt").unwrap());
+    let t1 = cache_tree(&store, b"#!/bin/sh\necho hello\n");
+    let t2 = cache_tree(&store, b"#!/bin/sh\necho hello, world\n");
+    let a = pack_with(&t1, None, &out);
+    let b = pack_with(&t2, None, &out);
+    assert_ne!(a, b);
+
+    // Cold, then warm: the same bytes, and the second time every block comes from the cache.
+    let cold = open();
+    assert!(pack_with(&t1, Some(&cold), &out) == a);
+    let s = cold.stats();
+    assert_eq!((s.hits, s.corrupt, s.write_errors), (0, 0, 0));
+    assert!(s.stored >= 8, "{s:?}");
+    let warm = open();
+    assert!(pack_with(&t1, Some(&warm), &out) == a);
+    assert_eq!(warm.stats().hits, s.stored);
+    assert_eq!(warm.stats().misses, 0);
+
+    // One package changed: its blocks are compressed, the big store path's come from the cache.
+    let changed = open();
+    assert!(pack_with(&t2, Some(&changed), &out) == b);
+    let c = changed.stats();
+    assert!(c.misses >= 1 && c.misses <= 2, "{c:?}");
+    assert!(c.reused_bytes >= 5 << 20, "{c:?}");
+
+    // Damaged entries: detected, deleted, compressed again; the bytes stay the same.
+    let mut damaged = 0;
+    for sub in fs::read_dir(&cache_dir).unwrap() {
+        for e in fs::read_dir(sub.unwrap().path()).unwrap() {
+            let p = e.unwrap().path();
+            let mut bytes = fs::read(&p).unwrap();
+            let last = bytes.len() - 5;
+            bytes[last] ^= 0x55;
+            fs::write(&p, bytes).unwrap();
+            damaged += 1;
+        }
+    }
+    let repair = open();
+    assert!(pack_with(&t1, Some(&repair), &out) == a);
+    let r = repair.stats();
+    assert_eq!(r.hits, 0, "{r:?}");
+    assert!(r.corrupt >= s.stored && r.corrupt <= damaged, "{r:?}");
+    assert!(repair
+        .corrupt_entries()
+        .iter()
+        .all(|(_, why)| why == "checksum mismatch"));
+    let again = open();
+    assert!(pack_with(&t1, Some(&again), &out) == a);
+    assert_eq!((again.stats().misses, again.stats().corrupt), (0, 0));
+
+    // GNU gzip and GNU cpio read the segmented stream as one archive.
+    let mut gzip = tool("gzip", "gzip");
+    gzip.arg("-dc");
+    let raw = run(gzip, &a).stdout;
+    assert!(raw == raw_cpio(&t1), "gzip -dc gives the plain archive");
+    let mut cpio = tool("cpio", "cpio");
+    cpio.args(["-it", "--quiet"]);
+    let listing = run(cpio, &raw).stdout;
+    assert_eq!(
+        String::from_utf8(listing).unwrap().lines().count(),
+        t1.len()
     );
 }

@@ -2,7 +2,7 @@
 //!
 //! - Random trees are written with `write_newc` and read back with the `cpio` crate's
 //!   `NewcReader`, an independent reader: the same entries, sorted component by component
-//!   with every directory before its contents, inodes 1..n, nlink 1, uid/gid 0, the given
+//!   with every directory before its contents, inodes an FNV-1a hash of the name, nlink 1, uid/gid 0, the given
 //!   mtime, sizes and bytes as in the tree, device numbers; stats that add up.
 //! - The archive is a function of the tree's contents only: the same nodes inserted in any
 //!   order, from memory or from host files, give the same bytes.
@@ -195,9 +195,13 @@ fn check_archive(tree: &Tree, archive: &[u8], stats: &CpioStats, mtime: u32) {
     }
 
     let (mut files, mut dirs, mut links, mut devs, mut bytes) = (0, 0, 0, 0, 0);
-    for (i, (e, (path, node))) in read.iter().zip(tree.iter()).enumerate() {
+    for (e, (path, node)) in read.iter().zip(tree.iter()) {
         assert_eq!(e.name, path.as_str());
-        assert_eq!(e.ino, i as u32 + 1, "{path}: inodes count up from 1");
+        assert_eq!(
+            e.ino,
+            fnv_inode(path.as_str()),
+            "{path}: inode is the name's hash"
+        );
         assert_eq!((e.uid, e.gid, e.nlink, e.mtime), (0, 0, 1, mtime), "{path}");
         assert_eq!(e.mode, type_bits(node) | node.mode, "{path}");
         assert_eq!(e.data, expected_data(node), "{path}");
@@ -435,4 +439,13 @@ proptest! {
         let err = Tree::new().add_host_tree("x", &root, None).unwrap_err().to_string();
         prop_assert_eq!(err, format!("{}: symlink target is not valid UTF-8", link.display()));
     }
+}
+
+/// FNV-1a of the name, never 0: the inode number the writer gives each entry.
+fn fnv_inode(name: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in name.bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    h.max(1)
 }

@@ -3,6 +3,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -529,7 +530,8 @@ fn write_output(
     ));
     let initramfs_name = board.compression.file_name();
     let mtime = u32::try_from(epoch).context("SOURCE_DATE_EPOCH does not fit a cpio mtime")?;
-    let report = rootfs::pack(
+    let cache = pack_cache(board.compression)?;
+    let report = rootfs::pack_cached(
         tree,
         &PackOptions {
             compression: board.compression,
@@ -537,7 +539,11 @@ fn write_output(
             mtime,
         },
         &stage.path().join(initramfs_name),
+        cache.clone(),
     )?;
+    if let Some(cache) = &cache {
+        report_pack_cache(cache);
+    }
     crate::outdir::test_delay("BONSAI_TEST_PACK_DELAY_MS");
     if let Some(max) = board.budget.initramfs {
         if report.compressed_bytes > max {
@@ -733,4 +739,97 @@ fn outputs_intact(out: &Path, info: &BuildInfo) -> bool {
 pub fn read_info(out: &Path) -> Option<BuildInfo> {
     let text = fs::read_to_string(out.join("build.json")).ok()?;
     serde_json::from_str(&text).ok()
+}
+
+/// Environment variable: `off` turns the pack cache off, a path moves it (default:
+/// `<bonsai cache>/pack`).
+pub const PACK_CACHE_ENV: &str = "BONSAI_PACK_CACHE";
+/// Environment variable: the pack cache's size limit (`512M`, `2G`; default 512 MiB).
+pub const PACK_CACHE_MAX_ENV: &str = "BONSAI_PACK_CACHE_MAX";
+const PACK_CACHE_DEFAULT_MAX: u64 = 512 << 20;
+
+/// The cache of compressed gzip pieces, unless it is turned off or the image is not gzip.
+fn pack_cache(compression: rootfs::Compression) -> Result<Option<Arc<rootfs::PieceCache>>> {
+    let setting = std::env::var_os(PACK_CACHE_ENV);
+    if compression != rootfs::Compression::Gzip || setting.as_deref() == Some("off".as_ref()) {
+        return Ok(None);
+    }
+    let dir = match setting {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => crate::offline::cache_dir().join("pack"),
+    };
+    let salt = compressor_salt()?;
+    let cache = rootfs::PieceCache::open(&dir, &salt)
+        .with_context(|| format!("{PACK_CACHE_ENV}: cannot use {} as the pack cache (set {PACK_CACHE_ENV}=off to pack without one)", dir.display()))?;
+    Ok(Some(Arc::new(cache)))
+}
+
+/// What identifies the compressor's code in cache keys: the SHA-256 of this executable, so
+/// that a rebuilt bonsai (perhaps with another zlib) never reads pieces an older one wrote.
+fn compressor_salt() -> Result<Vec<u8>> {
+    static SALT: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    if let Some(s) = SALT.get() {
+        return Ok(s.clone());
+    }
+    // /proc/self/exe still opens when cargo has replaced the file since this process started.
+    let exe = fs::read("/proc/self/exe")
+        .or_else(|_| std::env::current_exe().and_then(fs::read))
+        .context("reading the bonsai executable (its hash keys the pack cache)")?;
+    use sha2::Digest;
+    let salt = sha2::Sha256::digest(&exe).to_vec();
+    Ok(SALT.get_or_init(|| salt).clone())
+}
+
+/// One line on what the pack cache did, warnings for damaged entries and failed writes, and
+/// the size limit enforced.
+fn report_pack_cache(cache: &rootfs::PieceCache) {
+    let s = cache.stats();
+    ui::detail(format!(
+        "pack cache: {} of {} pieces reused ({} of data), {} compressed",
+        s.hits,
+        s.hits + s.misses,
+        ui::size(s.reused_bytes),
+        s.misses
+    ));
+    let corrupt = cache.corrupt_entries();
+    for (path, why) in corrupt.iter().take(3) {
+        ui::warn(format!(
+            "pack cache entry {} was damaged ({why}): deleted and compressed again",
+            path.display()
+        ));
+    }
+    if corrupt.len() > 3 {
+        ui::warn(format!(
+            "... and {} more damaged pack cache entries",
+            corrupt.len() - 3
+        ));
+    }
+    if let Some(first) = cache.first_write_error() {
+        ui::warn(format!(
+            "pack cache: {} pieces not stored (first: {first}); the image is complete, the next build packs them again",
+            s.write_errors
+        ));
+    }
+    let max = match std::env::var(PACK_CACHE_MAX_ENV) {
+        Ok(v) => match crate::config::parse_size(&v) {
+            Some(n) => n,
+            None => {
+                ui::warn(format!(
+                    "{PACK_CACHE_MAX_ENV}={v:?} is not a size (like 512M); using 512 MiB"
+                ));
+                PACK_CACHE_DEFAULT_MAX
+            }
+        },
+        Err(_) => PACK_CACHE_DEFAULT_MAX,
+    };
+    match cache.prune(max) {
+        Ok(r) if r.removed > 0 => ui::detail(format!(
+            "pack cache: removed {} old pieces ({}), {} kept",
+            r.removed,
+            ui::size(r.removed_bytes),
+            ui::size(r.kept_bytes)
+        )),
+        Ok(_) => {}
+        Err(e) => ui::warn(format!("pack cache: {e}")),
+    }
 }

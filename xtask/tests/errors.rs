@@ -826,3 +826,70 @@ fn interrupted_build_leaves_the_previous_output_and_no_temporary_files() {
     assert!(!stage.exists(), "{} was not cleaned up", stage.display());
     s.assert_no_leftovers(BOARD);
 }
+
+#[test]
+fn damaged_pack_cache_entries_are_rebuilt_never_used() {
+    let s = Scratch::new();
+    let cache = s.root().join("pack-cache");
+    let build = |out: &str| {
+        let o = s
+            .command(&["build", "--out", out])
+            .env("BONSAI_PACK_CACHE", &cache)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "build --out {out} failed: {stderr}");
+        let image = fs::read(s.root().join(out).join("initramfs.cpio.gz")).unwrap();
+        (stderr, image)
+    };
+    let reused = |stderr: &str| -> (u64, u64) {
+        let line = stderr
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("pack cache: "))
+            .unwrap_or_else(|| panic!("no pack cache line in {stderr}"));
+        let words: Vec<&str> = line.split_whitespace().collect();
+        (words[0].parse().unwrap(), words[2].parse().unwrap())
+    };
+    let (cold, first) = build("first");
+    let (hits, pieces) = reused(&cold);
+    assert_eq!(hits, 0, "{cold}");
+    assert!(pieces >= 3, "{cold}");
+
+    // Damage every entry: one byte of its payload.
+    let mut damaged = Vec::new();
+    for sub in fs::read_dir(&cache).unwrap() {
+        for e in fs::read_dir(sub.unwrap().path()).unwrap() {
+            let p = e.unwrap().path();
+            let mut bytes = fs::read(&p).unwrap();
+            let at = bytes.len() - 6;
+            bytes[at] ^= 0xff;
+            fs::write(&p, bytes).unwrap();
+            damaged.push(p);
+        }
+    }
+    assert_eq!(damaged.len() as u64, pieces);
+    let (repair, second) = build("second");
+    assert_eq!(reused(&repair), (0, pieces), "{repair}");
+    let warnings: Vec<&str> = repair
+        .lines()
+        .filter(|l| l.starts_with("warning: pack cache entry "))
+        .collect();
+    assert_eq!(warnings.len(), 3, "{repair}");
+    assert_glob(
+        &format!(
+            "warning: pack cache entry {}/*/* was damaged (checksum mismatch): deleted and compressed again",
+            cache.display()
+        ),
+        warnings[0],
+    );
+    assert!(repair.contains(&format!(
+        "warning: ... and {} more damaged pack cache entries",
+        pieces - 3
+    )));
+    assert!(second == first, "the damaged cache changed the image");
+
+    let (warm, third) = build("third");
+    assert_eq!(reused(&warm), (pieces, pieces), "{warm}");
+    assert!(!warm.contains("warning:"), "{warm}");
+    assert!(third == first);
+}
