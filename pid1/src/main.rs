@@ -23,6 +23,7 @@ mod client;
 mod config;
 mod console;
 mod mounts;
+mod native;
 mod service;
 mod setup;
 mod shutdown;

@@ -1,4 +1,5 @@
-//! Boot-time setup before any service: hostname, tmpfiles, setup commands.
+//! Boot-time setup before any service: hostname, tmpfiles, setup commands (the usual ones
+//! carried out natively, see `native.rs`; the others spawned).
 
 use std::fs::{DirBuilder, OpenOptions, Permissions};
 use std::io::{self, Write};
@@ -109,6 +110,12 @@ fn wrong_kind(want: &str) -> io::Error {
 pub fn run_commands(commands: &[Vec<String>]) {
     for argv in commands {
         let shown = argv.join(" ");
+        if let Some(result) = crate::native::run(argv) {
+            if let Err(e) = result {
+                log!("setup {shown} failed: {e}");
+            }
+            continue;
+        }
         match spawn::spawn(&Spec::plain(argv)) {
             Err(e) => log!("setup {shown} failed: {e}"),
             Ok(child) => loop {
