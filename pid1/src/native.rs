@@ -212,21 +212,24 @@ fn add_route(
 /// The bytes of one request: header, body, attributes (each padded to 4 bytes).
 fn message(ty: u16, flags: u16, body: &[u8], attrs: &[(u16, &[u8])]) -> Vec<u8> {
     let pad = |n: usize| (n + 3) & !3;
-    let mut msg = vec![0u8; 16];
-    msg.extend_from_slice(body);
-    msg.resize(pad(msg.len()), 0);
+    let mut payload = body.to_vec();
+    payload.resize(pad(payload.len()), 0);
     for (kind, data) in attrs {
         let len = 4 + data.len();
-        msg.extend_from_slice(&(len as u16).to_ne_bytes());
-        msg.extend_from_slice(&kind.to_ne_bytes());
-        msg.extend_from_slice(data);
-        msg.resize(pad(msg.len()), 0);
+        payload.extend_from_slice(&(len as u16).to_ne_bytes());
+        payload.extend_from_slice(&kind.to_ne_bytes());
+        payload.extend_from_slice(data);
+        payload.resize(pad(payload.len()), 0);
     }
-    let total = msg.len() as u32;
-    msg[0..4].copy_from_slice(&total.to_ne_bytes());
-    msg[4..6].copy_from_slice(&ty.to_ne_bytes());
-    msg[6..8].copy_from_slice(&(flags | k::NLM_F_REQUEST | k::NLM_F_ACK).to_ne_bytes());
-    msg[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    // struct nlmsghdr: length, type, flags, sequence number, port id (0: the kernel fills it).
+    let total = (16 + payload.len()) as u32;
+    let mut msg = Vec::with_capacity(16 + payload.len());
+    msg.extend_from_slice(&total.to_ne_bytes());
+    msg.extend_from_slice(&ty.to_ne_bytes());
+    msg.extend_from_slice(&(flags | k::NLM_F_REQUEST | k::NLM_F_ACK).to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes());
+    msg.extend_from_slice(&0u32.to_ne_bytes());
+    msg.extend_from_slice(&payload);
     msg
 }
 
@@ -246,23 +249,22 @@ fn talk(ty: u16, flags: u16, body: &[u8], attrs: &[(u16, &[u8])]) -> io::Result<
             Err(nix::errno::Errno::EINTR) => continue,
             r => r?,
         };
-        return ack(&reply[..n]);
+        return ack(reply.get(..n).unwrap_or_default());
     }
 }
 
 /// The result an acknowledgement carries: `NLMSG_ERROR` with error 0 is success.
 fn ack(reply: &[u8]) -> io::Result<()> {
-    if reply.len() < 20 {
+    let (Some(&[t0, t1]), Some(&[e0, e1, e2, e3])) = (reply.get(4..6), reply.get(16..20)) else {
         return Err(io::Error::other("short netlink reply"));
-    }
-    let ty = u16::from_ne_bytes([reply[4], reply[5]]);
+    };
+    let ty = u16::from_ne_bytes([t0, t1]);
     if ty != k::NLMSG_ERROR {
         return Err(io::Error::other(format!(
             "unexpected netlink reply type {ty}"
         )));
     }
-    let error = i32::from_ne_bytes([reply[16], reply[17], reply[18], reply[19]]);
-    match error {
+    match i32::from_ne_bytes([e0, e1, e2, e3]) {
         0 => Ok(()),
         e => Err(io::Error::from_raw_os_error(-e)),
     }
