@@ -16,7 +16,9 @@ pub const PROFILE: &str = "release-pid1";
 /// `repro` fakes the wall clock with libfaketime, under which rustc hangs: the Rust toolchain
 /// runs at the real time (its output does not depend on the clock).
 fn real_clock(cmd: &mut Command) -> &mut Command {
-    cmd.env_remove("LD_PRELOAD").env_remove("FAKETIME").env_remove("FAKETIME_NO_CACHE")
+    cmd.env_remove("LD_PRELOAD")
+        .env_remove("FAKETIME")
+        .env_remove("FAKETIME_NO_CACHE")
 }
 
 fn target_installed(triple: &str) -> bool {

@@ -111,7 +111,16 @@ impl Test {
             // the file this process started from may be gone.
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let st = Command::new(cargo)
-                .args(["run", "--quiet", "--release", "-p", "xtask", "--", "bench", "--quick"])
+                .args([
+                    "run",
+                    "--quiet",
+                    "--release",
+                    "-p",
+                    "xtask",
+                    "--",
+                    "bench",
+                    "--quick",
+                ])
                 .current_dir(&root)
                 .status()
                 .context("running bench")?;
