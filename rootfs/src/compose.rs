@@ -107,8 +107,12 @@ pub fn compose(tree: &mut Tree, spec: &ComposeSpec) -> Result<()> {
             "{}:x:{}:{}:{}:{}:{}\n",
             u.name, u.uid, u.gid, u.name, u.home, u.shell
         ));
-        // Locked passwords: a console shell needs none; SSH logs in with keys.
-        shadow.push_str(&format!("{}:*:1::::::\n", u.name));
+        // Locked by default: a console shell needs none; SSH logs in with keys.
+        shadow.push_str(&format!(
+            "{}:{}:1::::::\n",
+            u.name,
+            u.password.shadow_field()
+        ));
     }
     let mut group = String::new();
     for (name, gid) in &sys.groups {

@@ -39,6 +39,7 @@ pub mod system;
 pub use crate::backends::{Backend, InitInputs};
 pub use crate::compose::{compose, ComposeSpec};
 mod elf;
+pub mod hygiene;
 mod policy;
 mod populate;
 mod prune;

@@ -16,8 +16,24 @@ pub const MANIFEST_VERSION: u32 = 1;
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
     pub version: u32,
+    /// A development image (the profile says `development = true`): accounts may log in
+    /// without a password. Absent (false) otherwise.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub development: bool,
+    /// The image holds secrets supplied at build time (`[[secrets]]`): its bytes depend on
+    /// files outside the repository, so no reproducibility claim covers them. Absent (false)
+    /// otherwise.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub holds_secrets: bool,
+    /// The image paths of those secrets (never their contents or where they came from).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
     pub files: Vec<ManifestEntry>,
     pub totals: Totals,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// One image entry.
@@ -128,6 +144,9 @@ pub fn manifest(tree: &Tree) -> Result<Manifest> {
     }
     Ok(Manifest {
         version: MANIFEST_VERSION,
+        development: false,
+        holds_secrets: false,
+        secrets: Vec::new(),
         files,
         totals,
     })

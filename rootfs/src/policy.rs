@@ -35,6 +35,7 @@ use crate::error::{Error, Result};
 /// allow-dangling = ["/nix/store/*-hello.c"]
 /// allow-setuid = ["/nix/store/*-busybox-*/bin/busybox"]
 /// allow-world-writable = []
+/// allow-private-keys = ["/nix/store/*-openssl-*/share/test/*.pem"]
 /// dlopen = "recommended"               # "required" | "recommended" | "suggested" | "none"
 /// strip = true
 /// strip-modules = "none"               # "none" | "debug"
@@ -70,6 +71,10 @@ pub struct Policy {
     pub allow_setuid: Vec<String>,
     /// Image paths (globs) that may be world-writable.
     pub allow_world_writable: Vec<String>,
+    /// Image paths (globs) that may hold a private key (test fixtures; real keys belong in
+    /// `[[secrets]]` or are made at first boot).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allow_private_keys: Vec<String>,
     /// Lowest `.note.dlopen` priority that is followed (default `recommended`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dlopen: Option<DlopenThreshold>,
@@ -112,6 +117,7 @@ impl Policy {
             allow_dangling: append(&parent.allow_dangling, &child.allow_dangling),
             allow_setuid: append(&parent.allow_setuid, &child.allow_setuid),
             allow_world_writable: append(&parent.allow_world_writable, &child.allow_world_writable),
+            allow_private_keys: append(&parent.allow_private_keys, &child.allow_private_keys),
             dlopen: child.dlopen.or(parent.dlopen),
             strip: child.strip.or(parent.strip),
             strip_modules: child.strip_modules.or(parent.strip_modules),
@@ -145,6 +151,7 @@ impl Policy {
         any("allow-dangling", &self.allow_dangling)?;
         any("allow-setuid", &self.allow_setuid)?;
         any("allow-world-writable", &self.allow_world_writable)?;
+        any("allow-private-keys", &self.allow_private_keys)?;
         for (i, rule) in self.drop.iter().enumerate() {
             let glob = Glob::new(&rule.path).map_err(|reason| invalid("drop", i, reason))?;
             if glob.is_absolute() {

@@ -164,20 +164,54 @@ fn default_file_mode() -> String {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct UserSpec {
-    pub uid: u32,
+    /// Required for every user but root (0).
+    pub uid: Option<u32>,
     /// Primary group name (default: a group of the user's name, which must exist).
     pub group: Option<String>,
-    #[serde(default = "default_home")]
-    pub home: String,
-    #[serde(default = "default_shell")]
-    pub shell: String,
+    /// Default `/var/empty` (root: `/root`).
+    pub home: Option<String>,
+    /// Default `/bin/false` (root: `/bin/sh`).
+    pub shell: Option<String>,
+    /// `locked` (the default), `empty` (no password; development images only) or a crypt(3)
+    /// hash starting with `$`, written to /etc/shadow as is.
+    pub password: Option<String>,
 }
 
-fn default_home() -> String {
-    "/var/empty".into()
+/// A user's password in /etc/shadow.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Password {
+    /// `*`: no password logs in (a console shell needs none; SSH logs in with keys).
+    #[default]
+    Locked,
+    /// An empty field: logs in without a password.
+    Empty,
+    /// A crypt(3) hash, as given.
+    Hash(String),
 }
-fn default_shell() -> String {
-    "/bin/false".into()
+
+impl Password {
+    /// Parses the `password` key; errors name `key`.
+    pub fn parse(s: &str, key: &str) -> Result<Password, String> {
+        match s {
+            "locked" => Ok(Password::Locked),
+            "empty" => Ok(Password::Empty),
+            h if h.starts_with('$') && !h.contains([':', '\n', '\r']) => {
+                Ok(Password::Hash(h.to_string()))
+            }
+            _ => Err(format!(
+                "{key}: '{s}' is not \"locked\", \"empty\" or a crypt(3) hash starting with '$'"
+            )),
+        }
+    }
+
+    /// The second field of the user's /etc/shadow line.
+    pub fn shadow_field(&self) -> &str {
+        match self {
+            Password::Locked => "*",
+            Password::Empty => "",
+            Password::Hash(h) => h,
+        }
+    }
 }
 
 /// `[groups.<name>]`.
@@ -225,6 +259,7 @@ pub struct User {
     pub gid: u32,
     pub home: String,
     pub shell: String,
+    pub password: Password,
 }
 
 /// One boot-time step, in the order every backend applies them.
@@ -307,10 +342,25 @@ pub fn validate(
             gid: 0,
             home: "/root".into(),
             shell: "/bin/sh".into(),
+            password: Password::Locked,
         },
     );
     for (name, u) in &spec.users {
         check_name(name, "users")?;
+        let root = name == "root";
+        let uid = match (u.uid, root) {
+            (Some(uid), _) => uid,
+            (None, true) => 0,
+            (None, false) => {
+                return Err(format!(
+                    "users.{name}.uid: missing (every user but root needs one)"
+                ))
+            }
+        };
+        let password = match &u.password {
+            None => Password::Locked,
+            Some(p) => Password::parse(p, &format!("users.{name}.password"))?,
+        };
         let gname = u.group.clone().unwrap_or_else(|| name.clone());
         let gid = *groups.get(&gname).ok_or_else(|| {
             format!("users.{name}.group: unknown group '{gname}' (define [groups.{gname}])")
@@ -319,10 +369,17 @@ pub fn validate(
             name.clone(),
             User {
                 name: name.clone(),
-                uid: u.uid,
+                uid,
                 gid,
-                home: u.home.clone(),
-                shell: u.shell.clone(),
+                home: u
+                    .home
+                    .clone()
+                    .unwrap_or_else(|| if root { "/root" } else { "/var/empty" }.into()),
+                shell: u
+                    .shell
+                    .clone()
+                    .unwrap_or_else(|| if root { "/bin/sh" } else { "/bin/false" }.into()),
+                password,
             },
         );
     }
@@ -748,6 +805,45 @@ mod tests {
         assert_eq!(
             validate(&spec, "h", &all_exist).unwrap_err(),
             "setup.dirs[0].mode: '999' is not an octal mode"
+        );
+    }
+
+    fn user(uid: Option<u32>, password: Option<&str>) -> UserSpec {
+        UserSpec {
+            uid,
+            group: None,
+            home: None,
+            shell: None,
+            password: password.map(String::from),
+        }
+    }
+
+    #[test]
+    fn passwords_and_root_defaults() {
+        let mut spec = SystemSpec::default();
+        spec.users.insert("root".into(), user(None, Some("empty")));
+        let sys = validate(&spec, "h", &all_exist).unwrap();
+        let root = sys.users.iter().find(|u| u.name == "root").unwrap();
+        assert_eq!(
+            (root.uid, root.home.as_str(), root.shell.as_str()),
+            (0, "/root", "/bin/sh")
+        );
+        assert_eq!(root.password, Password::Empty);
+        assert_eq!(root.password.shadow_field(), "");
+        assert_eq!(Password::Locked.shadow_field(), "*");
+        assert_eq!(
+            Password::parse("$6$salt$hash", "k").unwrap().shadow_field(),
+            "$6$salt$hash"
+        );
+        for bad in ["hunter2", "$6$a:b", ""] {
+            assert!(Password::parse(bad, "users.x.password").is_err(), "{bad}");
+        }
+        let mut spec = SystemSpec::default();
+        spec.groups.insert("app".into(), GroupSpec { gid: 1000 });
+        spec.users.insert("app".into(), user(None, None));
+        assert_eq!(
+            validate(&spec, "h", &all_exist).unwrap_err(),
+            "users.app.uid: missing (every user but root needs one)"
         );
     }
 }

@@ -73,6 +73,12 @@ pub struct BuildInfo {
     /// SHA-256 of each output file, to notice a damaged output.
     #[serde(default)]
     pub outputs: std::collections::BTreeMap<String, String>,
+    /// A development image (`development = true` in the profile).
+    #[serde(default)]
+    pub development: bool,
+    /// Image paths of the secrets supplied at build time (`[[secrets]]`).
+    #[serde(default)]
+    pub secrets: Vec<String>,
 }
 
 pub struct Built {
@@ -91,6 +97,8 @@ impl Build {
             .clone()
             .unwrap_or_else(|| board.profile.clone());
         let profile = cfg.load_profile(&profile_name)?;
+        let secrets = crate::hygiene::load_secrets(&root, &profile)?;
+        crate::hygiene::warn(&profile, &secrets);
         let init = self.init.clone().unwrap_or_else(|| profile.init.clone());
         let backend =
             rootfs::Backend::parse(&init).with_context(|| format!("unknown init '{init}'"))?;
@@ -226,8 +234,14 @@ impl Build {
                 key
             }
         };
+        for s in &secrets {
+            extra.push((
+                s.path.trim_start_matches('/').to_string(),
+                rootfs::Node::file(rootfs::Source::Bytes(s.data.clone()), s.mode),
+            ));
+        }
         let (tree, assembly) = assemble(
-            &board, &profile, &packages, &paths, &closure, backend, pid1, &extra,
+            &board, &profile, &packages, &paths, &closure, backend, pid1, &extra, &secrets,
         )?;
 
         let info = write_output(
@@ -244,6 +258,7 @@ impl Build {
             fp.unwrap_or_default(),
             ssh_key,
             &assembly,
+            &secrets,
         )?;
         summary(self.nested, format!(
             "built {}: kernel {}, initramfs {} ({} uncompressed, {} files from {} store paths) in {:.1} s -> {}",
@@ -301,6 +316,7 @@ fn assemble(
     backend: rootfs::Backend,
     pid1: Option<PathBuf>,
     extra: &[(String, rootfs::Node)],
+    secrets: &[crate::hygiene::Secret],
 ) -> Result<(Tree, Assembly)> {
     let mut tree = Tree::new();
     let mut bin_links = Vec::new();
@@ -413,6 +429,7 @@ fn assemble(
         ui::warn(w.to_string());
     }
     rootfs::verify(&tree, policy).map_err(problems)?;
+    crate::hygiene::check(&tree, profile, &spec.system, secrets)?;
     let vanished: Vec<String> = selection
         .vanished_store_paths()
         .into_iter()
@@ -483,6 +500,7 @@ fn write_output(
     fingerprint: String,
     ssh_key: Option<PathBuf>,
     assembly: &Assembly,
+    secrets: &[crate::hygiene::Secret],
 ) -> Result<BuildInfo> {
     let parent = out.parent().context("output folder has no parent")?;
     fs::create_dir_all(parent)
@@ -500,128 +518,152 @@ fn write_output(
     // Removed on SIGINT/SIGTERM/SIGHUP too, which run no destructors.
     let staged = crate::outdir::track_stage(stage.path());
 
-    let kernel_bytes = fs::metadata(kernel_image)?.len();
-    if let Some(max) = board.budget.kernel {
-        if kernel_bytes > max {
-            bail!("boards/{}.toml: budget.kernel: kernel is {} ({kernel_bytes} B), over the budget of {} ({max} B)", board.name, ui::size(kernel_bytes), ui::size(max));
+    // Which output file is being written, for a disk-full error.
+    let writing = std::cell::RefCell::new(String::from("kernel"));
+    let staged_result = (|| -> Result<BuildInfo> {
+        let kernel_bytes = fs::metadata(kernel_image)?.len();
+        if let Some(max) = board.budget.kernel {
+            if kernel_bytes > max {
+                bail!("boards/{}.toml: budget.kernel: kernel is {} ({kernel_bytes} B), over the budget of {} ({max} B)", board.name, ui::size(kernel_bytes), ui::size(max));
+            }
         }
-    }
-    fs::copy(kernel_image, stage.path().join("kernel")).context("copying the kernel")?;
-    let mut perms = fs::metadata(stage.path().join("kernel"))?.permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o644);
-    fs::set_permissions(stage.path().join("kernel"), perms)?;
-    let dtb_name = match dtb {
-        Some(d) => {
-            let name = d
-                .file_name()
-                .context("device tree path has no file name")?
-                .to_string_lossy()
-                .to_string();
-            fs::write(stage.path().join(&name), fs::read(d)?).context("copying the device tree")?;
-            Some(name)
-        }
-        None => None,
-    };
+        writing.replace("kernel".into());
+        fs::copy(kernel_image, stage.path().join("kernel")).context("copying the kernel")?;
+        let mut perms = fs::metadata(stage.path().join("kernel"))?.permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o644);
+        fs::set_permissions(stage.path().join("kernel"), perms)?;
+        let dtb_name = match dtb {
+            Some(d) => {
+                let name = d
+                    .file_name()
+                    .context("device tree path has no file name")?
+                    .to_string_lossy()
+                    .to_string();
+                writing.replace(name.clone());
+                fs::write(stage.path().join(&name), fs::read(d)?)
+                    .context("copying the device tree")?;
+                Some(name)
+            }
+            None => None,
+        };
 
-    ui::step(format!(
-        "pack initramfs ({}, {} entries)",
-        board.compression.name(),
-        tree.len()
-    ));
-    let initramfs_name = board.compression.file_name();
-    let mtime = u32::try_from(epoch).context("SOURCE_DATE_EPOCH does not fit a cpio mtime")?;
-    let cache = pack_cache(board.compression)?;
-    let report = rootfs::pack_cached(
-        tree,
-        &PackOptions {
-            compression: board.compression,
-            level: None,
-            mtime,
-        },
-        &stage.path().join(initramfs_name),
-        cache.clone(),
-    )?;
-    if let Some(cache) = &cache {
-        report_pack_cache(cache);
-    }
-    crate::outdir::test_delay("BONSAI_TEST_PACK_DELAY_MS");
-    if let Some(max) = board.budget.initramfs {
-        if report.compressed_bytes > max {
-            let mut top: Vec<(u64, String)> = assembly
-                .sizes
-                .get("store_paths")
-                .and_then(|v| v.as_array())
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|sp| {
-                            Some((
-                                sp.get("image_bytes")?.as_u64()?,
-                                sp.get("store_path")?.as_str()?.to_string(),
-                            ))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            top.sort_by(|a, b| b.cmp(a));
-            let offenders: Vec<String> = top
-                .iter()
-                .take(3)
-                .map(|(b, p)| format!("{p} {}", ui::size(*b)))
-                .collect();
-            bail!(
-                "boards/{}.toml: budget.initramfs: initramfs is {}, over the budget of {}; largest: {}",
-                board.name,
-                ui::size(report.compressed_bytes),
-                ui::size(max),
-                offenders.join(", ")
-            );
+        ui::step(format!(
+            "pack initramfs ({}, {} entries)",
+            board.compression.name(),
+            tree.len()
+        ));
+        let initramfs_name = board.compression.file_name();
+        let mtime = u32::try_from(epoch).context("SOURCE_DATE_EPOCH does not fit a cpio mtime")?;
+        writing.replace(initramfs_name.into());
+        let cache = pack_cache(board.compression)?;
+        let report = rootfs::pack_cached(
+            tree,
+            &PackOptions {
+                compression: board.compression,
+                level: None,
+                mtime,
+            },
+            &stage.path().join(initramfs_name),
+            cache.clone(),
+        )?;
+        if let Some(cache) = &cache {
+            report_pack_cache(cache);
         }
-    }
-    let manifest = rootfs::manifest(tree)?;
-    fs::write(stage.path().join("manifest.json"), manifest.to_json())?;
-    fs::write(
-        stage.path().join("selection.json"),
-        serde_json::to_string_pretty(assembly)? + "\n",
-    )?;
-    let info = BuildInfo {
-        board: board.name.clone(),
-        profile: profile.name.clone(),
-        init: init.to_string(),
-        source: source.describe(),
-        kernel: "kernel".into(),
-        initramfs: initramfs_name.into(),
-        dtb: dtb_name.clone(),
-        kernel_bytes,
-        initramfs_bytes: report.compressed_bytes,
-        initramfs_uncompressed_bytes: report.cpio.archive_bytes,
-        files: manifest.totals.files,
-        store_paths: closure
-            .keys()
-            .filter(|k| !assembly.vanished.contains(k))
-            .cloned()
-            .collect(),
-        source_date_epoch: epoch,
-        checks: all_checks(board, profile),
-        shutdown_expect: profile.shutdown_expect.clone(),
-        console_expect: profile.console_expect.clone(),
-        fingerprint,
-        ssh_key: ssh_key.clone(),
-        outputs: ["kernel", initramfs_name, "manifest.json"]
-            .iter()
-            .copied()
-            .chain(dtb_name.as_deref())
-            .map(|f| {
-                Ok((
-                    f.to_string(),
-                    crate::offline::sha256_file(&stage.path().join(f))?,
-                ))
-            })
-            .collect::<Result<_>>()?,
-    };
-    fs::write(
-        stage.path().join("build.json"),
-        serde_json::to_string_pretty(&info)? + "\n",
-    )?;
+        crate::outdir::test_delay("BONSAI_TEST_PACK_DELAY_MS");
+        if let Some(max) = board.budget.initramfs {
+            if report.compressed_bytes > max {
+                let mut top: Vec<(u64, String)> = assembly
+                    .sizes
+                    .get("store_paths")
+                    .and_then(|v| v.as_array())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|sp| {
+                                Some((
+                                    sp.get("image_bytes")?.as_u64()?,
+                                    sp.get("store_path")?.as_str()?.to_string(),
+                                ))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                top.sort_by(|a, b| b.cmp(a));
+                let offenders: Vec<String> = top
+                    .iter()
+                    .take(3)
+                    .map(|(b, p)| format!("{p} {}", ui::size(*b)))
+                    .collect();
+                bail!(
+                    "boards/{}.toml: budget.initramfs: initramfs is {}, over the budget of {}; largest: {}",
+                    board.name,
+                    ui::size(report.compressed_bytes),
+                    ui::size(max),
+                    offenders.join(", ")
+                );
+            }
+        }
+        let mut manifest = rootfs::manifest(tree)?;
+        manifest.development = profile.development;
+        manifest.secrets = crate::hygiene::secret_paths(secrets);
+        manifest.holds_secrets = !manifest.secrets.is_empty();
+        writing.replace("manifest.json".into());
+        fs::write(stage.path().join("manifest.json"), manifest.to_json())?;
+        writing.replace("selection.json".into());
+        fs::write(
+            stage.path().join("selection.json"),
+            serde_json::to_string_pretty(assembly)? + "\n",
+        )?;
+        let info = BuildInfo {
+            board: board.name.clone(),
+            profile: profile.name.clone(),
+            init: init.to_string(),
+            source: source.describe(),
+            kernel: "kernel".into(),
+            initramfs: initramfs_name.into(),
+            dtb: dtb_name.clone(),
+            kernel_bytes,
+            initramfs_bytes: report.compressed_bytes,
+            initramfs_uncompressed_bytes: report.cpio.archive_bytes,
+            files: manifest.totals.files,
+            store_paths: closure
+                .keys()
+                .filter(|k| !assembly.vanished.contains(k))
+                .cloned()
+                .collect(),
+            source_date_epoch: epoch,
+            checks: all_checks(board, profile),
+            shutdown_expect: profile.shutdown_expect.clone(),
+            console_expect: profile.console_expect.clone(),
+            fingerprint,
+            ssh_key: ssh_key.clone(),
+            outputs: ["kernel", initramfs_name, "manifest.json"]
+                .iter()
+                .copied()
+                .chain(dtb_name.as_deref())
+                .map(|f| {
+                    Ok((
+                        f.to_string(),
+                        crate::offline::sha256_file(&stage.path().join(f))?,
+                    ))
+                })
+                .collect::<Result<_>>()?,
+            development: profile.development,
+            secrets: crate::hygiene::secret_paths(secrets),
+        };
+        writing.replace("build.json".into());
+        fs::write(
+            stage.path().join("build.json"),
+            serde_json::to_string_pretty(&info)? + "\n",
+        )?;
+        Ok(info)
+    })();
+    let info = staged_result.map_err(|e| {
+        if crate::hygiene::is_disk_full(&e) {
+            disk_full(out, &writing.borrow(), kernel_image, tree)
+        } else {
+            e
+        }
+    })?;
 
     // Swap the new folder in; the old one is removed only once the new one is in place.
     let stage = stage.keep();
@@ -641,6 +683,30 @@ fn write_output(
     })?;
     let _ = fs::remove_dir_all(&old);
     Ok(info)
+}
+
+/// The error of a build that filled its output's file system (the stage folder is removed
+/// when the caller returns it).
+fn disk_full(out: &Path, file: &str, kernel_image: &Path, tree: &Tree) -> anyhow::Error {
+    let kernel = fs::metadata(kernel_image).map(|m| m.len()).unwrap_or(0);
+    let image: u64 = tree
+        .iter()
+        .map(|(_, n)| match &n.kind {
+            rootfs::NodeKind::File {
+                source: rootfs::Source::Bytes(b),
+            } => b.len() as u64,
+            rootfs::NodeKind::File {
+                source: rootfs::Source::Host(h),
+            } => fs::metadata(h).map(|m| m.len()).unwrap_or(0),
+            _ => 0,
+        })
+        .sum();
+    anyhow::anyhow!(
+        "writing {}: no space left on device (kernel {}, image {} before compression); the unfinished output was removed, the previous one is unchanged",
+        out.join(file).display(),
+        ui::size(kernel),
+        ui::size(image)
+    )
 }
 
 /// A hash of every input of a build that bonsai can see without asking Nix: the board and
@@ -693,6 +759,11 @@ pub fn fingerprint(
         add_file(&mut h, f)?;
     }
     h.update(format!("init={init}\nepoch={epoch}\n").as_bytes());
+    // Secrets come from outside the repository: a changed one is a changed input.
+    for secret in crate::hygiene::load_secrets(root, profile)? {
+        h.update(format!("secret={} {:o}\n", secret.path, secret.mode).as_bytes());
+        h.update(Sha256::digest(&secret.data));
+    }
     h.update(
         crate::host::version_line("gcc")
             .unwrap_or_default()

@@ -171,6 +171,37 @@ struct RawProfile {
     /// What goes into the image: keep globs, prune classes, drops, strip (rootfs::Policy).
     #[serde(default)]
     image: Option<rootfs::Policy>,
+    /// A development image: accounts may have empty passwords (inherited; default false).
+    development: Option<bool>,
+    /// Files supplied at build time from outside the repository (host keys and the like).
+    #[serde(default)]
+    secrets: Vec<SecretSpec>,
+}
+
+/// `[[secrets]]`: a file the build copies into the image from outside the repository.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SecretSpec {
+    /// Where it goes in the image (absolute).
+    pub path: String,
+    /// Where it is on the build host: absolute or `~/...`, outside the repository.
+    pub source: String,
+    /// Octal mode in the image (default 0600).
+    #[serde(default = "default_secret_mode")]
+    pub mode: String,
+}
+
+fn default_secret_mode() -> String {
+    "0600".into()
+}
+
+/// A secret with the profile that declares it and its index there (`secrets[N]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeclaredSecret {
+    pub spec: SecretSpec,
+    /// The profile's name (the file is `profiles/<origin>.toml`).
+    pub origin: String,
+    pub index: usize,
 }
 
 // ---------------------------------------------------------------- validated forms
@@ -249,6 +280,12 @@ pub struct Profile {
     pub authorized_keys: Option<String>,
     /// The image policy merged along the inheritance chain (parents first).
     pub policy: rootfs::Policy,
+    /// `development = true`: empty passwords are allowed (the child's value wins).
+    pub development: bool,
+    /// Secrets of the profile and its parents, parents first.
+    pub secrets: Vec<DeclaredSecret>,
+    /// For each user in `system.users`, the profile that defines it last (whose table is used).
+    pub user_origin: BTreeMap<String, String>,
 }
 
 // ---------------------------------------------------------------- loading
@@ -489,6 +526,9 @@ impl Config {
         let mut console_expect = Vec::new();
         let mut authorized_keys = None;
         let mut policy = rootfs::Policy::default();
+        let mut development = false;
+        let mut secrets = Vec::new();
+        let mut user_origin = BTreeMap::new();
         for p in &order {
             let raw = &raws[p];
             for (k, v) in &raw.services {
@@ -496,6 +536,17 @@ impl Config {
             }
             for (k, v) in &raw.users {
                 system.users.insert(k.clone(), v.clone());
+                user_origin.insert(k.clone(), p.clone());
+            }
+            if let Some(d) = raw.development {
+                development = d;
+            }
+            for (index, spec) in raw.secrets.iter().enumerate() {
+                secrets.push(DeclaredSecret {
+                    spec: spec.clone(),
+                    origin: p.clone(),
+                    index,
+                });
             }
             for (k, v) in &raw.groups {
                 system.groups.insert(k.clone(), v.clone());
@@ -556,6 +607,9 @@ impl Config {
             console_expect,
             authorized_keys,
             policy,
+            development,
+            secrets,
+            user_origin,
         })
     }
 

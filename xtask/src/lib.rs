@@ -9,6 +9,7 @@ pub mod config;
 pub mod conformance;
 pub mod diff;
 pub mod host;
+pub mod hygiene;
 pub mod kernel_config;
 pub mod list;
 pub mod new_board;

@@ -63,6 +63,18 @@ impl Release {
                 info.profile
             ));
         }
+        if info.development {
+            ui::warn(format!(
+                "profile {} is a development image (manifest.json: \"development\": true); not for shipping",
+                info.profile
+            ));
+        }
+        if !info.secrets.is_empty() {
+            ui::warn(format!(
+                "the image holds secrets ({}; manifest.json: \"holds_secrets\": true): its initramfs depends on files outside the repository, so it is reproducible only with the same secret files and must not be published",
+                info.secrets.join(", ")
+            ));
+        }
         let out_dir = self
             .out_dir
             .clone()

@@ -893,3 +893,240 @@ fn damaged_pack_cache_entries_are_rebuilt_never_used() {
     assert!(!warm.contains("warning:"), "{warm}");
     assert!(third == first);
 }
+
+// ------------------------------------------------------------------ image hygiene
+
+/// A private key in OpenSSH's PEM form (its base64 is not a usable key).
+const FAKE_KEY: &str = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW\nQyNTUxOQAAACBnZXN0LWtleS1ub3QtcmVhbC0wMDAwMDAwMDAwMAAAAJg=\n-----END OPENSSH PRIVATE KEY-----\n";
+
+fn manifest_json(s: &Scratch) -> serde_json::Value {
+    serde_json::from_str(&fs::read_to_string(s.out(BOARD).join("manifest.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn empty_password_outside_a_development_image() {
+    let s = Scratch::new();
+    s.profile("nopw", "[users.root]\npassword = \"empty\"\n");
+    fails_with(
+        &s,
+        &["build", "--profile", "nopw"],
+        "error: profiles/nopw.toml: users.root.password: an empty password needs 'development = true' (this is not a development image)",
+    );
+    // An /etc/shadow written at boot by [[setup.files]] is checked too.
+    s.profile(
+        "shadow",
+        "[[setup.files]]\npath = \"/etc/shadow\"\ncontent = \"root:*:1::::::\\nguest::1::::::\\n\"\nmode = \"0600\"\n",
+    );
+    fails_with(
+        &s,
+        &["build", "--profile", "shadow"],
+        "error: profiles/shadow.toml: setup.files[0]: /etc/shadow gives 'guest' an empty password, which needs 'development = true' (this is not a development image)",
+    );
+    s.profile("badpw", "[users.root]\npassword = \"hunter2\"\n");
+    fails_with(
+        &s,
+        &["build", "--profile", "badpw"],
+        "error: profiles/badpw.toml: users.root.password: 'hunter2' is not \"locked\", \"empty\" or a crypt(3) hash starting with '$'",
+    );
+    // A development image may; it says so, and so does its manifest.
+    s.write(
+        "profiles/dev.toml",
+        "description = \"dev\"\ninherit = [\"nopw\"]\ndevelopment = true\n",
+    );
+    let out = s.run(&["build", "--profile", "dev"]);
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("warning: profile dev is a development image (development = true): accounts may log in without a password; do not ship it"),
+        "{stderr}"
+    );
+    assert_eq!(manifest_json(&s)["development"], serde_json::json!(true));
+    // Other images do not carry the field.
+    assert!(s.run(&["build"]).status.success());
+    assert!(manifest_json(&s).get("development").is_none());
+}
+
+#[test]
+fn private_key_in_the_image() {
+    let s = Scratch::new();
+    s.profile(
+        "leaky",
+        &format!(
+            "[[setup.files]]\npath = \"/etc/app/key.pem\"\ncontent = \"\"\"\n{FAKE_KEY}\"\"\"\nmode = \"0600\"\n"
+        ),
+    );
+    fails_with(
+        &s,
+        &["build", "--profile", "leaky"],
+        "error: the image holds a private key at /etc/app/key.pem (from setup.files[0] of profiles/leaky.toml): generate keys at first boot or supply them with [[secrets]]",
+    );
+    // A test fixture may be allowed by path.
+    s.write(
+        "profiles/fixture.toml",
+        "description = \"fixture\"\ninherit = [\"leaky\"]\n[image]\nallow-private-keys = [\"/etc/app/*.pem\"]\n",
+    );
+    assert!(s.run(&["build", "--profile", "fixture"]).status.success());
+}
+
+#[test]
+fn secret_source_missing_or_inside_the_repository() {
+    let s = Scratch::new();
+    let host = tempfile::tempdir().unwrap();
+    let missing = host.path().join("nope");
+    s.profile(
+        "gone",
+        &format!(
+            "[[secrets]]\npath = \"/etc/dropbear/dropbear_ed25519_host_key\"\nsource = \"{}\"\n",
+            missing.display()
+        ),
+    );
+    fails_with(
+        &s,
+        &["build", "--profile", "gone"],
+        &format!(
+            "error: profiles/gone.toml: secrets[0].source: cannot read {}: No such file or directory",
+            missing.display()
+        ),
+    );
+    let inside = s.root().join("keys/host_key");
+    s.write("keys/host_key", FAKE_KEY);
+    s.profile(
+        "committed",
+        &format!(
+            "[[secrets]]\npath = \"/etc/key\"\nsource = \"{}\"\n",
+            inside.display()
+        ),
+    );
+    fails_with(
+        &s,
+        &["build", "--profile", "committed"],
+        &format!(
+            "error: profiles/committed.toml: secrets[0].source: {} is inside the repository; keep secrets outside it so they are never committed",
+            inside.display()
+        ),
+    );
+    let key = host.path().join("host_key");
+    fs::write(&key, FAKE_KEY).unwrap();
+    s.profile(
+        "relative",
+        &format!(
+            "[[secrets]]\npath = \"etc/key\"\nsource = \"{}\"\n",
+            key.display()
+        ),
+    );
+    fails_with(
+        &s,
+        &["build", "--profile", "relative"],
+        "error: profiles/relative.toml: secrets[0].path: 'etc/key' is not an absolute path in the image (like /etc/dropbear/dropbear_ed25519_host_key)",
+    );
+
+    // A secret from outside: in the image, named in the warning and the manifest, never
+    // its host path; the private-key scan accepts it.
+    s.profile(
+        "keyed",
+        &format!(
+            "[[secrets]]\npath = \"/etc/dropbear/dropbear_ed25519_host_key\"\nsource = \"{}\"\n",
+            key.display()
+        ),
+    );
+    let out = s.run(&["build", "--profile", "keyed"]);
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("warning: the image holds secrets: /etc/dropbear/dropbear_ed25519_host_key (supplied at build time; no reproducibility claim covers them)"),
+        "{stderr}"
+    );
+    let m = manifest_json(&s);
+    assert_eq!(m["holds_secrets"], serde_json::json!(true));
+    assert_eq!(
+        m["secrets"],
+        serde_json::json!(["/etc/dropbear/dropbear_ed25519_host_key"])
+    );
+    let entry = m["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["path"] == "/etc/dropbear/dropbear_ed25519_host_key")
+        .expect("the secret is in the image");
+    assert_eq!(entry["mode"], "0600");
+    for f in ["manifest.json", "build.json", "selection.json"] {
+        let text = fs::read_to_string(s.out(BOARD).join(f)).unwrap();
+        assert!(
+            !text.contains(&host.path().display().to_string()) && !text.contains("BEGIN OPENSSH"),
+            "{f} names the secret's source or contents"
+        );
+    }
+}
+
+/// A tmpfs mounted for one test, unmounted however the test ends.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, bytes: u64) -> Tmpfs {
+        fs::create_dir_all(dir).unwrap();
+        let root_user = fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
+        assert!(
+            root_user,
+            "disk_full_while_packing mounts a small tmpfs and needs root (run the test as root, \
+             or under `unshare -rm cargo test ...`)"
+        );
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mounting a tmpfs on {}", dir.display());
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn disk_full_while_packing() {
+    let s = Scratch::new();
+    // A first build elsewhere, to size the tmpfs: room for the kernel, not the initramfs.
+    let built = s.run(&["build"]);
+    assert!(built.status.success(), "the first scratch build failed");
+    let kernel = fs::metadata(s.out(BOARD).join("kernel")).unwrap().len();
+    let initramfs = fs::metadata(s.out(BOARD).join("initramfs.cpio.gz"))
+        .unwrap()
+        .len();
+    assert!(
+        initramfs > 300 << 10,
+        "the initramfs is too small for this test"
+    );
+    let size = (kernel + (256 << 10)).div_ceil(4096) * 4096;
+    let mnt = s.root().join("small");
+    let tmpfs = Tmpfs::mount(&mnt, size);
+    // A previous output (small and fake: the real one does not fit twice).
+    let out = mnt.join("out");
+    fs::create_dir(&out).unwrap();
+    fs::write(out.join("kernel"), "previous kernel").unwrap();
+    let before = digest(&out);
+
+    let err = error_of(&s.run(&["build", "--out", out.to_str().unwrap()]), 1);
+    assert_glob(
+        &format!(
+            "error: writing {}/initramfs.cpio.gz: no space left on device (kernel * MiB, image * MiB before compression); the unfinished output was removed, the previous one is unchanged",
+            out.display()
+        ),
+        &err,
+    );
+    assert_eq!(digest(&out), before, "the previous output changed");
+    let mut left: Vec<String> = fs::read_dir(&mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    // The lock file stays by design (see docs/errors.md); nothing else may.
+    assert_eq!(left, [".out.lock", "out"], "left behind in the tmpfs");
+    drop(tmpfs);
+}
