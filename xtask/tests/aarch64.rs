@@ -5,9 +5,11 @@
 //! These tests fail (never skip) when something is missing.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 use std::sync::Mutex;
+
+mod common;
+use common::{ok, require, root};
 
 /// The tests share out/qemu-aarch64 and a 2-core machine: one at a time.
 static LOCK: Mutex<()> = Mutex::new(());
@@ -15,50 +17,6 @@ static LOCK: Mutex<()> = Mutex::new(());
 const BOARD: &str = "qemu-aarch64";
 /// ELF e_machine of aarch64.
 const EM_AARCH64: u16 = 183;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn xtask(args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(args)
-        .current_dir(root())
-        .output()
-        .expect("running the xtask binary");
-    eprintln!(
-        "$ xtask {}\n{}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = xtask(args);
-    assert!(
-        out.status.success(),
-        "xtask {} failed:\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn require(program: &str, package: &str) {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {program}"))
-        .output()
-        .unwrap()
-        .status
-        .success();
-    assert!(found, "{program} is not installed: run `cargo xtask test` (it installs {package}) or apt-get install {package}");
-}
 
 fn require_file(file: &str, package: &str) {
     assert!(

@@ -3,46 +3,16 @@
 //! These tests fail (never skip) when something is missing.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::Mutex;
+
+mod common;
+use common::{ok, require, root, xtask};
 
 /// The tests share out/qemu-x86_64 and a 2-core machine: one at a time.
 static LOCK: Mutex<()> = Mutex::new(());
 
 const BOARD: &str = "qemu-x86_64";
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn xtask(args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(args)
-        .current_dir(root())
-        .output()
-        .expect("running the xtask binary");
-    eprintln!(
-        "$ xtask {}\n{}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = xtask(args);
-    assert!(
-        out.status.success(),
-        "xtask {} failed:\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn sha256(p: &Path) -> String {
     let out = Command::new("sha256sum").arg(p).output().unwrap();
@@ -51,17 +21,6 @@ fn sha256(p: &Path) -> String {
         .next()
         .unwrap()
         .to_string()
-}
-
-fn require(program: &str, package: &str) {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {program}"))
-        .output()
-        .unwrap()
-        .status
-        .success();
-    assert!(found, "{program} is not installed: run `cargo xtask test` (it installs {package}) or apt-get install {package}");
 }
 
 fn out_dir() -> PathBuf {
