@@ -127,7 +127,25 @@ impl Test {
             if !st.success() {
                 bail!("cargo xtask bench --quick failed");
             }
-            // Every fuzz target for a bounded time (installs nightly and cargo-fuzz if missing).
+            // The board matrix, printed for the CI log (the e2e test checks its JSON as well).
+            ui::step("cargo xtask test-boards");
+            let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args([
+                    "run",
+                    "--quiet",
+                    "--release",
+                    "-p",
+                    "xtask",
+                    "--",
+                    "test-boards",
+                ])
+                .current_dir(&root)
+                .status()
+                .context("running test-boards")?;
+            if !st.success() {
+                bail!("cargo xtask test-boards failed");
+            }
+            // Every fuzz target for a bounded time (installs cargo-fuzz if missing).
             let secs = std::env::var("BONSAI_FUZZ_SECONDS").unwrap_or_else(|_| "20".into());
             ui::step(format!("fuzz every target for {secs} s"));
             let st = Command::new("bash")
