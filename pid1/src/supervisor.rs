@@ -18,6 +18,9 @@ use crate::console::{self, format_uptime, log, uptime, LineBuffer};
 use crate::service::{self, Exit, Readiness, Service, State};
 use crate::spawn::{self, Out, Spec};
 
+/// Where PID 1 notes the uptime at which every service was started (read by the harness).
+pub const SERVICES_UP_FILE: &str = "/run/bonsai/services-up";
+
 /// Real PID 1, or a plain process running the same logic for tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -351,7 +354,16 @@ impl Supervisor {
         if self.after_start_state != AfterStart::Pending || !service::all_started(&self.services) {
             return;
         }
-        log!("all services started at {}", format_uptime(uptime()));
+        let now = uptime();
+        log!("all services started at {}", format_uptime(now));
+        if self.mode == Mode::Pid1 {
+            // The readiness harness reports this as the services-up time: the moment itself,
+            // to the millisecond, rather than when the harness's shell got to read the clock.
+            let stamp = format!("{}.{:03}\n", now.as_secs(), now.subsec_millis());
+            if let Err(e) = std::fs::write(SERVICES_UP_FILE, stamp) {
+                log!("cannot write {SERVICES_UP_FILE}: {e}");
+            }
+        }
         let mut pids = Vec::new();
         for argv in &self.after_start {
             match spawn::spawn(&Spec::plain(argv)) {

@@ -348,8 +348,11 @@ for w in $(cat /proc/cmdline); do
 	esac
 done
 read -r up _ </proc/uptime
+# Services up: when PID 1 noted it (bonsai-init does, to the millisecond), else now.
+services_up=$up
+[ -r /run/bonsai/services-up ] && read -r services_up </run/bonsai/services-up
 printf 'BONSAI-READY %s %s\n' "${nonce:-none}" "$up" >/dev/console
-printf 'BONSAI-SERVICES-UP %s %s\n' "${nonce:-none}" "$up" >/dev/console
+printf 'BONSAI-SERVICES-UP %s %s\n' "${nonce:-none}" "$services_up" >/dev/console
 # bonsai.hold=1: stay up without a console shell (the host logs in over SSH).
 grep -q 'bonsai.hold=1' /proc/cmdline && exec sleep 2147483647
 if [ -n "$check" ]; then
