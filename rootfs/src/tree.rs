@@ -100,6 +100,33 @@ impl ImagePath {
     }
 }
 
+/// The node for a host file, directory or symlink (`meta` from `symlink_metadata`), with the
+/// host's permission bits.
+fn host_node(host: &Path, meta: &fs::Metadata) -> Result<Node> {
+    let mode = meta.permissions().mode() & PERMISSION_BITS;
+    let file_type = meta.file_type();
+    if file_type.is_dir() {
+        Ok(Node::dir(mode))
+    } else if file_type.is_file() {
+        Ok(Node::file(Source::Host(host.to_owned()), mode))
+    } else if file_type.is_symlink() {
+        let target = fs::read_link(host).map_err(|e| Error::io("reading symlink", host, e))?;
+        let target = target
+            .into_os_string()
+            .into_string()
+            .map_err(|_| Error::NonUtf8 {
+                path: host.to_owned(),
+                what: "symlink target",
+            })?;
+        Ok(Node::symlink(target))
+    } else {
+        Err(Error::UnsupportedFileType {
+            path: host.to_owned(),
+            kind: special_kind(&file_type),
+        })
+    }
+}
+
 fn invalid_reason(path: &str) -> Option<&'static str> {
     if path.is_empty() {
         return Some("empty path");
@@ -129,8 +156,16 @@ fn invalid_reason(path: &str) -> Option<&'static str> {
 }
 
 impl Ord for ImagePath {
+    /// The same order as comparing the components one by one, computed on the bytes: `/`
+    /// ranks below every other byte (no component holds a NUL or a `/`), so a path sorts
+    /// before its own subtree's siblings exactly as a component-wise comparison would.
     fn cmp(&self, other: &Self) -> Ordering {
-        self.components().cmp(other.components())
+        let (a, b) = (self.0.as_bytes(), other.0.as_bytes());
+        let rank = |c: u8| if c == b'/' { 0 } else { c };
+        match a.iter().zip(b).position(|(x, y)| x != y) {
+            Some(i) => rank(a[i]).cmp(&rank(b[i])),
+            None => a.len().cmp(&b.len()),
+        }
     }
 }
 
@@ -432,47 +467,58 @@ impl Tree {
     fn add_host_node(&mut self, path: ImagePath, host: &Path, owner: Option<&str>) -> Result<()> {
         let meta =
             fs::symlink_metadata(host).map_err(|e| Error::io("reading metadata of", host, e))?;
-        let mode = meta.permissions().mode() & PERMISSION_BITS;
-        let file_type = meta.file_type();
-        let mut node = if file_type.is_dir() {
-            Node::dir(mode)
-        } else if file_type.is_file() {
-            Node::file(Source::Host(host.to_owned()), mode)
-        } else if file_type.is_symlink() {
-            let target = fs::read_link(host).map_err(|e| Error::io("reading symlink", host, e))?;
-            let target = target
-                .into_os_string()
-                .into_string()
-                .map_err(|_| Error::NonUtf8 {
-                    path: host.to_owned(),
-                    what: "symlink target",
-                })?;
-            Node::symlink(target)
-        } else {
-            return Err(Error::UnsupportedFileType {
-                path: host.to_owned(),
-                kind: special_kind(&file_type),
-            });
-        };
+        let mut node = host_node(host, &meta)?;
         node.owner = owner.map(str::to_owned);
+        let is_dir = node.is_dir();
         self.insert(&path, node)?;
+        if is_dir {
+            self.add_host_children(&path, host, owner)?;
+        }
+        Ok(())
+    }
 
-        if file_type.is_dir() {
-            let mut entries = fs::read_dir(host)
-                .and_then(|dir| dir.collect::<std::io::Result<Vec<_>>>())
-                .map_err(|e| Error::io("reading directory", host, e))?;
-            entries.sort_by_key(|entry| entry.file_name());
-            for entry in entries {
-                let child_host = entry.path();
-                let name = entry.file_name();
-                let name = name.to_str().ok_or_else(|| Error::NonUtf8 {
-                    path: child_host.clone(),
-                    what: "file name",
-                })?;
-                let child = path.join(name)?;
-                self.add_host_node(child, &child_host, owner)?;
+    /// Adds the entries of host directory `host` under `path`, which is a directory of the
+    /// tree: each child's parent is known to exist, so only the child itself is checked.
+    fn add_host_children(
+        &mut self,
+        path: &ImagePath,
+        host: &Path,
+        owner: Option<&str>,
+    ) -> Result<()> {
+        let mut entries = fs::read_dir(host)
+            .and_then(|dir| dir.collect::<std::io::Result<Vec<_>>>())
+            .map_err(|e| Error::io("reading directory", host, e))?;
+        entries.sort_by_key(|entry| entry.file_name());
+        for entry in entries {
+            let child_host = entry.path();
+            let name = entry.file_name();
+            let name = name.to_str().ok_or_else(|| Error::NonUtf8 {
+                path: child_host.clone(),
+                what: "file name",
+            })?;
+            let child = path.join(name)?;
+            // (fstatat on the open directory; like symlink_metadata, it does not follow links)
+            let meta = entry
+                .metadata()
+                .map_err(|e| Error::io("reading metadata of", &child_host, e))?;
+            let mut node = host_node(&child_host, &meta)?;
+            node.owner = owner.map(str::to_owned);
+            let is_dir = node.is_dir();
+            self.insert_child(child.clone(), node)?;
+            if is_dir {
+                self.add_host_children(&child, &child_host, owner)?;
             }
         }
+        Ok(())
+    }
+
+    /// [`Tree::insert`] for a path whose parent is already a directory of the tree.
+    fn insert_child(&mut self, path: ImagePath, node: Node) -> Result<()> {
+        if self.nodes.contains_key(&path) {
+            return self.insert(&path, node);
+        }
+        node.validate(&path)?;
+        self.nodes.insert(path, node);
         Ok(())
     }
 
@@ -614,6 +660,45 @@ mod tests {
             sorted,
             ["A", "a", "a/b", "a/b/c", "a/b-c", "a-b", "a.b", "b"]
         );
+    }
+
+    #[test]
+    fn byte_order_is_component_order() {
+        // Every pair of awkward paths: the byte comparison agrees with comparing components.
+        let paths = [
+            "a",
+            "a/b",
+            "a-b",
+            "a.b",
+            "a/b/c",
+            "a/b-c",
+            "a/bc",
+            "ab",
+            "a/\u{1}",
+            "a\u{1}",
+            "b",
+            "A",
+            "a/b/c/d",
+            "a/b.c",
+            "\u{7f}",
+            "é",
+            "é/x",
+            "e/é",
+            "nix/store/x-1",
+            "nix/store/x",
+            "nix/store-x",
+            "nix/storex/y",
+        ];
+        for x in paths {
+            for y in paths {
+                let (px, py) = (ImagePath::new(x).unwrap(), ImagePath::new(y).unwrap());
+                assert_eq!(
+                    px.cmp(&py),
+                    px.components().cmp(py.components()),
+                    "{x:?} vs {y:?}"
+                );
+            }
+        }
     }
 
     #[test]
