@@ -555,7 +555,13 @@ fn write_output(
         let initramfs_name = board.compression.file_name();
         let mtime = u32::try_from(epoch).context("SOURCE_DATE_EPOCH does not fit a cpio mtime")?;
         writing.replace(initramfs_name.into());
-        let cache = pack_cache(board.compression)?;
+        // A secret's bytes must not land in a shared cache: such images are packed without it.
+        let cache = if secrets.is_empty() {
+            pack_cache(board.compression)?
+        } else {
+            ui::detail("pack cache: not used (the image holds secrets)");
+            None
+        };
         let report = rootfs::pack_cached(
             tree,
             &PackOptions {
@@ -568,6 +574,13 @@ fn write_output(
         )?;
         if let Some(cache) = &cache {
             report_pack_cache(cache);
+        }
+        if !secrets.is_empty() {
+            // Readable by the owner only, like the secrets' own sources should be.
+            fs::set_permissions(
+                stage.path().join(initramfs_name),
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            )?;
         }
         crate::outdir::test_delay("BONSAI_TEST_PACK_DELAY_MS");
         if let Some(max) = board.budget.initramfs {

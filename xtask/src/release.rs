@@ -97,7 +97,9 @@ impl Release {
         for f in &files {
             fs::copy(built.out.join(f), stage.path().join(f))
                 .with_context(|| format!("copying {f}"))?;
-            set_mode(&stage.path().join(f), 0o644)?;
+            // An initramfs holding secrets stays readable by its owner only.
+            let secret = *f == info.initramfs && !info.secrets.is_empty();
+            set_mode(&stage.path().join(f), if secret { 0o600 } else { 0o644 })?;
         }
         let kernel_sha = offline::sha256_file(&stage.path().join("kernel"))?;
         let initramfs_sha = offline::sha256_file(&stage.path().join(&info.initramfs))?;
@@ -121,6 +123,8 @@ impl Release {
             initramfs_sha256: &initramfs_sha,
             kernel_sha256: &kernel_sha,
             paths: &paths,
+            development: info.development,
+            secrets: &info.secrets,
         });
         fs::write(
             stage.path().join("sbom.cdx.json"),

@@ -98,6 +98,10 @@ pub struct SbomInput<'a> {
     pub initramfs_sha256: &'a str,
     pub kernel_sha256: &'a str,
     pub paths: &'a [PathInfo],
+    /// The profile says `development = true` (an empty password may be in the image).
+    pub development: bool,
+    /// Image paths of files supplied at build time from outside the repository.
+    pub secrets: &'a [String],
 }
 
 /// ISO 8601 UTC for a Unix time, without a clock or a time-zone database.
@@ -169,6 +173,21 @@ pub fn cyclonedx(input: &SbomInput) -> Value {
         &hex[17..20],
         &hex[20..32]
     );
+    let mut image_props = vec![
+        json!({"name": "bonsai:profile", "value": input.profile}),
+        json!({"name": "bonsai:init", "value": input.init}),
+        json!({"name": "bonsai:kernel-sha256", "value": input.kernel_sha256}),
+    ];
+    // Marked only when true, so other images' SBOMs keep their bytes.
+    if input.development {
+        image_props.push(json!({"name": "bonsai:development-image", "value": "true"}));
+    }
+    if !input.secrets.is_empty() {
+        image_props.push(json!({"name": "bonsai:holds-secrets", "value": "true"}));
+        for path in input.secrets {
+            image_props.push(json!({"name": "bonsai:secret", "value": path}));
+        }
+    }
     json!({
         "bomFormat": "CycloneDX",
         "specVersion": "1.5",
@@ -183,11 +202,7 @@ pub fn cyclonedx(input: &SbomInput) -> Value {
                 "name": input.board,
                 "version": input.version,
                 "hashes": [{"alg": "SHA-256", "content": input.initramfs_sha256}],
-                "properties": [
-                    {"name": "bonsai:profile", "value": input.profile},
-                    {"name": "bonsai:init", "value": input.init},
-                    {"name": "bonsai:kernel-sha256", "value": input.kernel_sha256},
-                ],
+                "properties": image_props,
             },
         },
         "components": components,
@@ -201,6 +216,57 @@ pub fn cyclonedx(input: &SbomInput) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn development_images_and_secrets_are_marked_only_when_true() {
+        let secrets = vec!["/etc/dropbear/dropbear_ed25519_host_key".to_string()];
+        let input = |development, secrets: &'static [String]| SbomInput {
+            board: "b",
+            version: "1",
+            profile: "p",
+            init: "busybox",
+            source: "offline",
+            epoch: 0,
+            initramfs_sha256: "00",
+            kernel_sha256: "11",
+            paths: &[],
+            development,
+            secrets,
+        };
+        let names = |doc: &Value| -> Vec<String> {
+            doc["metadata"]["component"]["properties"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{}={}",
+                        p["name"].as_str().unwrap(),
+                        p["value"].as_str().unwrap()
+                    )
+                })
+                .collect()
+        };
+        let plain = names(&cyclonedx(&input(false, &[])));
+        assert!(
+            plain
+                .iter()
+                .all(|n| !n.contains("development") && !n.contains("secret")),
+            "{plain:?}"
+        );
+        let secrets: &'static [String] = Box::leak(secrets.into_boxed_slice());
+        let marked = names(&cyclonedx(&input(true, secrets)));
+        for want in [
+            "bonsai:development-image=true",
+            "bonsai:holds-secrets=true",
+            "bonsai:secret=/etc/dropbear/dropbear_ed25519_host_key",
+        ] {
+            assert!(
+                marked.iter().any(|n| n == want),
+                "{want} missing from {marked:?}"
+            );
+        }
+    }
 
     #[test]
     fn names_and_versions_split_like_nix() {

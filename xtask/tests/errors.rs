@@ -1056,6 +1056,13 @@ fn secret_source_missing_or_inside_the_repository() {
             "{f} names the secret's source or contents"
         );
     }
+    // The secret's bytes stay out of the shared pack cache, and the image is the owner's only.
+    assert!(stderr.contains("pack cache: not used (the image holds secrets)"), "{stderr}");
+    let mode = fs::metadata(s.out(BOARD).join("initramfs.cpio.gz"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "initramfs mode {mode:o}");
 }
 
 /// A tmpfs mounted for one test, unmounted however the test ends.
