@@ -170,7 +170,7 @@ fn problem_list(problems: &[Problem]) -> String {
 }
 
 /// The OS message without std's ` (os error N)` suffix: `No such file or directory`.
-pub(crate) fn io_message(error: &io::Error) -> String {
+pub fn io_message(error: &io::Error) -> String {
     let text = error.to_string();
     match error.raw_os_error() {
         Some(code) => match text.strip_suffix(&format!(" (os error {code})")) {

@@ -26,7 +26,7 @@ mod tree;
 
 pub use crate::compress::{compress_writer, Compression, Encoder, XZ_MAX_DICT_SIZE};
 pub use crate::cpio::{write_newc, write_newc_segmented, CpioOptions, CpioStats, Segmented};
-pub use crate::error::{Error, Result};
+pub use crate::error::{io_message, Error, Result};
 pub use crate::manifest::{manifest, EntryType, Manifest, ManifestEntry, Totals, MANIFEST_VERSION};
 pub use crate::pack::{pack, pack_cached, write_atomic, PackOptions, PackReport};
 pub use crate::piececache::{CacheStats, PieceCache, PruneReport};

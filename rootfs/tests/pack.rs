@@ -390,15 +390,6 @@ fn pack_replaces_a_previous_output() {
     );
 }
 
-/// FNV-1a of the name, never 0: the inode number the writer gives each entry.
-fn fnv_inode(name: &str) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in name.bytes() {
-        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
-    }
-    h.max(1)
-}
-
 /// The sample tree plus a store path of a few MiB (several gzip blocks), with `hello`'s
 /// script replaced by `hello` bytes.
 fn cache_tree(store: &Store, hello: &[u8]) -> Tree {

@@ -14,6 +14,8 @@
 //!
 //! `PROPTEST_CASES` raises or lowers the number of cases (default 256 per property).
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::fs;
@@ -21,6 +23,7 @@ use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path};
 
+use common::fnv_inode;
 use cpio::NewcReader;
 use proptest::prelude::*;
 use rootfs::{write_newc, CpioOptions, CpioStats, ImagePath, Node, NodeKind, Source, Tree};
@@ -439,13 +442,4 @@ proptest! {
         let err = Tree::new().add_host_tree("x", &root, None).unwrap_err().to_string();
         prop_assert_eq!(err, format!("{}: symlink target is not valid UTF-8", link.display()));
     }
-}
-
-/// FNV-1a of the name, never 0: the inode number the writer gives each entry.
-fn fnv_inode(name: &str) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in name.bytes() {
-        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
-    }
-    h.max(1)
 }

@@ -163,7 +163,8 @@ impl Boot {
             Err(_) => crate::nix::PackageSource::Offline,
         };
         let epoch = crate::build::source_date_epoch(root)?;
-        let fp = crate::build::fingerprint(root, board, &profile, &init, &source, epoch)?;
+        let secrets = crate::hygiene::load_secrets(root, &profile)?;
+        let fp = crate::build::fingerprint(root, board, &profile, &init, &source, epoch, &secrets)?;
         let why = match &info {
             None => Some("nothing is built yet".to_string()),
             Some(i) if fp.as_deref() != Some(i.fingerprint.as_str()) => Some(format!(

@@ -124,7 +124,7 @@ impl Build {
         // One build per output folder; fails at once when another one holds it.
         let _lock = crate::outdir::lock(&root, &board.name, &out)?;
         let epoch = source_date_epoch(&root)?;
-        let fp = fingerprint(&root, &board, &profile, &init, &source, epoch)?;
+        let fp = fingerprint(&root, &board, &profile, &init, &source, epoch, &secrets)?;
         if let Some(info) = read_info(&out) {
             if fp.as_deref() == Some(info.fingerprint.as_str()) && outputs_intact(&out, &info) {
                 summary(
@@ -574,6 +574,7 @@ fn write_output(
         )?;
         if let Some(cache) = &cache {
             report_pack_cache(cache);
+            prune_pack_cache(cache);
         }
         if !secrets.is_empty() {
             // Readable by the owner only, like the secrets' own sources should be.
@@ -733,6 +734,7 @@ pub fn fingerprint(
     init: &str,
     source: &PackageSource,
     epoch: u64,
+    secrets: &[crate::hygiene::Secret],
 ) -> Result<Option<String>> {
     use sha2::{Digest, Sha256};
     if !matches!(source, PackageSource::Offline) {
@@ -773,7 +775,7 @@ pub fn fingerprint(
     }
     h.update(format!("init={init}\nepoch={epoch}\n").as_bytes());
     // Secrets come from outside the repository: a changed one is a changed input.
-    for secret in crate::hygiene::load_secrets(root, profile)? {
+    for secret in secrets {
         h.update(format!("secret={} {:o}\n", secret.path, secret.mode).as_bytes());
         h.update(Sha256::digest(&secret.data));
     }
@@ -864,8 +866,7 @@ fn compressor_salt() -> Result<Vec<u8>> {
     Ok(SALT.get_or_init(|| salt).clone())
 }
 
-/// One line on what the pack cache did, warnings for damaged entries and failed writes, and
-/// the size limit enforced.
+/// One line on what the pack cache did, and warnings for damaged entries and failed writes.
 fn report_pack_cache(cache: &rootfs::PieceCache) {
     let s = cache.stats();
     ui::detail(format!(
@@ -894,6 +895,10 @@ fn report_pack_cache(cache: &rootfs::PieceCache) {
             s.write_errors
         ));
     }
+}
+
+/// Keeps the pack cache under `BONSAI_PACK_CACHE_MAX`, least recently used pieces first.
+fn prune_pack_cache(cache: &rootfs::PieceCache) {
     let max = match std::env::var(PACK_CACHE_MAX_ENV) {
         Ok(v) => match crate::config::parse_size(&v) {
             Some(n) => n,

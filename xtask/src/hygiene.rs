@@ -24,15 +24,6 @@ pub struct Secret {
     pub data: Vec<u8>,
 }
 
-/// The OS message without std's ` (os error N)` suffix.
-fn io_message(e: &std::io::Error) -> String {
-    let text = e.to_string();
-    match text.find(" (os error ") {
-        Some(i) => text[..i].to_string(),
-        None => text,
-    }
-}
-
 /// `~/x` with $HOME.
 fn expand_home(s: &str) -> Option<PathBuf> {
     match s.strip_prefix("~/") {
@@ -73,7 +64,7 @@ pub fn load_secrets(root: &Path, profile: &Profile) -> Result<Vec<Secret>> {
             anyhow::anyhow!(
                 "{key}.source: cannot read {}: {}",
                 host.display(),
-                io_message(&e)
+                rootfs::io_message(&e)
             )
         })?;
         let repo = fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
@@ -87,7 +78,7 @@ pub fn load_secrets(root: &Path, profile: &Profile) -> Result<Vec<Secret>> {
             anyhow::anyhow!(
                 "{key}.source: cannot read {}: {}",
                 host.display(),
-                io_message(&e)
+                rootfs::io_message(&e)
             )
         })?;
         out.push(Secret {

@@ -40,15 +40,6 @@ fn split(out: &Path) -> Result<(&Path, String)> {
     }
 }
 
-/// The OS message without std's ` (os error N)` suffix.
-fn io_message(e: &std::io::Error) -> String {
-    let text = e.to_string();
-    match text.find(" (os error ") {
-        Some(i) => text[..i].to_string(),
-        None => text,
-    }
-}
-
 /// Makes sure `out` can be written: its parent exists (created if needed) and is a folder,
 /// and `out` is a folder if it exists. Errors name the path that is in the way.
 pub fn check_writable(out: &Path) -> Result<()> {
@@ -65,7 +56,7 @@ pub fn check_writable(out: &Path) -> Result<()> {
             bail!(
                 "cannot write the output folder {shown}: creating {}: {}",
                 parent.display(),
-                io_message(&e)
+                rootfs::io_message(&e)
             );
         }
     }
@@ -97,7 +88,7 @@ pub fn lock(root: &Path, board: &str, out: &Path) -> Result<OutLock> {
                 "cannot write the output folder {}: creating {}: {}",
                 out.display(),
                 path.display(),
-                io_message(&e)
+                rootfs::io_message(&e)
             )
         })?;
     match file.try_lock() {
@@ -112,12 +103,12 @@ pub fn lock(root: &Path, board: &str, out: &Path) -> Result<OutLock> {
             bail!("another build of {board} is running (lock {shown} {holder})");
         }
         Err(std::fs::TryLockError::Error(e)) => {
-            bail!("locking {shown}: {}", io_message(&e))
+            bail!("locking {shown}: {}", rootfs::io_message(&e))
         }
     }
     file.set_len(0)
         .and_then(|_| file.write_all(format!("{}\n", std::process::id()).as_bytes()))
-        .map_err(|e| anyhow::anyhow!("writing {shown}: {}", io_message(&e)))?;
+        .map_err(|e| anyhow::anyhow!("writing {shown}: {}", rootfs::io_message(&e)))?;
     remove_stale(parent, &name);
     Ok(OutLock { _file: file })
 }

@@ -105,46 +105,9 @@ impl Test {
         }
         if !self.unit {
             // The benchmark's short version, so it cannot rot (it never asserts on times).
-            ui::step("cargo xtask bench --quick");
-            // Through cargo, not this process's own file: `cargo test --release` has just
-            // relinked target/release/xtask (test builds unify dev-dependency features), so
-            // the file this process started from may be gone.
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let st = Command::new(cargo)
-                .args([
-                    "run",
-                    "--quiet",
-                    "--release",
-                    "-p",
-                    "xtask",
-                    "--",
-                    "bench",
-                    "--quick",
-                ])
-                .current_dir(&root)
-                .status()
-                .context("running bench")?;
-            if !st.success() {
-                bail!("cargo xtask bench --quick failed");
-            }
+            cargo_xtask(&root, &["bench", "--quick"])?;
             // The board matrix, printed for the CI log (the e2e test checks its JSON as well).
-            ui::step("cargo xtask test-boards");
-            let st = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                .args([
-                    "run",
-                    "--quiet",
-                    "--release",
-                    "-p",
-                    "xtask",
-                    "--",
-                    "test-boards",
-                ])
-                .current_dir(&root)
-                .status()
-                .context("running test-boards")?;
-            if !st.success() {
-                bail!("cargo xtask test-boards failed");
-            }
+            cargo_xtask(&root, &["test-boards"])?;
             // Every fuzz target for a bounded time (installs cargo-fuzz if missing).
             let secs = std::env::var("BONSAI_FUZZ_SECONDS").unwrap_or_else(|_| "20".into());
             ui::step(format!("fuzz every target for {secs} s"));
@@ -160,4 +123,23 @@ impl Test {
         ui::step(format!("all tests passed in {:.0} s", timer.secs()));
         Ok(())
     }
+}
+
+/// Runs `cargo xtask <args>` as a step of the test command. Through cargo, not this process's
+/// own file: `cargo test --release` has just relinked target/release/xtask (test builds unify
+/// dev-dependency features), so the file this process started from may be gone.
+fn cargo_xtask(root: &std::path::Path, args: &[&str]) -> Result<()> {
+    let shown = format!("cargo xtask {}", args.join(" "));
+    ui::step(&shown);
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = Command::new(cargo)
+        .args(["run", "--quiet", "--release", "-p", "xtask", "--"])
+        .args(args)
+        .current_dir(root)
+        .status()
+        .with_context(|| format!("running {shown}"))?;
+    if !st.success() {
+        bail!("{shown} failed");
+    }
+    Ok(())
 }

@@ -1057,7 +1057,10 @@ fn secret_source_missing_or_inside_the_repository() {
         );
     }
     // The secret's bytes stay out of the shared pack cache, and the image is the owner's only.
-    assert!(stderr.contains("pack cache: not used (the image holds secrets)"), "{stderr}");
+    assert!(
+        stderr.contains("pack cache: not used (the image holds secrets)"),
+        "{stderr}"
+    );
     let mode = fs::metadata(s.out(BOARD).join("initramfs.cpio.gz"))
         .unwrap()
         .permissions()

@@ -285,3 +285,13 @@ pub fn dir_names(dir: &Path) -> Vec<String> {
     names.sort();
     names
 }
+
+/// FNV-1a of the name, never 0: the inode number the writer gives each entry (written
+/// here independently of the writer, as an oracle).
+pub fn fnv_inode(name: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in name.bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    h.max(1)
+}
