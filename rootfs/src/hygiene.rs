@@ -14,12 +14,10 @@
 //! The scan reads each file once and looks for the marker with one `memmem` pass, so it costs
 //! about as much as reading the image (a few MB).
 
-use std::fs;
-
 use memchr::memmem;
 
-use crate::error::{Error, Result};
-use crate::tree::{NodeKind, Source, Tree};
+use crate::error::Result;
+use crate::tree::{NodeKind, Tree};
 
 /// Dropbear keys are tiny (an RSA 4096 key is about 2.3 KiB); larger files are not parsed.
 const DROPBEAR_MAX: usize = 64 * 1024;
@@ -56,14 +54,7 @@ pub fn private_keys(tree: &Tree, skip: &dyn Fn(&str) -> bool) -> Result<Vec<Stri
         if skip(&abs) {
             continue;
         }
-        let hit = match source {
-            Source::Bytes(bytes) => is_private_key(bytes),
-            Source::Host(host) => {
-                let data = fs::read(host).map_err(|e| Error::io("reading", host, e))?;
-                is_private_key(&data)
-            }
-        };
-        if hit {
+        if is_private_key(&source.read()?) {
             found.push(abs);
         }
     }
@@ -170,7 +161,7 @@ fn wire_fields(mut data: &[u8]) -> Option<Vec<&[u8]>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tree::Node;
+    use crate::tree::{Node, Source};
 
     fn wire(fields: &[&[u8]]) -> Vec<u8> {
         let mut out = Vec::new();

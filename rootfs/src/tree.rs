@@ -223,6 +223,18 @@ pub enum Source {
     Bytes(Vec<u8>),
 }
 
+impl Source {
+    /// The whole contents: read from the host file, or borrowed.
+    pub fn read(&self) -> Result<std::borrow::Cow<'_, [u8]>> {
+        match self {
+            Source::Bytes(bytes) => Ok(bytes.into()),
+            Source::Host(host) => fs::read(host)
+                .map(Into::into)
+                .map_err(|e| Error::io("reading", host, e)),
+        }
+    }
+}
+
 /// What a node is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NodeKind {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 
 use rootfs::system::{Step, System};
-use rootfs::{NodeKind, Source, Tree};
+use rootfs::{NodeKind, Tree};
 
 use crate::config::Profile;
 use crate::ui;
@@ -116,18 +116,6 @@ pub fn warn(profile: &Profile, secrets: &[Secret]) {
     }
 }
 
-fn file_bytes(node: &rootfs::Node) -> Result<Option<Vec<u8>>> {
-    Ok(match &node.kind {
-        NodeKind::File {
-            source: Source::Bytes(b),
-        } => Some(b.clone()),
-        NodeKind::File {
-            source: Source::Host(h),
-        } => Some(fs::read(h)?),
-        _ => None,
-    })
-}
-
 /// `[[setup.files]]` as they are stored in the image: (image path of the stored copy, index
 /// in `setup.files`, the path it is copied to at boot, its content).
 fn setup_files(system: &System) -> Vec<(String, usize, &str, &str)> {
@@ -161,7 +149,10 @@ pub fn check(tree: &Tree, profile: &Profile, system: &System, secrets: &[Secret]
                 bail!("{top}: setup.files[{j}]: /etc/shadow gives '{u}' an empty password, which {needs}");
             }
         } else if let Some(node) = tree.get("etc/shadow") {
-            let data = file_bytes(node)?.unwrap_or_default();
+            let data = match &node.kind {
+                NodeKind::File { source } => source.read()?.into_owned(),
+                _ => Vec::new(),
+            };
             if let Some(u) = rootfs::hygiene::empty_passwords(&data).first() {
                 match &node.owner {
                     Some(sp) => {
