@@ -85,7 +85,8 @@ pub fn strip_bytes<'a>(data: &'a [u8], opts: &StripOptions) -> StripOutcome<'a> 
     if !removed.iter().any(|r| *r) {
         return same(StripAction::Unchanged, Some(kind));
     }
-    if let Some(reason) = dangling_link(&file, &removed) {
+    if let Some(reason) = dangling_link(&file, &removed).or_else(|| odd_name_table(&file, &removed))
+    {
         return same(StripAction::Failed(reason), Some(kind));
     }
     let result = match kind {
@@ -433,6 +434,31 @@ fn dangling_link(file: &ElfFile, removed: &[bool]) -> Option<String> {
                 )
             })
         })
+}
+
+/// The section name table is rewritten from scratch, so it must be a table of its own: a
+/// non-allocated `SHT_STRTAB` that no kept section links to (a `.symtab` sharing it goes
+/// anyway). When `e_shstrndx` names anything else
+/// (a symbol table, `.dynstr`, a loaded section), replacing its bytes would change what that
+/// section means, so the file is left alone.
+fn odd_name_table(file: &ElfFile, removed: &[bool]) -> Option<String> {
+    let i = file.shstrndx?;
+    let s = file.sections.get(i)?;
+    let why = if s.sh_type != elf::SHT_STRTAB {
+        format!("is of type {:#x}, not a string table", s.sh_type)
+    } else if s.is_alloc() {
+        "is loaded at run time".to_string()
+    } else if let Some(j) = (0..file.sections.len())
+        .find(|j| *j != i && !removed[*j] && file.sections[*j].sh_link as usize == i)
+    {
+        format!("is also linked from section {j}")
+    } else {
+        return None;
+    };
+    Some(format!(
+        "the section name table (section {i}, {}) {why}",
+        s.name_str()
+    ))
 }
 
 /// Renumbers sh_link / sh_info; a link to a removed section becomes 0.
@@ -814,6 +840,11 @@ mod tests {
     /// A 64-bit little-endian ET_EXEC with no segments and sections: null, `.symtab`,
     /// `.rela.x` (its sh_link given), `.shstrtab`.
     fn tiny_exec(rela_link: u32) -> Vec<u8> {
+        tiny_exec_names_in(rela_link, 3)
+    }
+
+    /// [`tiny_exec`] with `e_shstrndx` set to `shstrndx`.
+    fn tiny_exec_names_in(rela_link: u32, shstrndx: u16) -> Vec<u8> {
         let names = b"\0.symtab\0.rela.x\0.shstrtab\0";
         let mut out = vec![0u8; 64];
         out[..7].copy_from_slice(b"\x7fELF\x02\x01\x01");
@@ -823,7 +854,7 @@ mod tests {
         out[52..54].copy_from_slice(&64u16.to_le_bytes());
         out[58..60].copy_from_slice(&64u16.to_le_bytes());
         out[60..62].copy_from_slice(&4u16.to_le_bytes());
-        out[62..64].copy_from_slice(&3u16.to_le_bytes());
+        out[62..64].copy_from_slice(&shstrndx.to_le_bytes());
         let symtab = out.len() as u64;
         out.extend([0u8; 48]);
         let rela = out.len() as u64;
@@ -876,15 +907,29 @@ mod tests {
         let out = strip_bytes(&good, &opts);
         assert_eq!(out.action, StripAction::Stripped, "{:?}", out.action);
         assert!(out.after < out.before);
-        let bad = tiny_exec(99);
-        let out = strip_bytes(&bad, &opts);
-        assert_eq!(
-            out.action,
-            StripAction::Failed(
-                "section 2 (.rela.x) has sh_link 99, but there are only 4 sections".into()
-            )
+        assert_left_alone(
+            &tiny_exec(99),
+            "section 2 (.rela.x) has sh_link 99, but there are only 4 sections",
         );
-        assert_eq!(&*out.bytes, &bad[..]);
+    }
+
+    /// `strip_bytes` refuses `bad` for `reason` and returns it byte for byte.
+    fn assert_left_alone(bad: &[u8], reason: &str) {
+        let out = strip_bytes(bad, &StripOptions::default());
+        assert_eq!(out.action, StripAction::Failed(reason.into()));
+        assert_eq!(&*out.bytes, bad);
+    }
+
+    /// Found by the elf_strip fuzz target (in CI): `e_shstrndx` named a symbol table, whose
+    /// bytes were then replaced by the new name table, so the output's symbol table no
+    /// longer parsed. A name table that is not a plain string table leaves the file alone.
+    #[test]
+    fn a_name_table_that_is_not_a_string_table_leaves_the_file_alone() {
+        // Names come from the relocation section (all zero bytes: every name is empty).
+        assert_left_alone(
+            &tiny_exec_names_in(1, 2),
+            "the section name table (section 2, ) is of type 0x4, not a string table",
+        );
     }
 
     #[test]
