@@ -21,6 +21,7 @@ pub(crate) const PT_DYNAMIC: u32 = 2;
 pub(crate) const PT_INTERP: u32 = 3;
 pub(crate) const PT_NOTE: u32 = 4;
 
+pub(crate) const SHT_NULL: u32 = 0;
 pub(crate) const SHT_SYMTAB: u32 = 2;
 pub(crate) const SHT_STRTAB: u32 = 3;
 pub(crate) const SHT_RELA: u32 = 4;
@@ -31,6 +32,11 @@ pub(crate) const SHT_REL: u32 = 9;
 pub(crate) const SHT_DYNSYM: u32 = 11;
 pub(crate) const SHT_GROUP: u32 = 17;
 pub(crate) const SHT_SYMTAB_SHNDX: u32 = 18;
+/// LLVM's compact relocations (`.crel.*`).
+pub(crate) const SHT_CREL: u32 = 0x4000_0014;
+
+/// `e_phnum` when the real count is in section 0's `sh_info`.
+pub(crate) const PN_XNUM: u16 = 0xffff;
 
 pub(crate) const SHF_ALLOC: u64 = 0x2;
 pub(crate) const SHF_INFO_LINK: u64 = 0x40;
@@ -129,7 +135,7 @@ impl Section {
 
     /// True if `sh_info` holds a section index.
     pub fn info_is_section(&self) -> bool {
-        self.sh_flags & SHF_INFO_LINK != 0 || matches!(self.sh_type, SHT_REL | SHT_RELA)
+        self.sh_flags & SHF_INFO_LINK != 0 || matches!(self.sh_type, SHT_REL | SHT_RELA | SHT_CREL)
     }
 }
 

@@ -166,7 +166,7 @@ fn plan(file: &ElfFile, opts: &StripOptions) -> Vec<bool> {
                 continue;
             }
             let go = match s.sh_type {
-                elf::SHT_REL | elf::SHT_RELA => {
+                elf::SHT_REL | elf::SHT_RELA | elf::SHT_CREL => {
                     (s.sh_info != 0 && gone(&removed, s.sh_info))
                         || (s.sh_link != 0 && gone(&removed, s.sh_link))
                 }
@@ -461,6 +461,29 @@ fn odd_name_table(file: &ElfFile, removed: &[bool]) -> Option<String> {
     ))
 }
 
+/// Section 0 as the output has it: `SHT_NULL` and all zero, as the ELF specification wants;
+/// only `sh_info` stays when it holds the real program header count (`e_phnum` = `PN_XNUM`).
+/// Found by the elf_strip fuzz target: a section 0 copied verbatim kept whatever type and
+/// `sh_info` it had, and claimed to be a relocation section whose target no longer existed.
+fn null_section(file: &ElfFile) -> Section {
+    let phnum_extended = file.segments.len() >= usize::from(elf::PN_XNUM);
+    Section {
+        name: Vec::new(),
+        sh_type: elf::SHT_NULL,
+        sh_flags: 0,
+        sh_addr: 0,
+        sh_offset: 0,
+        sh_size: 0,
+        sh_link: 0,
+        sh_info: match file.sections.first() {
+            Some(s) if phnum_extended => s.sh_info,
+            _ => 0,
+        },
+        sh_addralign: 0,
+        sh_entsize: 0,
+    }
+}
+
 /// Renumbers sh_link / sh_info; a link to a removed section becomes 0.
 fn relink(s: &Section, map: &[Option<u32>]) -> Section {
     let mut s = s.clone();
@@ -618,6 +641,9 @@ fn rewrite_linked(file: &ElfFile, data: &[u8], removed: &[bool]) -> Result<Vec<u
         .iter()
         .map(|i| relink(&file.sections[*i], &map))
         .collect();
+    if let Some(first) = new_sections.first_mut() {
+        *first = null_section(file);
+    }
 
     // Offsets of kept sections: inside chunks they move with them; the rest is appended.
     let mut appended: Vec<usize> = Vec::new();
@@ -735,6 +761,9 @@ fn rewrite_relocatable(file: &ElfFile, data: &[u8], removed: &[bool]) -> Result<
         .iter()
         .map(|i| relink(&file.sections[*i], &map))
         .collect();
+    if let Some(first) = new_sections.first_mut() {
+        *first = null_section(file);
+    }
     let ehsize = usize::from(file.ehsize);
     let mut out = data.get(..ehsize).ok_or("truncated header")?.to_vec();
 
@@ -930,6 +959,23 @@ mod tests {
             &tiny_exec_names_in(1, 2),
             "the section name table (section 2, ) is of type 0x4, not a string table",
         );
+    }
+
+    /// Found by the elf_strip fuzz target: section 0 was copied verbatim, so one typed
+    /// `SHT_CREL` with `sh_info` 3 claimed, in a two-section output, to relocate a section that
+    /// no longer existed. The output's section 0 is a plain null section.
+    #[test]
+    fn section_zero_is_written_as_a_null_section() {
+        let mut input = tiny_exec(1);
+        let shoff = usize::try_from(u64::from_le_bytes(input[40..48].try_into().unwrap())).unwrap();
+        input[shoff + 4..shoff + 8].copy_from_slice(&elf::SHT_CREL.to_le_bytes());
+        input[shoff + 44..shoff + 48].copy_from_slice(&3u32.to_le_bytes());
+        let out = strip_bytes(&input, &StripOptions::default());
+        assert_eq!(out.action, StripAction::Stripped);
+        let new_shoff =
+            usize::try_from(u64::from_le_bytes(out.bytes[40..48].try_into().unwrap())).unwrap();
+        assert_eq!(&out.bytes[new_shoff..new_shoff + 64], &[0u8; 64][..]);
+        object::File::parse(&*out.bytes).expect("the output parses");
     }
 
     #[test]
