@@ -21,6 +21,30 @@ use crate::spawn::{self, Out, Spec};
 /// Where PID 1 notes the uptime at which every service was started (read by the harness).
 pub const SERVICES_UP_FILE: &str = "/run/bonsai/services-up";
 
+/// The kernel log record that marks the services-up moment (the harness looks for it).
+pub const SERVICES_UP_RECORD: &str = "bonsai: services up";
+
+/// Notes the services-up moment for the readiness harness, in two forms: a record in the
+/// kernel log, stamped by the kernel with the clock of its own lines (so the time from the
+/// kernel's `Run /init` line is measured on one clock: the kernel log's clock and
+/// `CLOCK_BOOTTIME` differ by several milliseconds under QEMU), at debug level so the console
+/// does not show it; and `SERVICES_UP_FILE`, with `now` to the millisecond, for kernels
+/// without a log.
+fn note_services_up(now: Duration) {
+    let record = format!("<7>{SERVICES_UP_RECORD}\n");
+    if let Err(e) = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/kmsg")
+        .and_then(|mut f| std::io::Write::write_all(&mut f, record.as_bytes()))
+    {
+        log!("cannot write to /dev/kmsg: {e}");
+    }
+    let stamp = format!("{}.{:03}\n", now.as_secs(), now.subsec_millis());
+    if let Err(e) = std::fs::write(SERVICES_UP_FILE, stamp) {
+        log!("cannot write {SERVICES_UP_FILE}: {e}");
+    }
+}
+
 /// Real PID 1, or a plain process running the same logic for tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -357,12 +381,7 @@ impl Supervisor {
         let now = uptime();
         log!("all services started at {}", format_uptime(now));
         if self.mode == Mode::Pid1 {
-            // The readiness harness reports this as the services-up time: the moment itself,
-            // to the millisecond, rather than when the harness's shell got to read the clock.
-            let stamp = format!("{}.{:03}\n", now.as_secs(), now.subsec_millis());
-            if let Err(e) = std::fs::write(SERVICES_UP_FILE, stamp) {
-                log!("cannot write {SERVICES_UP_FILE}: {e}");
-            }
+            note_services_up(now);
         }
         let mut pids = Vec::new();
         for argv in &self.after_start {

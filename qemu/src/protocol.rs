@@ -24,12 +24,14 @@
 //! Each marker is one line of its own on the console (`/dev/console`, or the init's stdout when
 //! that is the console). Fields are separated by single spaces; `<nonce>` is the nonce from the
 //! command line, `<uptime>` the first field of `/proc/uptime` (seconds, a decimal such as
-//! `3.14`), `<index>` the check's position in the check list counting from 1, `<label>` a word
+//! `3.14`), `<seconds>` of `BONSAI-SERVICES-UP` the kernel log's timestamp of that moment (the
+//! clock of the kernel's own `[    0.756022]` prefixes, such as that of its `Run /init` line),
+//! `<index>` the check's position in the check list counting from 1, `<label>` a word
 //! without spaces.
 //!
 //! ```text
 //! BONSAI-READY <nonce> <uptime>                  once, as soon as the init is up
-//! BONSAI-SERVICES-UP <nonce> <uptime>            optional, when every service has started
+//! BONSAI-SERVICES-UP <nonce> <seconds>           optional, when every service has started
 //! BONSAI-TIME <nonce> <label> <uptime>           optional, any number, for boot charts
 //! BONSAI-CHECK-BEGIN <nonce> <index>             before check <index> runs
 //! ...the check's output (stdout and stderr)...

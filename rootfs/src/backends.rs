@@ -347,11 +347,18 @@ for w in $(cat /proc/cmdline); do
 	bonsai.check=1) check=1 ;;
 	esac
 done
+# Services up is stamped by the kernel, on the clock of its "Run /init" line: bonsai-init
+# logs the moment itself (and notes /run/bonsai/services-up); under the other inits it is
+# now, when this harness starts after every service.
+[ -e /run/bonsai/services-up ] || echo '<7>bonsai: services up' >/dev/kmsg 2>/dev/null
 read -r up _ </proc/uptime
-# Services up: when PID 1 noted it (bonsai-init does, to the millisecond), else now.
-services_up=$up
-[ -r /run/bonsai/services-up ] && read -r services_up </run/bonsai/services-up
 printf 'BONSAI-READY %s %s\n' "${nonce:-none}" "$up" >/dev/console
+services_up=$(dmesg 2>/dev/null | sed -n 's/^\[ *\([0-9][0-9.]*\)\] bonsai: services up$/\1/p' | tail -n 1)
+if [ -z "$services_up" ]; then
+	# A kernel without a log: PID 1's note (uptime, to the millisecond), else now.
+	services_up=$up
+	[ -r /run/bonsai/services-up ] && read -r services_up </run/bonsai/services-up
+fi
 printf 'BONSAI-SERVICES-UP %s %s\n' "${nonce:-none}" "$services_up" >/dev/console
 # bonsai.hold=1: stay up without a console shell (the host logs in over SSH).
 grep -q 'bonsai.hold=1' /proc/cmdline && exec sleep 2147483647

@@ -1249,10 +1249,15 @@ fn render(r: &Report) -> String {
                  addresses and routes; its oneshots run busybox `sh` one after another) and for \
                  the board's default profile, booted under {accel} with each init backend: guest \
                  uptime when the ready marker is printed, and from the kernel's `Run /init` line \
-                 to services up (guest clock), medians of the boots. Services up is the moment \
-                 PID 1 noted when it has it (bonsai-init writes it, to the millisecond, to \
-                 `/run/bonsai/services-up`); for the other backends it is when the readiness \
-                 harness, started after every service, reads `/proc/uptime` (10 ms steps).",
+                 to services up, medians of the boots. Both ends of the latter are kernel log \
+                 timestamps (one clock, to the microsecond; `/proc/uptime` runs several \
+                 milliseconds apart from it under QEMU): services up is the record bonsai-init \
+                 writes to `/dev/kmsg` the moment every service has started, and for the other \
+                 backends the one the readiness harness writes when it starts, after every \
+                 service. Under TCG about 30 ms of it is the kernel starting PID 1 at all (a \
+                 static C program that only prints the time takes as long to get there) and \
+                 15 to 20 ms the kernel's first bringing up of `lo` (both cold code for QEMU's \
+                 translator; the same `ip link set lo up` again takes 1 ms).",
                 b = r.board,
                 n = r.runs,
                 accel = m.accel

@@ -256,6 +256,19 @@ fn every_init_backend_passes_the_conformance_suite() {
             "not every backend passed: {row}"
         );
     }
+    // Services up and the kernel's `Run /init` line are on one clock (the kernel log's), so
+    // every backend reports a real, positive time between them.
+    let up = rows
+        .iter()
+        .find(|r| r.starts_with("/init to services up"))
+        .expect("the /init to services up row");
+    let times: Vec<f64> = up
+        .split(" | ")
+        .skip(1)
+        .map(|c| c.trim().parse().expect("a time in ms"))
+        .collect();
+    assert_eq!(times.len(), 4, "{up}");
+    assert!(times.iter().all(|t| *t > 0.0 && *t < 5000.0), "{up}");
 }
 
 #[test]
