@@ -596,6 +596,13 @@ fn remove_ready(svc: &Service) {
 mod tests {
     use super::*;
 
+    /// The readiness harness (rootfs/src/backends.rs, `harness_script`) looks for this exact
+    /// text in `dmesg`; its test pins the same words.
+    #[test]
+    fn services_up_record_is_what_the_harness_looks_for() {
+        assert_eq!(SERVICES_UP_RECORD, "bonsai: services up");
+    }
+
     #[test]
     fn signals_map_to_busybox_actions() {
         assert_eq!(

@@ -752,6 +752,31 @@ mod tests {
         }
     }
 
+    /// The harness reads the services-up moment back from the kernel log: its `dmesg` line
+    /// run by a real shell over busybox-style `dmesg` output picks the last record's time.
+    /// (bonsai-init writes the same record text: `SERVICES_UP_RECORD` in pid1.)
+    #[test]
+    fn harness_reads_services_up_from_the_kernel_log() {
+        let script = harness_script(&system(), true);
+        let line = script
+            .lines()
+            .find(|l| l.starts_with("services_up=$(dmesg"))
+            .expect("the dmesg line");
+        let log = "[    0.714359] Run /init as init process\n\
+                   [    0.772588] bonsai: services up later\n\
+                   [    0.793963] bonsai: services up\n\
+                   [   12.500000] bonsai: services up\n\
+                   [   13.000000] something else\n";
+        let program =
+            format!("dmesg() {{ printf '{log}'; }}\n{line}\nprintf '%s' \"$services_up\"");
+        let out = std::process::Command::new("sh")
+            .args(["-c", &program])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "12.500000");
+        assert!(script.contains("echo '<7>bonsai: services up' >/dev/kmsg"));
+    }
+
     #[test]
     fn every_backend_renders_its_pid1_and_the_shared_scripts() {
         for b in [
