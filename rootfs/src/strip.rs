@@ -85,7 +85,9 @@ pub fn strip_bytes<'a>(data: &'a [u8], opts: &StripOptions) -> StripOutcome<'a> 
     if !removed.iter().any(|r| *r) {
         return same(StripAction::Unchanged, Some(kind));
     }
-    if let Some(reason) = dangling_link(&file, &removed).or_else(|| odd_name_table(&file, &removed))
+    if let Some(reason) = odd_null_section(&file)
+        .or_else(|| dangling_link(&file, &removed))
+        .or_else(|| odd_name_table(&file, &removed))
     {
         return same(StripAction::Failed(reason), Some(kind));
     }
@@ -434,6 +436,16 @@ fn dangling_link(file: &ElfFile, removed: &[bool]) -> Option<String> {
                 )
             })
         })
+}
+
+/// Section 0 must be `SHT_NULL`. Tools that look for the first section of a type (the dynamic
+/// symbol table, say) also look at section 0, so one of another type can hide a broken section
+/// of the same type behind it; writing section 0 as a null section would then bring that one
+/// to light (found by the elf_strip fuzz target). Such a file is left alone.
+fn odd_null_section(file: &ElfFile) -> Option<String> {
+    let first = file.sections.first()?;
+    (first.sh_type != elf::SHT_NULL)
+        .then(|| format!("section 0 is of type {:#x}, not SHT_NULL", first.sh_type))
 }
 
 /// The section name table is rewritten from scratch, so it must be a table of its own: a
@@ -961,21 +973,25 @@ mod tests {
         );
     }
 
-    /// Found by the elf_strip fuzz target: section 0 was copied verbatim, so one typed
-    /// `SHT_CREL` with `sh_info` 3 claimed, in a two-section output, to relocate a section that
-    /// no longer existed. The output's section 0 is a plain null section.
+    /// Found by the elf_strip fuzz target: section 0 was copied verbatim, so one whose
+    /// `sh_info` was 3 claimed, in a two-section output, to relocate a section that no longer
+    /// existed (when typed `SHT_CREL`). Section 0 of another type than `SHT_NULL` leaves the
+    /// file alone; an `SHT_NULL` one with stray fields is written as a plain null section.
     #[test]
     fn section_zero_is_written_as_a_null_section() {
+        let shoff =
+            |b: &[u8]| usize::try_from(u64::from_le_bytes(b[40..48].try_into().unwrap())).unwrap();
         let mut input = tiny_exec(1);
-        let shoff = usize::try_from(u64::from_le_bytes(input[40..48].try_into().unwrap())).unwrap();
-        input[shoff + 4..shoff + 8].copy_from_slice(&elf::SHT_CREL.to_le_bytes());
-        input[shoff + 44..shoff + 48].copy_from_slice(&3u32.to_le_bytes());
+        let at = shoff(&input);
+        input[at + 44..at + 48].copy_from_slice(&3u32.to_le_bytes());
         let out = strip_bytes(&input, &StripOptions::default());
         assert_eq!(out.action, StripAction::Stripped);
-        let new_shoff =
-            usize::try_from(u64::from_le_bytes(out.bytes[40..48].try_into().unwrap())).unwrap();
-        assert_eq!(&out.bytes[new_shoff..new_shoff + 64], &[0u8; 64][..]);
+        let new_at = shoff(&out.bytes);
+        assert_eq!(&out.bytes[new_at..new_at + 64], &[0u8; 64][..]);
         object::File::parse(&*out.bytes).expect("the output parses");
+
+        input[at + 4..at + 8].copy_from_slice(&elf::SHT_CREL.to_le_bytes());
+        assert_left_alone(&input, "section 0 is of type 0x40000014, not SHT_NULL");
     }
 
     #[test]
