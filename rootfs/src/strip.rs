@@ -18,7 +18,8 @@
 //! sections follow, then a fresh section name table and the section headers. Section
 //! indices are renumbered in `sh_link`/`sh_info`, in `.dynsym`'s `st_shndx` (and `.symtab`'s
 //! and section groups' for ET_REL). A result that is not smaller than the input, or that
-//! does not parse back, is discarded in favour of the input.
+//! does not parse back (with our reader, and with the `object` crate's whenever it reads the
+//! input), is discarded in favour of the input.
 
 use std::borrow::Cow;
 use std::ops::Range;
@@ -97,13 +98,21 @@ pub fn strip_bytes<'a>(data: &'a [u8], opts: &StripOptions) -> StripOutcome<'a> 
     };
     match result {
         Ok(out) if out.len() < data.len() => match elf::parse(&out) {
-            Ok(check) if check.segments.len() == file.segments.len() => StripOutcome {
-                before: data.len() as u64,
-                after: out.len() as u64,
-                bytes: Cow::Owned(out),
-                action: StripAction::Stripped,
-                kind: Some(kind),
-            },
+            Ok(check) if check.segments.len() == file.segments.len() => {
+                if let (Ok(()), Err(e)) = (reads_back(data), reads_back(&out)) {
+                    return same(
+                        StripAction::Failed(format!("the stripped file would not read back: {e}")),
+                        Some(kind),
+                    );
+                }
+                StripOutcome {
+                    before: data.len() as u64,
+                    after: out.len() as u64,
+                    bytes: Cow::Owned(out),
+                    action: StripAction::Stripped,
+                    kind: Some(kind),
+                }
+            }
             Ok(_) => same(
                 StripAction::Failed("output lost program headers".into()),
                 Some(kind),
@@ -116,6 +125,23 @@ pub fn strip_bytes<'a>(data: &'a [u8], opts: &StripOptions) -> StripOutcome<'a> 
         Ok(_) => same(StripAction::Unchanged, Some(kind)),
         Err(e) => same(StripAction::Failed(e), Some(kind)),
     }
+}
+
+/// Reads `data` the way tools built on the `object` crate do: the file (its section table,
+/// symbol tables and relocation sections), then every section's name and contents. A stripped
+/// output must read back whenever its input did: stripping removes sections, and a reader that
+/// takes the first section of a type (the symbol table, say) may then meet a malformed one
+/// that the removed section had hidden.
+fn reads_back(data: &[u8]) -> std::result::Result<(), String> {
+    use object::{Object, ObjectSection};
+    let file = object::File::parse(data).map_err(|e| e.to_string())?;
+    for s in file.sections() {
+        s.name().map_err(|e| format!("section name: {e}"))?;
+        if s.kind() != object::SectionKind::UninitializedData {
+            s.data().map_err(|e| format!("section data: {e}"))?;
+        }
+    }
+    Ok(())
 }
 
 /// File ranges of the sections that stripping removes from this file: the reference
@@ -992,6 +1018,42 @@ mod tests {
 
         input[at + 4..at + 8].copy_from_slice(&elf::SHT_CREL.to_le_bytes());
         assert_left_alone(&input, "section 0 is of type 0x40000014, not SHT_NULL");
+    }
+
+    /// The safety net behind the specific checks: removing `.symtab` would leave a malformed
+    /// second symbol table (allocated, so it stays) as the first one readers find. The input
+    /// reads; the output would not; so the input is kept.
+    #[test]
+    fn an_output_that_would_not_read_back_is_discarded() {
+        let mut input = tiny_exec(1);
+        let enc = Enc {
+            is_64: true,
+            little: true,
+        };
+        let hidden = Section {
+            name: Vec::new(),
+            sh_type: elf::SHT_SYMTAB,
+            sh_flags: elf::SHF_ALLOC,
+            sh_addr: 0,
+            sh_offset: 64,
+            sh_size: 25,
+            sh_link: 0,
+            sh_info: 0,
+            sh_addralign: 1,
+            sh_entsize: 24,
+        };
+        input.extend(enc.section_header(&hidden, 1).unwrap());
+        input[60..62].copy_from_slice(&5u16.to_le_bytes());
+        assert!(reads_back(&input).is_ok());
+        let out = strip_bytes(&input, &StripOptions::default());
+        match &out.action {
+            StripAction::Failed(why) => assert!(
+                why.starts_with("the stripped file would not read back: "),
+                "{why}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(&*out.bytes, &input[..]);
     }
 
     #[test]
