@@ -844,7 +844,9 @@ fn pack_cache(compression: rootfs::Compression) -> Result<Option<Arc<rootfs::Pie
         Some(d) if !d.is_empty() => PathBuf::from(d),
         _ => crate::offline::cache_dir().join("pack"),
     };
-    let salt = compressor_salt()?;
+    // The folder first: the executable's hash is remembered in it.
+    let _ = fs::create_dir_all(&dir);
+    let salt = compressor_salt(&dir)?;
     let cache = rootfs::PieceCache::open(&dir, &salt)
         .with_context(|| format!("{PACK_CACHE_ENV}: cannot use {} as the pack cache (set {PACK_CACHE_ENV}=off to pack without one)", dir.display()))?;
     Ok(Some(Arc::new(cache)))
@@ -852,18 +854,69 @@ fn pack_cache(compression: rootfs::Compression) -> Result<Option<Arc<rootfs::Pie
 
 /// What identifies the compressor's code in cache keys: the SHA-256 of this executable, so
 /// that a rebuilt bonsai (perhaps with another zlib) never reads pieces an older one wrote.
-fn compressor_salt() -> Result<Vec<u8>> {
+/// Hashing the executable costs about 9 ms a build, so the hash is remembered in the cache
+/// folder ([`EXE_HASH_MEMO`]) next to the executable's device, inode, size and modification
+/// time, and computed again whenever any of them differs (as ccache checks its compilers).
+fn compressor_salt(dir: &Path) -> Result<Vec<u8>> {
     static SALT: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
     if let Some(s) = SALT.get() {
         return Ok(s.clone());
     }
     // /proc/self/exe still opens when cargo has replaced the file since this process started.
-    let exe = fs::read("/proc/self/exe")
-        .or_else(|_| std::env::current_exe().and_then(fs::read))
+    let exe = if Path::new("/proc/self/exe").exists() {
+        PathBuf::from("/proc/self/exe")
+    } else {
+        std::env::current_exe().context("finding the bonsai executable")?
+    };
+    let salt = exe_hash(&exe, &dir.join(EXE_HASH_MEMO))
         .context("reading the bonsai executable (its hash keys the pack cache)")?;
+    Ok(SALT.get_or_init(|| salt.to_vec()).clone())
+}
+
+/// The file in the pack cache folder that remembers the executable's hash.
+const EXE_HASH_MEMO: &str = "exe-sha256";
+
+/// SHA-256 of the file `exe`, taken from `memo` when that was written for a file with the
+/// same device, inode, size and modification time (to the nanosecond); otherwise computed
+/// and written there (a failure to write only costs the next build the time again).
+fn exe_hash(exe: &Path, memo: &Path) -> std::io::Result<[u8; 32]> {
     use sha2::Digest;
-    let salt = sha2::Sha256::digest(&exe).to_vec();
-    Ok(SALT.get_or_init(|| salt).clone())
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(exe)?;
+    let stamp = format!(
+        "{} {} {} {}.{:09}",
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec()
+    );
+    let remembered = fs::read_to_string(memo).ok().and_then(|text| {
+        let (s, hex) = text.trim_end().rsplit_once(' ')?;
+        (s == stamp).then(|| parse_hex32(hex)).flatten()
+    });
+    if let Some(hash) = remembered {
+        return Ok(hash);
+    }
+    let hash: [u8; 32] = sha2::Sha256::digest(fs::read(exe)?).into();
+    let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+    let temp = memo.with_extension(format!("tmp-{}", std::process::id()));
+    if fs::write(&temp, format!("{stamp} {hex}\n")).is_ok() && fs::rename(&temp, memo).is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    Ok(hash)
+}
+
+/// 64 hex digits as 32 bytes.
+fn parse_hex32(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
 }
 
 /// One line on what the pack cache did, and warnings for damaged entries and failed writes.
@@ -898,7 +951,11 @@ fn report_pack_cache(cache: &rootfs::PieceCache) {
 }
 
 /// Keeps the pack cache under `BONSAI_PACK_CACHE_MAX`, least recently used pieces first.
+/// A build that stored nothing new cannot have grown it, and skips the walk.
 fn prune_pack_cache(cache: &rootfs::PieceCache) {
+    if cache.stats().stored == 0 {
+        return;
+    }
     let max = match std::env::var(PACK_CACHE_MAX_ENV) {
         Ok(v) => match crate::config::parse_size(&v) {
             Some(n) => n,
@@ -920,5 +977,40 @@ fn prune_pack_cache(cache: &rootfs::PieceCache) {
         )),
         Ok(_) => {}
         Err(e) => ui::warn(format!("pack cache: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The executable's hash is remembered, and computed again when the file changes.
+    #[test]
+    fn exe_hash_is_remembered_until_the_file_changes() {
+        use sha2::Digest;
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("exe");
+        let memo = dir.path().join(EXE_HASH_MEMO);
+        fs::write(&exe, b"version one").unwrap();
+        let one: [u8; 32] = sha2::Sha256::digest(b"version one").into();
+        assert_eq!(exe_hash(&exe, &memo).unwrap(), one);
+        let text = fs::read_to_string(&memo).unwrap();
+        assert!(text.ends_with(&format!(
+            "{}\n",
+            one.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        )));
+        // Remembered: a memo that says otherwise for the same stamp is believed.
+        let (stamp, _) = text.trim_end().rsplit_once(' ').unwrap();
+        fs::write(&memo, format!("{stamp} {}\n", "ab".repeat(32))).unwrap();
+        assert_eq!(exe_hash(&exe, &memo).unwrap(), [0xab; 32]);
+        // A new file (new size and mtime) is hashed again, and the memo follows.
+        fs::write(&exe, b"version two, longer").unwrap();
+        let two: [u8; 32] = sha2::Sha256::digest(b"version two, longer").into();
+        assert_eq!(exe_hash(&exe, &memo).unwrap(), two);
+        assert_eq!(exe_hash(&exe, &memo).unwrap(), two);
+        // A damaged memo is ignored.
+        fs::write(&memo, "garbage").unwrap();
+        assert_eq!(exe_hash(&exe, &memo).unwrap(), two);
+        assert_eq!(parse_hex32("zz"), None);
     }
 }
