@@ -855,10 +855,16 @@ fn damaged_pack_cache_entries_are_rebuilt_never_used() {
     assert_eq!(hits, 0, "{cold}");
     assert!(pieces >= 3, "{cold}");
 
-    // Damage every entry: one byte of its payload.
+    // Damage every entry: one byte of its payload. Entries live in subfolders; the file
+    // beside them remembers bonsai's executable hash.
     let mut damaged = Vec::new();
     for sub in fs::read_dir(&cache).unwrap() {
-        for e in fs::read_dir(sub.unwrap().path()).unwrap() {
+        let sub = sub.unwrap().path();
+        if !sub.is_dir() {
+            assert_eq!(sub.file_name().unwrap(), "exe-sha256");
+            continue;
+        }
+        for e in fs::read_dir(sub).unwrap() {
             let p = e.unwrap().path();
             let mut bytes = fs::read(&p).unwrap();
             let at = bytes.len() - 6;
