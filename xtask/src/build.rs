@@ -899,7 +899,7 @@ fn exe_hash(exe: &Path, memo: &Path) -> std::io::Result<[u8; 32]> {
         return Ok(hash);
     }
     let hash: [u8; 32] = sha2::Sha256::digest(fs::read(exe)?).into();
-    let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = crate::offline::hex(&hash);
     let temp = memo.with_extension(format!("tmp-{}", std::process::id()));
     if fs::write(&temp, format!("{stamp} {hex}\n")).is_ok() && fs::rename(&temp, memo).is_err() {
         let _ = fs::remove_file(&temp);
@@ -995,10 +995,7 @@ mod tests {
         let one: [u8; 32] = sha2::Sha256::digest(b"version one").into();
         assert_eq!(exe_hash(&exe, &memo).unwrap(), one);
         let text = fs::read_to_string(&memo).unwrap();
-        assert!(text.ends_with(&format!(
-            "{}\n",
-            one.iter().map(|b| format!("{b:02x}")).collect::<String>()
-        )));
+        assert!(text.ends_with(&format!("{}\n", crate::offline::hex(&one))));
         // Remembered: a memo that says otherwise for the same stamp is believed.
         let (stamp, _) = text.trim_end().rsplit_once(' ').unwrap();
         fs::write(&memo, format!("{stamp} {}\n", "ab".repeat(32))).unwrap();
