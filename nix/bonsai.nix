@@ -51,10 +51,12 @@ let
   };
   kernel =
     if fromPackage then prebuilt
-    # The kernel depends on the merged config's bytes only (read back from the config build).
+    # The merged config goes in as a derivation output that evaluation never reads: no import
+    # from derivation, so Hydra, `nix flake check` and allow-import-from-derivation = false
+    # evaluate every board. As in Nixpkgs, `config` is then empty (the kernel is not modular).
     else pkgs.linuxManualConfig {
       inherit src version;
-      configfile = builtins.toFile "linux-${version}.config" (builtins.readFile "${kernelConfig}/config");
+      configfile = "${kernelConfig}/config";
       allowImportFromDerivation = false;
     };
 in

@@ -232,24 +232,81 @@ let
         make ARCH=${target.kernelArch} CROSS_COMPILE=${crossPrefix} INSTALL_DTBS_PATH=$out/dtbs dtbs_install
       fi'';
 
-  # Same calling convention as Nixpkgs' linuxManualConfig (the subset bonsai uses).
-  linuxManualConfig = { version, src, configfile, modDirVersion ? version, ... }:
-    runHost "linux-${version}" { inherit src configfile; } ''
-      mkdir -p $TMPDIR/src && cd $TMPDIR/src
-      tar -xf $src --strip-components=1
-      cp $configfile .config
-      chmod u+w .config
-      make ARCH=${target.kernelArch} CROSS_COMPILE=${crossPrefix} olddefconfig >/dev/null
-      make ARCH=${target.kernelArch} CROSS_COMPILE=${crossPrefix} -j''${NIX_BUILD_CORES:-2} ${builtins.baseNameOf target.kernelImage}
-      mkdir -p $out
-      cp ${target.kernelImage} $out/
-      cp .config $out/config${dtbsInstall}
-      if grep -q '^CONFIG_MODULES=y' .config; then
-        make ARCH=${target.kernelArch} CROSS_COMPILE=${crossPrefix} -j''${NIX_BUILD_CORES:-2} modules
-        make ARCH=${target.kernelArch} CROSS_COMPILE=${crossPrefix} INSTALL_MOD_PATH=$out INSTALL_MOD_STRIP=1 modules_install
-        rm -f $out/lib/modules/*/build $out/lib/modules/*/source
-      fi
-    '' // { pname = "linux"; inherit version modDirVersion; kernelImage = builtins.baseNameOf target.kernelImage; };
+  # Nixpkgs' linuxManualConfig (pkgs/os-specific/linux/kernel/build.nix): the same argument set,
+  # with no `...`, the same outputs (out, dev, and modules only when `config` says the kernel is
+  # modular) and the same passthru. `config` is read from `configfile` only when that is a path
+  # or `allowImportFromDerivation` is set, exactly as Nixpkgs does: bonsai passes a derivation
+  # output, so nothing is read during evaluation.
+  readKernelConfig = configfile: builtins.listToAttrs (builtins.concatMap (line:
+      let m = builtins.match "(CONFIG_[^=]+)=([ym])" line; in
+      if m == null then [ ] else [ { name = builtins.elemAt m 0; value = builtins.elemAt m 1; } ])
+    (builtins.filter builtins.isString (builtins.split "\n" (builtins.readFile configfile))));
+  padVersion = v: let parts = builtins.filter builtins.isString (builtins.split "\\." v);
+    in builtins.concatStringsSep "." (parts ++ builtins.genList (_: "0") (3 - builtins.length parts));
+  linuxManualConfig =
+    { version
+    , pname ? "linux"
+    , pos ? null
+    , extraMakeFlags ? [ ]
+    , modDirVersion ? null
+    , src
+    , kernelPatches ? [ ]
+    , configfile
+    , target ? builtins.baseNameOf targetArch.kernelImage
+    , buildDTBs ? targetArch.kernelArch == "arm64"
+    , config ? (if builtins.isPath configfile || allowImportFromDerivation then readKernelConfig configfile else { })
+    , randstructSeed ? ""
+    , extraMeta ? { }
+    , isZen ? false
+    , allowImportFromDerivation ? false
+    , features ? { }
+    , lib ? null
+    , stdenv ? null
+    }:
+    let
+      modDir = if modDirVersion == null then padVersion version else modDirVersion;
+      isModular = (config.CONFIG_MODULES or null) == "y";
+      make = "make ARCH=${targetArch.kernelArch} CROSS_COMPILE=${crossPrefix} ${builtins.concatStringsSep " " extraMakeFlags}";
+      drv = runHost "${pname}-${version}" {
+        inherit src configfile;
+        outputs = [ "out" "dev" ] ++ (if isModular then [ "modules" ] else [ ]);
+      } ''
+        mkdir -p $TMPDIR/src && cd $TMPDIR/src
+        tar -xf $src --strip-components=1
+        cp $configfile .config
+        chmod u+w .config
+        ${make} olddefconfig >/dev/null
+        release=$(${make} -s kernelrelease)
+        if [ "$release" != "${modDir}" ]; then
+          echo "Error: modDirVersion ${modDir} specified in the Nix expression is wrong, it should be: $release"
+          exit 1
+        fi
+        ${make} -j''${NIX_BUILD_CORES:-2} ${target}
+        mkdir -p $out $dev
+        cp ${kernelImagePath target} $out/
+        cp System.map $out/
+        cp vmlinux $dev/
+        ${if buildDTBs then ''
+        if grep -q '^CONFIG_OF=y' .config; then
+          ${make} -j''${NIX_BUILD_CORES:-2} dtbs
+          ${make} INSTALL_DTBS_PATH=$out/dtbs dtbs_install
+        fi'' else ""}
+        ${if isModular then ''
+        ${make} -j''${NIX_BUILD_CORES:-2} modules
+        ${make} INSTALL_MOD_PATH=$modules INSTALL_MOD_STRIP=1 modules_install
+        rm -f $modules/lib/modules/*/build $modules/lib/modules/*/source'' else ""}
+      '';
+    in
+    drv // {
+      inherit pname version;
+      modDirVersion = modDir;
+      passthru = { inherit version config kernelPatches configfile target buildDTBs isZen features; modDirVersion = modDir; };
+      inherit config kernelPatches configfile target buildDTBs isZen features;
+      meta = { description = "The Linux kernel"; } // extraMeta;
+    };
+  # The target arch record under another name: linuxManualConfig has an argument called `target`.
+  targetArch = target;
+  kernelImagePath = t: "arch/${if target.kernelArch == "x86_64" then "x86" else target.kernelArch}/boot/${t}";
 
   # A team's own program: C, built with -g (unstripped), dynamically linked to the store glibc.
   # The interpreter and RUNPATH are set at link time (the compiler's own C library only serves
