@@ -1,0 +1,21 @@
+# The part of Nixpkgs' lib that bonsai's glue and small packages use, with Nixpkgs' names.
+rec {
+  inherit (builtins) concatStringsSep elem filter head length map toString;
+  versionAtLeast = v1: v2: builtins.compareVersions v2 v1 != 1;
+  versionOlder = v1: v2: builtins.compareVersions v2 v1 == 1;
+  optional = cond: x: if cond then [ x ] else [ ];
+  optionals = cond: xs: if cond then xs else [ ];
+  optionalString = cond: s: if cond then s else "";
+  optionalAttrs = cond: as: if cond then as else { };
+  getOutput = output: pkg: if pkg ? outputSpecified && pkg.outputSpecified then pkg else pkg.${output} or pkg.out or pkg;
+  getBin = getOutput "bin";
+  getLib = getOutput "lib";
+  getDev = getOutput "dev";
+  makeBinPath = pkgs: concatStringsSep ":" (map (p: "${getBin p}/bin") pkgs);
+  makeLibraryPath = pkgs: concatStringsSep ":" (map (p: "${getLib p}/lib") pkgs);
+  fix = f: let x = f x; in x;
+  # An overlay: self: super: { ... }, applied like Nixpkgs' lib.extends.
+  extends = overlay: f: self: let super = f self; in super // overlay self super;
+  # lib.systems.elaborate for the two systems bonsai ships boards for.
+  systems.elaborate = import ./systems.nix;
+}

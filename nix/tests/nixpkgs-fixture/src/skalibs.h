@@ -1,0 +1,2 @@
+/* The fixture's skalibs header. */
+int skarnet_fixture(void);
