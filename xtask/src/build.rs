@@ -102,13 +102,7 @@ impl Build {
         let init = self.init.clone().unwrap_or_else(|| profile.init.clone());
         let backend =
             rootfs::Backend::parse(&init).with_context(|| format!("unknown init '{init}'"))?;
-        // Every backend's scripts run on busybox; runit and s6 bring their own package.
-        let mut packages = profile.packages.clone();
-        for needed in ["busybox"].into_iter().chain(backend.package()) {
-            if !packages.iter().any(|p| p == needed) {
-                packages.push(needed.to_string());
-            }
-        }
+        let packages = packages_for(&profile, backend);
         let source = match self
             .nixpkgs
             .clone()
@@ -273,6 +267,18 @@ impl Build {
         ));
         Ok(Built { out, info })
     }
+}
+
+/// The package attributes a build realises: the profile's, then busybox (every backend's
+/// scripts run on it) and the backend's own package (runit, s6) when the profile lacks them.
+pub fn packages_for(profile: &Profile, backend: rootfs::Backend) -> Vec<String> {
+    let mut packages = profile.packages.clone();
+    for needed in ["busybox"].into_iter().chain(backend.package()) {
+        if !packages.iter().any(|p| p == needed) {
+            packages.push(needed.to_string());
+        }
+    }
+    packages
 }
 
 /// The one-line result of a build: on stdout, or stderr when another command ran the build.

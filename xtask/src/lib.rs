@@ -8,6 +8,7 @@ pub mod chart;
 pub mod config;
 pub mod conformance;
 pub mod diff;
+pub mod eval;
 pub mod host;
 pub mod hygiene;
 pub mod kernel_config;
@@ -51,6 +52,9 @@ pub struct Cli {
 pub enum Command {
     /// Realise a board's packages and kernel with Nix and write out/<board>/
     Build(build::Build),
+    /// What a build would realise (derivations, outputs, valid or not), evaluated without
+    /// import from derivation and without building anything
+    Eval(eval::Eval),
     /// Boot a built board in QEMU (interactive, or headless with --check)
     Boot(boot::Boot),
     /// List boards and profiles, one line each
@@ -116,6 +120,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Build(c) => c.run().map(|_| ()),
         Command::Boot(c) => c.run(),
+        Command::Eval(c) => c.run(),
         Command::List(c) => c.run(),
         Command::Conformance(c) => c.run(),
         Command::Size(c) => c.run(),

@@ -129,6 +129,41 @@ impl Eval {
     }
 }
 
+impl Eval {
+    /// Instantiates the given attributes with `allow-import-from-derivation = false`, building
+    /// nothing: each one's .drv path and the output it names when that is not the first one
+    /// (nix-instantiate prints `<drv>!<output>`).
+    pub fn instantiate_without_ifd(
+        &self,
+        attrs: &[String],
+        what: &str,
+    ) -> Result<Vec<(String, Option<String>)>> {
+        let mut cmd = Command::new("nix-instantiate");
+        cmd.args(&self.args)
+            .args(["--option", "allow-import-from-derivation", "false"]);
+        for a in attrs {
+            cmd.arg("-A").arg(a);
+        }
+        let out = run_nix(cmd, what)?;
+        let drvs: Vec<(String, Option<String>)> = out
+            .lines()
+            .filter(|l| l.starts_with('/'))
+            .map(|l| match l.split_once('!') {
+                Some((d, o)) => (d.to_string(), Some(o.to_string())),
+                None => (l.to_string(), None),
+            })
+            .collect();
+        if drvs.len() != attrs.len() {
+            bail!(
+                "nix-instantiate returned {} derivations for {} attributes ({what})",
+                drvs.len(),
+                attrs.len()
+            );
+        }
+        Ok(drvs)
+    }
+}
+
 /// Runs a Nix command, streaming what it builds as progress, and returns its stdout. On
 /// failure, the error is bonsai's own message from the evaluation if there is one, else the
 /// last lines of Nix's log.

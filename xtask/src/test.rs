@@ -14,6 +14,10 @@ pub struct Test {
     /// Only the fast unit tests (no Nix, no QEMU)
     #[arg(long)]
     pub unit: bool,
+    /// Run the end-to-end build and boot of the default board against a real Nixpkgs (a path
+    /// or a flake reference such as github:NixOS/nixpkgs/nixos-25.05); needs the network
+    #[arg(long, conflicts_with = "unit")]
+    pub nixpkgs: Option<String>,
     /// Extra arguments for `cargo test` (after --)
     #[arg(last = true)]
     pub rest: Vec<String>,
@@ -23,6 +27,10 @@ impl Test {
     pub fn run(self) -> Result<()> {
         let root = project_root();
         let timer = ui::Timer::start();
+        if let Some(r) = &self.nixpkgs {
+            // Before installing anything: without the network this is the one line to see.
+            check_nixpkgs_reachable(r)?;
+        }
         if !self.unit {
             ui::step("check host prerequisites for the end-to-end tests");
             let mut tools = vec![host::NIX, host::CPIO, host::DPKG_DEB];
@@ -79,31 +87,41 @@ impl Test {
             }
             crate::build::Build {
                 board: "qemu-x86_64".into(),
+                nixpkgs: self.nixpkgs.clone(),
                 ..Default::default()
             }
             .run()?;
         }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.current_dir(&root)
-            .args(["test", "--workspace", "--release"]);
-        if self.unit {
-            cmd.args(["--lib", "--bins"]);
+        cmd.current_dir(&root);
+        if let Some(r) = &self.nixpkgs {
+            // The end-to-end build and boot only, every build in them from that Nixpkgs.
+            cmd.args(["test", "--release", "-p", "xtask", "--test", "e2e", "--"])
+                .args(NIXPKGS_E2E)
+                .args(&self.rest)
+                .env("BONSAI_NIXPKGS", r);
+        } else {
+            cmd.args(["test", "--workspace", "--release"]);
+            if self.unit {
+                cmd.args(["--lib", "--bins"]);
+            }
+            cmd.args(&self.rest);
         }
-        cmd.args(&self.rest);
         if !self.unit {
             // The end-to-end tests boot QEMU; one at a time keeps them inside their timeouts on small machines.
             cmd.env("BONSAI_E2E", "1");
         }
-        ui::step(format!(
-            "cargo test --workspace{}",
-            if self.unit { " (unit only)" } else { "" }
-        ));
+        ui::step(match &self.nixpkgs {
+            Some(r) => format!("cargo test -p xtask --test e2e (packages from Nixpkgs {r})"),
+            None if self.unit => "cargo test --workspace (unit only)".into(),
+            None => "cargo test --workspace".into(),
+        });
         let status = cmd.status().context("running cargo test")?;
         if !status.success() {
             bail!("tests failed after {:.0} s", timer.secs());
         }
-        if !self.unit {
+        if !self.unit && self.nixpkgs.is_none() {
             // The benchmark's short version, so it cannot rot (it never asserts on times).
             cargo_xtask(&root, &["bench", "--quick"])?;
             // The board matrix, printed for the CI log (the e2e test checks its JSON as well).
@@ -123,6 +141,35 @@ impl Test {
         ui::step(format!("all tests passed in {:.0} s", timer.secs()));
         Ok(())
     }
+}
+
+/// The end-to-end tests `test --nixpkgs` runs: the default board's build and its boot.
+const NIXPKGS_E2E: &[&str] = &["build_is_sane_and_reproducible", "boot_check_passes"];
+
+/// A Nixpkgs given as a path must exist; a flake reference must resolve (`nix flake metadata`
+/// fetches it). Fails in one line saying what to do, as it will without the network.
+fn check_nixpkgs_reachable(r: &str) -> Result<()> {
+    if std::path::Path::new(r).exists() {
+        return Ok(());
+    }
+    host::ensure(&[host::NIX], &[])?;
+    let mut cmd = Command::new("nix");
+    cmd.args(["flake", "metadata", "--json", r]);
+    for (k, v) in host::nix_env() {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().context("running nix flake metadata")?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let why = err
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("error:"))
+            .map(str::trim)
+            .rfind(|l| !l.is_empty())
+            .unwrap_or("nix flake metadata failed");
+        bail!("--nixpkgs {r}: cannot fetch it ({why}); testing against a real Nixpkgs needs the network, or a local checkout (--nixpkgs ~/src/nixpkgs)");
+    }
+    Ok(())
 }
 
 /// Runs `cargo xtask <args>` as a step of the test command. Through cargo, not this process's
