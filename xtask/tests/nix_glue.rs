@@ -509,7 +509,7 @@ fn busybox_sbin_applets_are_reachable_from_bin() {
     // Nixpkgs' busybox keeps ip, poweroff, reboot, init ... in sbin/ (links to ../bin/busybox):
     // /bin/<applet> must exist and, following links inside the image, reach the busybox binary.
     let img = fixture_image();
-    for applet in ["ip", "poweroff", "reboot", "udhcpc"] {
+    for applet in ["sh", "ip", "poweroff", "reboot", "udhcpc"] {
         let mut path = format!("bin/{applet}");
         let mut chain = vec![path.clone()];
         loop {
