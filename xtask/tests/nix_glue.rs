@@ -359,11 +359,8 @@ fn fixture_image() -> &'static Image {
     })
 }
 
-/// The entry for an image path in GNU cpio's listing: (mode string, link target).
-fn entry<'a>(
-    listing: &'a str,
-    pred: impl Fn(&str) -> bool,
-) -> Vec<(&'a str, &'a str, Option<&'a str>)> {
+/// The entries of GNU cpio's listing whose path matches: (mode string, path, link target).
+fn entry(listing: &str, pred: impl Fn(&str) -> bool) -> Vec<(&str, &str, Option<&str>)> {
     listing
         .lines()
         .filter_map(|l| {
