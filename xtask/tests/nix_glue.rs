@@ -821,3 +821,79 @@ fn test_nixpkgs_that_cannot_be_fetched_is_one_line() {
         "{err}"
     );
 }
+
+#[test]
+fn a_prebuilt_kernel_package_is_evaluated_and_built_without_a_config_step() {
+    let scratch = scratch_root();
+    let board = std::fs::read_to_string(scratch.path().join("boards/qemu-x86_64.toml")).unwrap();
+    let board = board
+        .replace("base = \"tinyconfig\"\n", "package = \"linux\"\n")
+        .replace("fragments = [\"qemu-x86_64.config\"]\n", "");
+    assert!(board.contains("package = \"linux\"") && !board.contains("fragments ="));
+    std::fs::write(scratch.path().join("boards/prebuilt.toml"), board).unwrap();
+    let fixture = fixture().display().to_string();
+    let out = xtask(
+        scratch.path(),
+        &[
+            "eval",
+            "--board",
+            "prebuilt",
+            "--json",
+            "--nixpkgs",
+            &fixture,
+        ],
+    );
+    assert!(out.status.success(), "{}", last_line(&out));
+    let json = String::from_utf8_lossy(&out.stdout).into_owned();
+    validate_against_schema(&json);
+    let r: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let items: Vec<(String, String)> = r["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["role"].as_str().unwrap().to_string(),
+                i["attribute"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let expect: Vec<(String, String)> = [
+        ("package", "busybox"),
+        ("package", "hello"),
+        ("kernel", "linux"),
+    ]
+    .iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(items, expect);
+    let o = scratch.path().join("o");
+    let out = xtask(
+        scratch.path(),
+        &[
+            "build",
+            "--board",
+            "prebuilt",
+            "--nixpkgs",
+            &fixture,
+            "--out",
+            o.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", last_line(&out));
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("realise kernel config"),
+        "a prebuilt kernel went through the config step"
+    );
+    let kernel = std::fs::read_to_string(o.join("kernel")).unwrap();
+    assert!(
+        kernel.starts_with("bonsai fixture kernel 6.12.41 x86_64 bzImage\n"),
+        "{kernel}"
+    );
+    let kernel_path = r["items"][2]["outputs"][0]["path"].as_str().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(Path::new(kernel_path).join("bzImage")).unwrap(),
+        kernel,
+        "the image's kernel is not the evaluated kernel's output"
+    );
+}
