@@ -71,7 +71,10 @@ fn bonsai(system: &str, request: &str) -> String {
 /// A scratch repository root (BONSAI_ROOT) holding copies of the data folders.
 fn scratch_root() -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();
-    for sub in ["boards", "profiles", "kernel-configs", "nix"] {
+    for sub in ["boards", "profiles", "kernel-configs", "nix", "examples"] {
+        if !root().join(sub).exists() {
+            continue;
+        }
         let st = Command::new("cp")
             .arg("-r")
             .arg(root().join(sub))
@@ -308,17 +311,17 @@ struct Image {
     manifest: serde_json::Value,
 }
 
-/// qemu-x86_64 with the minimal profile plus execline (split outputs, libraries of another
-/// package's output), built once through the fixture for the tests that inspect it.
+/// A profile of the fixture's packages: busybox, hello and execline (split outputs, libraries
+/// from another package's output), on its own so that the shipped profiles may change.
+const GLUE_PROFILE: &str = "description = \"glue test: busybox, hello, execline\"\npackages = [\"busybox\", \"hello\", \"execline\"]\ninit = \"busybox\"\n";
+
+/// qemu-x86_64 with [`GLUE_PROFILE`], built once through the fixture for the tests that
+/// inspect it.
 fn fixture_image() -> &'static Image {
     static IMAGE: OnceLock<Image> = OnceLock::new();
     IMAGE.get_or_init(|| {
         let scratch = scratch_root().keep();
-        std::fs::write(
-            scratch.join("profiles/glue.toml"),
-            "description = \"glue test: minimal plus execline\"\ninherit = [\"minimal\"]\npackages = [\"execline\"]\n",
-        )
-        .unwrap();
+        std::fs::write(scratch.join("profiles/glue.toml"), GLUE_PROFILE).unwrap();
         let out = scratch.join("out-fixture");
         let o = xtask(
             &scratch,
@@ -334,7 +337,11 @@ fn fixture_image() -> &'static Image {
                 out.to_str().unwrap(),
             ],
         );
-        assert!(o.status.success(), "build through the fixture failed: {}", last_line(&o));
+        assert!(
+            o.status.success(),
+            "build through the fixture failed: {}",
+            last_line(&o)
+        );
         let list = Command::new("sh")
             .arg("-c")
             .arg(format!(
@@ -726,7 +733,7 @@ fn eval_fails_on_an_import_from_derivation() {
     let scratch = scratch_root();
     std::fs::write(
         scratch.path().join("profiles/ifd.toml"),
-        "description = \"an import from derivation\"\ninherit = [\"base\"]\npackages = [\"fixtureIfd\"]\n",
+        "description = \"an import from derivation\"\npackages = [\"busybox\", \"fixtureIfd\"]\ninit = \"busybox\"\n",
     )
     .unwrap();
     let out = xtask(
@@ -754,7 +761,7 @@ fn eval_through_the_fixture_names_split_and_cross_outputs() {
     let scratch = scratch_root();
     std::fs::write(
         scratch.path().join("profiles/glue.toml"),
-        "description = \"glue\"\ninherit = [\"minimal\"]\npackages = [\"execline\", \"pkgsStatic.busybox\"]\n",
+        "description = \"glue\"\npackages = [\"busybox\", \"execline\", \"pkgsStatic.busybox\"]\ninit = \"busybox\"\n",
     )
     .unwrap();
     let out = xtask(
@@ -831,6 +838,7 @@ fn a_prebuilt_kernel_package_is_evaluated_and_built_without_a_config_step() {
         .replace("fragments = [\"qemu-x86_64.config\"]\n", "");
     assert!(board.contains("package = \"linux\"") && !board.contains("fragments ="));
     std::fs::write(scratch.path().join("boards/prebuilt.toml"), board).unwrap();
+    std::fs::write(scratch.path().join("profiles/glue.toml"), GLUE_PROFILE).unwrap();
     let fixture = fixture().display().to_string();
     let out = xtask(
         scratch.path(),
@@ -838,6 +846,8 @@ fn a_prebuilt_kernel_package_is_evaluated_and_built_without_a_config_step() {
             "eval",
             "--board",
             "prebuilt",
+            "--profile",
+            "glue",
             "--json",
             "--nixpkgs",
             &fixture,
@@ -861,6 +871,7 @@ fn a_prebuilt_kernel_package_is_evaluated_and_built_without_a_config_step() {
     let expect: Vec<(String, String)> = [
         ("package", "busybox"),
         ("package", "hello"),
+        ("package", "execline"),
         ("kernel", "linux"),
     ]
     .iter()
@@ -874,6 +885,8 @@ fn a_prebuilt_kernel_package_is_evaluated_and_built_without_a_config_step() {
             "build",
             "--board",
             "prebuilt",
+            "--profile",
+            "glue",
             "--nixpkgs",
             &fixture,
             "--out",
@@ -890,7 +903,7 @@ fn a_prebuilt_kernel_package_is_evaluated_and_built_without_a_config_step() {
         kernel.starts_with("bonsai fixture kernel 6.12.41 x86_64 bzImage\n"),
         "{kernel}"
     );
-    let kernel_path = r["items"][2]["outputs"][0]["path"].as_str().unwrap();
+    let kernel_path = r["items"][3]["outputs"][0]["path"].as_str().unwrap();
     assert_eq!(
         std::fs::read_to_string(Path::new(kernel_path).join("bzImage")).unwrap(),
         kernel,
