@@ -910,3 +910,42 @@ fn a_prebuilt_kernel_package_is_evaluated_and_built_without_a_config_step() {
         "the image's kernel is not the evaluated kernel's output"
     );
 }
+
+#[test]
+fn call_package_and_new_scope_fill_arguments_from_the_set() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::create_dir(d.path().join("src")).unwrap();
+    std::fs::write(
+        d.path().join("src/tool.c"),
+        "#include <stdio.h>\nint main(void){puts(\"tool-ok\");return 0;}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.path().join("default.nix"),
+        "{ stdenv, lib, helper }:\nstdenv.mkDerivation {\n  pname = \"tool\"; version = \"1.0\"; src = ./src;\n  buildPhase = \"cc -O2 -o tool tool.c\";\n  installPhase = \"mkdir -p $out/bin && cp tool $out/bin/ && echo ${helper} > $out/helper\";\n  passthru.usesLib = lib.versionAtLeast \"2.1\" \"2.0\";\n}\n",
+    )
+    .unwrap();
+    let p = pkgs("x86_64-linux", "");
+    let file = d.path().join("default.nix");
+    let v = eval_with(&format!(
+        r#"let p = {p}; t = p.newScope {{ helper = "h"; }} {} {{ }}; in {{ inherit (t) name usesLib; drv = t.drvPath; }}"#,
+        file.display()
+    ), &["--read-write-mode"])
+    .unwrap();
+    assert_eq!(v["name"], "tool-1.0");
+    assert_eq!(v["usesLib"], true);
+    let out = nix("nix-build")
+        .args(["--no-out-link", v["drv"].as_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let run = Command::new(format!("{path}/bin/tool")).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&run.stdout), "tool-ok\n");
+    let err = eval(&format!("({p}.callPackage {} {{ }}).name", file.display())).unwrap_err();
+    assert!(err.contains("helper"), "{err}");
+}

@@ -105,10 +105,13 @@ let
       // lib.optionalAttrs (attrs ? pname) { inherit (attrs) pname; }
       // lib.optionalAttrs (attrs ? version) { inherit (attrs) version; };
 
-  # callPackage: a function (or a file holding one) called with the arguments it names from the set.
-  callPackage = fn: args:
+  # callPackage: a function (or a file holding one) called with the arguments it names from the
+  # set; newScope: a callPackage that also sees `extra` (Nixpkgs' lib.callPackageWith).
+  callPackageWith = scope: fn: args:
     let f = if builtins.isFunction fn then fn else import fn;
-    in f (builtins.intersectAttrs (builtins.functionArgs f) self // args);
+    in f (builtins.intersectAttrs (builtins.functionArgs f) scope // args);
+  callPackage = callPackageWith self;
+  newScope = extra: callPackageWith (self // extra);
 
   runtimeShell = "${self.busybox}/bin/sh";
   src = ../../src;
@@ -269,7 +272,7 @@ let
   };
 in
 {
-  inherit lib config stdenv buildPackages pkgsCross pkgsStatic fixture callPackage runtimeShell runCommand;
+  inherit lib config stdenv buildPackages pkgsCross pkgsStatic fixture callPackage newScope runtimeShell runCommand;
   inherit glibc busybox hello skalibs execline linux linuxManualConfig;
   # Build tools, as Nixpkgs names them (the host's programs).
   gnumake = hostTool "gnumake" [ "make" ];
