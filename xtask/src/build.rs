@@ -97,7 +97,9 @@ pub struct NixRecord {
     pub kernel: Option<String>,
     /// How the kernel was configured: `<base> + kernel-configs/<fragment>...`, or `package <attr>`.
     pub kernel_config: String,
-    /// SHA-256 of the merged config (`<kernelConfig>/config`), for a kernel built from fragments.
+    /// The merged config's store path (`kernelConfig`; the file is its `config`) and the
+    /// file's SHA-256, for a kernel built from fragments.
+    pub kernel_config_path: Option<String>,
     pub kernel_config_sha256: Option<String>,
 }
 
@@ -177,6 +179,7 @@ impl Build {
                     .join(" + "),
                 KernelSource::Package(p) => format!("package {p}"),
             },
+            kernel_config_path: None,
             kernel_config_sha256: None,
         };
 
@@ -201,6 +204,7 @@ impl Build {
             let cfg_dir = eval
                 .build(&["kernelConfig".into()], "kernel config")?
                 .remove(0);
+            record.kernel_config_path = Some(cfg_dir.display().to_string());
             record.kernel_config_sha256 =
                 Some(crate::offline::sha256_file(&cfg_dir.join("config"))?);
             let mut report = nix::read_config_report(&cfg_dir)?;

@@ -77,6 +77,13 @@ impl Test {
                     bail!("python3 -m pip install jsonschema failed; install it and run again");
                 }
             }
+            // xtask/tests/nix_versions.rs runs the e2e flow under both: the log names them.
+            let pinned = crate::nixbin::provision(&root)?.join("nix");
+            ui::step(format!(
+                "Nix versions under test: host {}; BONSAI_NIX=debian13 {}",
+                host::version_line("nix")?,
+                host::version_line(&pinned.display().to_string())?
+            ));
             crate::build::Build {
                 board: "qemu-x86_64".into(),
                 ..Default::default()
