@@ -66,6 +66,8 @@ impl PackageSource {
 /// The arguments for one evaluation of nix/bonsai.nix.
 pub struct Eval {
     pub args: Vec<String>,
+    /// Real Nixpkgs, which needs Nix >= 2.18 (see [`crate::nixbin::select`]).
+    pub nixpkgs: bool,
 }
 
 impl Eval {
@@ -133,12 +135,15 @@ impl Eval {
                 }
             }
         }
-        Ok(Eval { args })
+        Ok(Eval {
+            args,
+            nixpkgs: matches!(source, PackageSource::Nixpkgs(_)),
+        })
     }
 
     /// Builds the given attributes of nix/bonsai.nix and returns their output paths in order.
     pub fn build(&self, attrs: &[String], what: &str) -> Result<Vec<PathBuf>> {
-        let mut cmd = crate::nixbin::current()?.command("nix-build");
+        let mut cmd = crate::nixbin::select(self.nixpkgs)?.command("nix-build");
         cmd.args(&self.args).arg("--no-out-link");
         for a in attrs {
             cmd.arg("-A").arg(a);

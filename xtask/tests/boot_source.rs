@@ -68,14 +68,18 @@ fn snapshot(scratch: &Path) -> (String, Vec<u8>) {
 
 /// The build from the stub was attempted, announced in one line, and failed at its kernel.
 fn tried_the_stub(out: &Output, stub: &Path, why: &str) {
-    assert!(!out.status.success(), "a build from the stub cannot succeed");
+    assert!(
+        !out.status.success(),
+        "a build from the stub cannot succeed"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     let want = format!(
         "building {BOARD} first from nixpkgs {} ({why}",
         stub.display()
     );
     assert!(
-        err.lines().any(|l| l.trim_start_matches("==> ").starts_with(&want)),
+        err.lines()
+            .any(|l| l.trim_start_matches("==> ").starts_with(&want)),
         "no line '{want}' in:\n{err}"
     );
     assert!(
@@ -95,7 +99,14 @@ fn boot_builds_from_the_nixpkgs_it_is_asked_for_and_says_so() {
     // build from the stub leaves it as it was.
     let flag = run(
         s,
-        &["boot", "--board", BOARD, "--print", "--nixpkgs", stub.to_str().unwrap()],
+        &[
+            "boot",
+            "--board",
+            BOARD,
+            "--print",
+            "--nixpkgs",
+            stub.to_str().unwrap(),
+        ],
         None,
     );
     tried_the_stub(&flag, &stub, why);
