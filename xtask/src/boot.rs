@@ -13,6 +13,7 @@ use qemu::{Accel, Check, Event, Expect, QemuSpec, UserNet};
 
 use crate::build::{read_info, Build, BuildInfo};
 use crate::config::{Board, Config, INITS};
+use crate::nix::{PackageSource, NIXPKGS_ENV};
 use crate::{host, project_root, ui};
 
 #[derive(Args, Debug)]
@@ -50,6 +51,10 @@ pub struct Boot {
     /// Boot the image in this folder instead of out/<board> (never rebuilt)
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Build from this Nixpkgs (a path or a flake reference) when a build is needed; also
+    /// settable with BONSAI_NIXPKGS. Without it, the package source of the existing build
+    #[arg(long, conflicts_with = "out")]
+    pub nixpkgs: Option<String>,
 }
 
 /// The outcome of a check boot.
@@ -158,15 +163,30 @@ impl Boot {
             }
             _ => profile.init.clone(),
         };
-        let source = match std::env::var("BONSAI_NIXPKGS") {
-            Ok(r) => crate::nix::PackageSource::Nixpkgs(r),
-            Err(_) => crate::nix::PackageSource::Offline,
+        // The package source asked for, else the one the existing output was built from: an
+        // output built from Nixpkgs is never replaced by a build from the offline set unasked.
+        let asked = match (&self.nixpkgs, std::env::var(NIXPKGS_ENV)) {
+            (None, Err(_)) => None,
+            (r, _) => Some(PackageSource::from_request(r.as_deref())?),
         };
+        let built_from = info.as_ref().map(recorded_source);
+        let source = asked
+            .clone()
+            .or_else(|| built_from.clone())
+            .unwrap_or(PackageSource::Offline);
         let epoch = crate::build::source_date_epoch(root)?;
         let secrets = crate::hygiene::load_secrets(root, &profile)?;
         let fp = crate::build::fingerprint(root, board, &profile, &init, &source, epoch, &secrets)?;
         let why = match &info {
             None => Some("nothing is built yet".to_string()),
+            Some(_) if built_from.as_ref() != Some(&source) => Some(format!(
+                "{} was built from {}; asked for {}",
+                out.strip_prefix(root).unwrap_or(out).display(),
+                built_from
+                    .as_ref()
+                    .map_or("?".into(), PackageSource::describe),
+                source.describe()
+            )),
             Some(i) if fp.as_deref() != Some(i.fingerprint.as_str()) => Some(format!(
                 "its inputs changed (built: profile {}, init {}; wanted: profile {}, init {init})",
                 i.profile, i.init, profile.name
@@ -176,11 +196,16 @@ impl Boot {
         match why {
             None => Ok(info.unwrap()),
             Some(why) => {
-                ui::step(format!("building {} first ({why})", self.board));
+                ui::step(format!(
+                    "building {} first from {} ({why})",
+                    self.board,
+                    source.describe()
+                ));
                 let built = Build {
                     board: self.board.clone(),
                     profile: Some(profile.name.clone()),
                     init: Some(init),
+                    nixpkgs: source.nixpkgs_ref(),
                     nested: true,
                     ..Build::default()
                 }
@@ -188,6 +213,15 @@ impl Boot {
                 Ok(built.info)
             }
         }
+    }
+}
+
+/// The package source an output was built from, by its build.json.
+pub fn recorded_source(info: &BuildInfo) -> PackageSource {
+    match (&info.nix.nixpkgs, info.source.strip_prefix("nixpkgs ")) {
+        (Some(r), _) => PackageSource::Nixpkgs(r.clone()),
+        (None, Some(r)) => PackageSource::Nixpkgs(r.to_string()),
+        (None, None) => PackageSource::Offline,
     }
 }
 

@@ -79,6 +79,28 @@ pub struct BuildInfo {
     /// Image paths of the secrets supplied at build time (`[[secrets]]`).
     #[serde(default)]
     pub secrets: Vec<String>,
+    /// The Nix that built it, the Nixpkgs it used, and the kernel's store paths.
+    #[serde(default)]
+    pub nix: NixRecord,
+}
+
+/// Where an output's store paths came from (`build.json`'s `nix`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NixRecord {
+    /// `nix --version` of the Nix that built it, and which one it was (`host`, `debian13`, `dir`).
+    pub version: String,
+    pub kind: String,
+    /// The Nixpkgs it was built from (a checkout's absolute path or a flake reference);
+    /// `None` for the offline set.
+    pub nixpkgs: Option<String>,
+    /// The kernel package's store path.
+    pub kernel: Option<String>,
+    /// How the kernel was configured: `<base> + kernel-configs/<fragment>...`, or `package <attr>`.
+    pub kernel_config: String,
+    /// The merged config's store path (`kernelConfig`; the file is its `config`) and the
+    /// file's SHA-256, for a kernel built from fragments.
+    pub kernel_config_path: Option<String>,
+    pub kernel_config_sha256: Option<String>,
 }
 
 pub struct Built {
@@ -103,14 +125,7 @@ impl Build {
         let backend =
             rootfs::Backend::parse(&init).with_context(|| format!("unknown init '{init}'"))?;
         let packages = packages_for(&profile, backend);
-        let source = match self
-            .nixpkgs
-            .clone()
-            .or_else(|| std::env::var("BONSAI_NIXPKGS").ok())
-        {
-            Some(r) => PackageSource::Nixpkgs(r),
-            None => PackageSource::Offline,
-        };
+        let source = PackageSource::from_request(self.nixpkgs.as_deref())?;
         let out = self
             .out
             .clone()
@@ -120,7 +135,11 @@ impl Build {
         let epoch = source_date_epoch(&root)?;
         let fp = fingerprint(&root, &board, &profile, &init, &source, epoch, &secrets)?;
         if let Some(info) = read_info(&out) {
-            if fp.as_deref() == Some(info.fingerprint.as_str()) && outputs_intact(&out, &info) {
+            // A Nixpkgs checkout or flake may change under us: only Nix can say it is current.
+            if matches!(source, PackageSource::Offline)
+                && fp.as_deref() == Some(info.fingerprint.as_str())
+                && outputs_intact(&out, &info)
+            {
                 summary(
                     self.nested,
                     format!(
@@ -140,6 +159,23 @@ impl Build {
             profile.name,
             source.describe()
         ));
+        let nix_used = crate::nixbin::select(matches!(source, PackageSource::Nixpkgs(_)))?;
+        ui::step(format!("nix: {} ({})", nix_used.version, nix_used.kind));
+        let mut record = NixRecord {
+            version: nix_used.version.clone(),
+            kind: nix_used.kind.into(),
+            nixpkgs: source.nixpkgs_ref(),
+            kernel: None,
+            kernel_config: match &board.kernel.source {
+                KernelSource::Build { base, fragments } => std::iter::once(base.clone())
+                    .chain(fragments.iter().map(|f| format!("kernel-configs/{f}")))
+                    .collect::<Vec<_>>()
+                    .join(" + "),
+                KernelSource::Package(p) => format!("package {p}"),
+            },
+            kernel_config_path: None,
+            kernel_config_sha256: None,
+        };
 
         if let (PackageSource::Offline, KernelSource::Build { .. }) =
             (&source, &board.kernel.source)
@@ -162,6 +198,9 @@ impl Build {
             let cfg_dir = eval
                 .build(&["kernelConfig".into()], "kernel config")?
                 .remove(0);
+            record.kernel_config_path = Some(cfg_dir.display().to_string());
+            record.kernel_config_sha256 =
+                Some(crate::offline::sha256_file(&cfg_dir.join("config"))?);
             let mut report = nix::read_config_report(&cfg_dir)?;
             if let KernelSource::Build { fragments, .. } = &board.kernel.source {
                 for o in &mut report {
@@ -200,6 +239,7 @@ impl Build {
         attrs.push("kernel".into());
         let mut paths = eval.build(&attrs, "realising packages")?;
         let kernel_pkg = paths.pop().unwrap();
+        record.kernel = Some(kernel_pkg.display().to_string());
         let kernel_image = nix::kernel_image(&kernel_pkg, board.arch)?;
         let dtb = match &board.kernel.dtb {
             Some(d) => Some(
@@ -253,6 +293,7 @@ impl Build {
             ssh_key,
             &assembly,
             &secrets,
+            record,
         )?;
         summary(self.nested, format!(
             "built {}: kernel {}, initramfs {} ({} uncompressed, {} files from {} store paths) in {:.1} s -> {}",
@@ -507,6 +548,7 @@ fn write_output(
     ssh_key: Option<PathBuf>,
     assembly: &Assembly,
     secrets: &[crate::hygiene::Secret],
+    record: NixRecord,
 ) -> Result<BuildInfo> {
     let parent = out.parent().context("output folder has no parent")?;
     fs::create_dir_all(parent)
@@ -669,6 +711,7 @@ fn write_output(
                 .collect::<Result<_>>()?,
             development: profile.development,
             secrets: crate::hygiene::secret_paths(secrets),
+            nix: record,
         };
         writing.replace("build.json".into());
         fs::write(
@@ -731,8 +774,8 @@ fn disk_full(out: &Path, file: &str, kernel_image: &Path, tree: &Tree) -> anyhow
 
 /// A hash of every input of a build that bonsai can see without asking Nix: the board and
 /// profile files (with parents), kernel fragments, the Nix expressions and Debian pins, the
-/// init, the C toolchain, SOURCE_DATE_EPOCH and the xtask binary itself. `None` when the
-/// package source cannot be fingerprinted (a Nixpkgs checkout or flake may change under us).
+/// init, the C toolchain, SOURCE_DATE_EPOCH, the package source (by name: a Nixpkgs checkout or
+/// flake may change under it, which only Nix can tell) and the xtask binary itself.
 pub fn fingerprint(
     root: &Path,
     board: &Board,
@@ -743,10 +786,8 @@ pub fn fingerprint(
     secrets: &[crate::hygiene::Secret],
 ) -> Result<Option<String>> {
     use sha2::{Digest, Sha256};
-    if !matches!(source, PackageSource::Offline) {
-        return Ok(None);
-    }
     let mut h = Sha256::new();
+    h.update(format!("source={}\n", source.describe()).as_bytes());
     let add_file = |h: &mut Sha256, p: &Path| -> Result<()> {
         h.update(
             p.strip_prefix(root)

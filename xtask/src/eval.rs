@@ -6,7 +6,7 @@
 //! by `schemas/eval.schema.json`.
 
 use std::collections::BTreeSet;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -275,11 +275,8 @@ fn print_table(r: &Report) {
 /// by full .drv path.
 fn show_derivations(drvs: &[String]) -> Result<serde_json::Map<String, serde_json::Value>> {
     let attempt = |args: &[&str]| -> Result<std::process::Output> {
-        let mut cmd = Command::new("nix");
+        let mut cmd = crate::nixbin::current()?.command("nix");
         cmd.args(args).args(drvs);
-        for (k, v) in host::nix_env() {
-            cmd.env(k, v);
-        }
         cmd.output().context("running nix show-derivation")
     };
     let mut out = attempt(&["show-derivation"])?;
@@ -316,12 +313,9 @@ fn show_derivations(drvs: &[String]) -> Result<serde_json::Map<String, serde_jso
 
 /// The paths among `paths` that are not valid in the store (`nix-store --check-validity`).
 fn invalid_paths(paths: &[String]) -> Result<BTreeSet<String>> {
-    let mut cmd = Command::new("nix-store");
+    let mut cmd = crate::nixbin::current()?.command("nix-store");
     cmd.args(["--check-validity", "--print-invalid"])
         .args(paths);
-    for (k, v) in host::nix_env() {
-        cmd.env(k, v);
-    }
     let out = cmd.output().context("running nix-store --check-validity")?;
     if !out.status.success() {
         bail!(
@@ -338,11 +332,8 @@ fn invalid_paths(paths: &[String]) -> Result<BTreeSet<String>> {
 
 /// The store paths `nix-store --realise --dry-run` would fetch from a substituter.
 fn dry_run(drvs: &[String]) -> Result<BTreeSet<String>> {
-    let mut cmd = Command::new("nix-store");
+    let mut cmd = crate::nixbin::current()?.command("nix-store");
     cmd.args(["--realise", "--dry-run"]).args(drvs);
-    for (k, v) in host::nix_env() {
-        cmd.env(k, v);
-    }
     let out = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -15,6 +15,8 @@ pub mod kernel_config;
 pub mod list;
 pub mod new_board;
 pub mod nix;
+pub mod nix_lock;
+pub mod nixbin;
 pub mod offline;
 pub mod outdir;
 pub mod pid1;
@@ -79,6 +81,8 @@ pub enum Command {
     Conformance(conformance::Conformance),
     /// Install what the tests need and run the whole test suite
     Test(test::Test),
+    /// Pin Debian 13's Nix anew: rewrite nix/debian13-nix.<arch>.lock.json (BONSAI_NIX=debian13)
+    NixLock(nix_lock::NixLock),
     /// Measure packing, rebuilds and boots against the targets; write BENCHMARKS.md
     Bench(bench::Bench),
     /// Print shell completions (bash, zsh, fish, elvish, powershell)
@@ -132,6 +136,7 @@ pub fn main() -> ExitCode {
         Command::Diff(c) => c.run(),
         Command::NewBoard(c) => c.run(),
         Command::Test(c) => c.run(),
+        Command::NixLock(c) => c.run(),
         Command::Bench(c) => c.run(),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();

@@ -14,8 +14,11 @@ use crate::host;
 use crate::offline;
 use crate::ui;
 
+/// Environment variable: the Nixpkgs to build from when `--nixpkgs` is not given.
+pub const NIXPKGS_ENV: &str = "BONSAI_NIXPKGS";
+
 /// Where packages come from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PackageSource {
     /// nix/offline, built from pinned Debian packages.
     Offline,
@@ -24,6 +27,34 @@ pub enum PackageSource {
 }
 
 impl PackageSource {
+    /// `--nixpkgs`, else `BONSAI_NIXPKGS`, else the offline set. A checkout is named by its
+    /// absolute path, so a later `boot` from another folder finds the same one.
+    pub fn from_request(nixpkgs: Option<&str>) -> Result<PackageSource> {
+        let r = match nixpkgs
+            .map(String::from)
+            .or_else(|| std::env::var(NIXPKGS_ENV).ok())
+        {
+            Some(r) if !r.trim().is_empty() => r,
+            _ => return Ok(PackageSource::Offline),
+        };
+        let as_path = Path::new(&r);
+        if as_path.exists() {
+            let abs = as_path
+                .canonicalize()
+                .with_context(|| format!("resolving --nixpkgs {r}"))?;
+            return Ok(PackageSource::Nixpkgs(abs.display().to_string()));
+        }
+        Ok(PackageSource::Nixpkgs(r))
+    }
+
+    /// The Nixpkgs reference, `None` for the offline set.
+    pub fn nixpkgs_ref(&self) -> Option<String> {
+        match self {
+            PackageSource::Offline => None,
+            PackageSource::Nixpkgs(r) => Some(r.clone()),
+        }
+    }
+
     pub fn describe(&self) -> String {
         match self {
             PackageSource::Offline => "offline".into(),
@@ -35,6 +66,8 @@ impl PackageSource {
 /// The arguments for one evaluation of nix/bonsai.nix.
 pub struct Eval {
     pub args: Vec<String>,
+    /// Real Nixpkgs, which needs Nix >= 2.18 (see [`crate::nixbin::select`]).
+    pub nixpkgs: bool,
 }
 
 impl Eval {
@@ -102,12 +135,15 @@ impl Eval {
                 }
             }
         }
-        Ok(Eval { args })
+        Ok(Eval {
+            args,
+            nixpkgs: matches!(source, PackageSource::Nixpkgs(_)),
+        })
     }
 
     /// Builds the given attributes of nix/bonsai.nix and returns their output paths in order.
     pub fn build(&self, attrs: &[String], what: &str) -> Result<Vec<PathBuf>> {
-        let mut cmd = Command::new("nix-build");
+        let mut cmd = crate::nixbin::select(self.nixpkgs)?.command("nix-build");
         cmd.args(&self.args).arg("--no-out-link");
         for a in attrs {
             cmd.arg("-A").arg(a);
@@ -138,7 +174,7 @@ impl Eval {
         attrs: &[String],
         what: &str,
     ) -> Result<Vec<(String, Option<String>)>> {
-        let mut cmd = Command::new("nix-instantiate");
+        let mut cmd = crate::nixbin::select(self.nixpkgs)?.command("nix-instantiate");
         cmd.args(&self.args)
             .args(["--option", "allow-import-from-derivation", "false"]);
         for a in attrs {
@@ -168,12 +204,10 @@ impl Eval {
 /// failure, the error is bonsai's own message from the evaluation if there is one, else the
 /// last lines of Nix's log.
 fn run_nix(mut cmd: Command, what: &str) -> Result<String> {
-    host::ensure(&[host::NIX], &[])?;
-    for (k, v) in host::nix_env() {
-        cmd.env(k, v);
-    }
+    let program = cmd.get_program().to_string_lossy().to_string();
+    let program = program.rsplit('/').next().unwrap_or("nix").to_string();
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().context("running nix-build")?;
+    let mut child = cmd.spawn().with_context(|| format!("running {program}"))?;
     let stdout = child.stdout.take().unwrap();
     let out_thread = std::thread::spawn(move || {
         let mut s = String::new();
@@ -200,7 +234,9 @@ fn run_nix(mut cmd: Command, what: &str) -> Result<String> {
         }
         log.push(line);
     }
-    let status = child.wait().context("waiting for nix-build")?;
+    let status = child
+        .wait()
+        .with_context(|| format!("waiting for {program}"))?;
     let stdout = out_thread.join().unwrap_or_default();
     if !status.success() {
         if let Some(msg) = log.iter().find_map(|l| {
@@ -330,23 +366,152 @@ fn is_nix_chatter(l: &str) -> bool {
 }
 
 /// One store path of a closure.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone)]
 pub struct PathInfo {
     pub path: String,
+    /// As Nix printed it (`sha256-<base64>`, `sha256:<nix32>` or `sha256:<base16>`).
     pub nar_hash: String,
+    /// The same hash as raw bytes.
+    pub nar_sha256: [u8; 32],
     pub nar_size: u64,
-    #[serde(default)]
     pub references: Vec<String>,
+}
+
+/// One entry of `nix path-info --json`: Nix 2.19 dropped `path` (the key says it), and from
+/// 2.23 absent fields are `null`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawPathInfo {
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    nar_hash: Option<String>,
+    #[serde(default)]
+    nar_size: Option<u64>,
+    #[serde(default)]
+    references: Option<Vec<String>>,
+}
+
+/// Parses `nix path-info --json` of any Nix: a list of objects (up to 2.18) or an object keyed
+/// by store path (2.19 on; an invalid path maps to `null`).
+pub fn parse_path_info(json: &str) -> Result<Vec<PathInfo>> {
+    let v: serde_json::Value =
+        serde_json::from_str(json).context("parsing nix path-info --json: not JSON")?;
+    let entries: Vec<(Option<String>, serde_json::Value)> = match v {
+        serde_json::Value::Array(a) => a.into_iter().map(|e| (None, e)).collect(),
+        serde_json::Value::Object(o) => o.into_iter().map(|(k, e)| (Some(k), e)).collect(),
+        _ => bail!("parsing nix path-info --json: neither a list nor an object"),
+    };
+    entries
+        .into_iter()
+        .map(|(key, e)| {
+            let named = key.clone().unwrap_or_else(|| {
+                e.get("path")
+                    .and_then(|p| p.as_str())
+                    .unwrap_or("an entry")
+                    .to_string()
+            });
+            if e.is_null() {
+                bail!("nix path-info --json: {named} is not a valid store path");
+            }
+            let raw: RawPathInfo = serde_json::from_value(e)
+                .with_context(|| format!("parsing nix path-info --json: {named}"))?;
+            let path = raw
+                .path
+                .or(key)
+                .context("parsing nix path-info --json: an entry has no path")?;
+            let nar_hash = raw
+                .nar_hash
+                .with_context(|| format!("nix path-info --json: {path} has no narHash"))?;
+            let nar_sha256 = sha256_of(&nar_hash).with_context(|| {
+                format!("nix path-info --json: {path}: narHash '{nar_hash}' is not a SHA-256 hash")
+            })?;
+            Ok(PathInfo {
+                nar_size: raw
+                    .nar_size
+                    .with_context(|| format!("nix path-info --json: {path} has no narSize"))?,
+                references: raw.references.unwrap_or_default(),
+                path,
+                nar_hash,
+                nar_sha256,
+            })
+        })
+        .collect()
+}
+
+/// The raw SHA-256 of a hash in any form Nix prints: SRI `sha256-<base64>`, or
+/// `sha256:` followed by base-16, Nix base-32 or base-64.
+pub fn sha256_of(hash: &str) -> Option<[u8; 32]> {
+    let bytes = if let Some(b64) = hash.strip_prefix("sha256-") {
+        base64_decode(b64)?
+    } else {
+        let h = hash.strip_prefix("sha256:")?;
+        match h.len() {
+            64 => (0..32)
+                .map(|i| u8::from_str_radix(h.get(2 * i..2 * i + 2)?, 16).ok())
+                .collect::<Option<Vec<u8>>>()?,
+            52 => nix32_decode(h)?,
+            44 => base64_decode(h)?,
+            _ => return None,
+        }
+    };
+    bytes.try_into().ok()
+}
+
+/// Nix's base-32 (`0123456789abcdfghijklmnpqrsvwxyz`, least significant digit last).
+pub fn nix32_decode(s: &str) -> Option<Vec<u8>> {
+    const ALPHABET: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
+    let len = s.len() * 5 / 8;
+    let mut out = vec![0u8; len];
+    for (n, c) in s.bytes().rev().enumerate() {
+        let digit = ALPHABET.iter().position(|&a| a == c)? as u16;
+        let b = n * 5;
+        let i = b / 8;
+        let j = b % 8;
+        if i < len {
+            out[i] |= (digit << j) as u8;
+        }
+        let carry = digit >> (8 - j);
+        if i + 1 < len {
+            out[i + 1] |= carry as u8;
+        } else if carry != 0 {
+            return None;
+        }
+    }
+    Some(out)
+}
+
+/// Standard base-64 with padding, as in SRI hashes.
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    if s.len() % 4 != 0 {
+        return None;
+    }
+    let body = s.trim_end_matches('=');
+    if s.len() - body.len() > 2 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(s.len() / 4 * 3);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in body.bytes() {
+        acc = (acc << 6) | ALPHABET.iter().position(|&a| a == c)? as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    // Leftover bits must be zero in a canonical encoding.
+    (acc == 0).then_some(out)
 }
 
 /// The closure of `roots`: every store path they reference, directly or not.
 pub fn closure(roots: &[PathBuf]) -> Result<BTreeMap<String, PathInfo>> {
-    let mut cmd = Command::new("nix");
+    let mut cmd = crate::nixbin::current()?.command("nix");
     cmd.args(["path-info", "--json", "--recursive"]).args(roots);
     let out = run_nix(cmd, "reading the closure")?;
-    let infos: Vec<PathInfo> =
-        serde_json::from_str(&out).context("parsing nix path-info --json")?;
+    let infos = parse_path_info(&out)?;
     Ok(infos.into_iter().map(|i| (i.path.clone(), i)).collect())
 }
 
@@ -411,6 +576,100 @@ pub fn read_config_report(dir: &Path) -> Result<Vec<ConfigOption>> {
             })
         })
         .collect())
+}
+
+#[cfg(test)]
+mod path_info_tests {
+    use super::{parse_path_info, sha256_of};
+
+    // One narHash in every form, converted by hand once with Nix 2.26.3
+    // (`nix hash convert --to base16|nix32|base64 sha256-xZyA...`) and checked against Nix 2.8's
+    // `nix hash to-base16` / `to-base32`; it is the NAR hash of the offline set's hello.c.
+    const SRI: &str = "sha256-xZyAlaEjpAKshEr9G+IANAoizB1UbIqPrFxiacLj1HA=";
+    const BASE16: &str = "c59c8095a123a402ac844afd1be200340a22cc1d546c8a8fac5c6269c2e3d470";
+    const NIX32: &str = "0w6lwg16jqjwmj7qlv2l3p6242il03i1pzaahjn05913l6aq1765";
+    const BASE64: &str = "xZyAlaEjpAKshEr9G+IANAoizB1UbIqPrFxiacLj1HA=";
+
+    fn hex(b: [u8; 32]) -> String {
+        crate::offline::hex(&b)
+    }
+
+    #[test]
+    fn every_hash_form_gives_the_same_bytes() {
+        for form in [
+            SRI.to_string(),
+            format!("sha256:{BASE16}"),
+            format!("sha256:{}", BASE16.to_uppercase()),
+            format!("sha256:{NIX32}"),
+            format!("sha256:{BASE64}"),
+        ] {
+            assert_eq!(sha256_of(&form).map(hex).as_deref(), Some(BASE16), "{form}");
+        }
+        // sha256 of the empty string, as in the Nix manual.
+        assert_eq!(
+            sha256_of("sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73").map(hex),
+            Some("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855".into())
+        );
+        for bad in [
+            "",
+            "md5:d41d8cd98f00b204e9800998ecf8427e",
+            "sha512-xZyA",
+            "sha256-xZyAlaEjpAKshEr9G+IANAoizB1UbIqPrFxiacLj1H=",
+            "sha256-xZyAlaEjpAKshEr9G+IANAoizB1UbIqPrFxiacLj1H!=",
+            "sha256:0w6lwg16jqjwmj7qlv2l3p6242il03i1pzaahjn05913l6aq176e",
+            "sha256:zz9c8095a123a402ac844afd1be200340a22cc1d546c8a8fac5c6269c2e3d470",
+            "sha256:c59c",
+        ] {
+            assert_eq!(sha256_of(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn path_info_parses_in_the_shape_of_every_nix() {
+        let p = "/nix/store/lhmd9di6lc9jwpffr06qjshvqhj1czms-hello.c";
+        let r = "/nix/store/kpj6hslx23ajwvspqkdkbrrclzqx8c67-glibc-2.36";
+        // Nix 2.8 (a list), 2.19 (an object keyed by path), 2.26 (absent fields null): each
+        // printed by that Nix for these paths, trimmed to the fields that matter.
+        let v28 = format!(
+            r#"[{{"path":"{p}","narHash":"{SRI}","narSize":520,"references":["{r}"],"registrationTime":1}}]"#
+        );
+        let v219 = format!(
+            r#"{{"{p}":{{"narHash":"sha256:{NIX32}","narSize":520,"references":["{r}"],"ca":null}}}}"#
+        );
+        let v226 = format!(
+            r#"{{"{p}":{{"ca":null,"deriver":null,"narHash":"{SRI}","narSize":520,"references":["{r}"],"signatures":[],"ultimate":false}}}}"#
+        );
+        for json in [v28, v219, v226] {
+            let infos = parse_path_info(&json).unwrap();
+            assert_eq!(infos.len(), 1, "{json}");
+            let i = &infos[0];
+            assert_eq!(i.path, p);
+            assert_eq!(hex(i.nar_sha256), BASE16);
+            assert_eq!(i.nar_size, 520);
+            assert_eq!(i.references, vec![r.to_string()]);
+        }
+        let nulls = format!(r#"{{"{p}":{{"narHash":"{SRI}","narSize":520,"references":null}}}}"#);
+        assert!(parse_path_info(&nulls).unwrap()[0].references.is_empty());
+        let err = |json: &str| parse_path_info(json).unwrap_err().to_string();
+        assert_eq!(
+            err(&format!(r#"{{"{p}":null}}"#)),
+            format!("nix path-info --json: {p} is not a valid store path")
+        );
+        assert_eq!(
+            err(&format!(r#"{{"{p}":{{"narHash":null,"narSize":1}}}}"#)),
+            format!("nix path-info --json: {p} has no narHash")
+        );
+        assert_eq!(
+            err(&format!(
+                r#"[{{"path":"{p}","narHash":"md5:00","narSize":1}}]"#
+            )),
+            format!("nix path-info --json: {p}: narHash 'md5:00' is not a SHA-256 hash")
+        );
+        assert_eq!(
+            err("3"),
+            "parsing nix path-info --json: neither a list nor an object"
+        );
+    }
 }
 
 #[cfg(test)]

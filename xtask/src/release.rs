@@ -103,12 +103,14 @@ impl Release {
         }
         let kernel_sha = offline::sha256_file(&stage.path().join("kernel"))?;
         let initramfs_sha = offline::sha256_file(&stage.path().join(&info.initramfs))?;
-        let store_paths: Vec<PathBuf> = info.store_paths.iter().map(PathBuf::from).collect();
+        let mut store_paths: Vec<PathBuf> = info.store_paths.iter().map(PathBuf::from).collect();
+        store_paths.extend(info.nix.kernel.iter().map(PathBuf::from));
         let infos = if store_paths.is_empty() {
             Default::default()
         } else {
             nix::closure(&store_paths)?
         };
+        let kernel_info = info.nix.kernel.as_ref().and_then(|k| infos.get(k).cloned());
         let paths: Vec<nix::PathInfo> = infos
             .into_values()
             .filter(|p| info.store_paths.contains(&p.path))
@@ -123,6 +125,11 @@ impl Release {
             initramfs_sha256: &initramfs_sha,
             kernel_sha256: &kernel_sha,
             paths: &paths,
+            kernel: kernel_info.as_ref().map(|k| sbom::Kernel {
+                info: k,
+                config_source: &info.nix.kernel_config,
+                config_sha256: info.nix.kernel_config_sha256.as_deref(),
+            }),
             development: info.development,
             secrets: &info.secrets,
         });

@@ -13,48 +13,69 @@ use sha2::{Digest, Sha256};
 use crate::nix::PathInfo;
 
 /// `glibc-2.36-9+deb12u14` → (`glibc`, `2.36-9+deb12u14`): Nix's rule, the version starts at
-/// the first `-` followed by a digit.
+/// the first `-` followed by a digit. A split output's suffix (`execline-2.9.3.0-bin`) is not
+/// part of the version: see [`split_output`].
 pub fn split_name(store_path: &str) -> (String, String) {
+    let (name, version, _) = split_output(store_path);
+    (name, version)
+}
+
+/// The outputs Nixpkgs' multiple-output packages name their store paths with
+/// (`<pname>-<version>-<output>`; `out` has no suffix).
+const OUTPUTS: &[&str] = &[
+    "bin", "lib", "dev", "man", "doc", "devdoc", "info", "static", "debug", "getent", "modules",
+    "dist", "lout", "py",
+];
+
+/// (`name`, `version`, `output`) of a store path: `/nix/store/<hash>-s6-2.13.1.0-dev` →
+/// (`s6`, `2.13.1.0`, `dev`); an output without a suffix is `out`.
+pub fn split_output(store_path: &str) -> (String, String, String) {
     let base = store_path.rsplit('/').next().unwrap_or(store_path);
-    let name = base.get(33..).unwrap_or(base);
-    let bytes = name.as_bytes();
+    let full = base.get(33..).unwrap_or(base);
+    let (stem, output) = match full.rsplit_once('-') {
+        Some((stem, o)) if OUTPUTS.contains(&o) => (stem, o),
+        _ => (full, "out"),
+    };
+    let bytes = stem.as_bytes();
     for i in 0..bytes.len().saturating_sub(1) {
         if bytes[i] == b'-' && bytes[i + 1].is_ascii_digit() {
-            return (name[..i].to_string(), name[i + 1..].to_string());
+            return (
+                stem[..i].to_string(),
+                stem[i + 1..].to_string(),
+                output.to_string(),
+            );
         }
     }
-    (name.to_string(), String::new())
+    // No version: a suffix is then part of the name (`hello-bin` is a name).
+    (full.to_string(), String::new(), "out".to_string())
 }
 
-/// Nix's base-32 (as in `sha256:1b8m03r...`) to hex.
-pub fn nix32_to_hex(s: &str) -> Option<String> {
-    const ALPHABET: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
-    let len = s.len() * 5 / 8;
-    let mut out = vec![0u8; len];
-    for (n, c) in s.bytes().rev().enumerate() {
-        let digit = ALPHABET.iter().position(|&a| a == c)? as u16;
-        let b = n * 5;
-        let i = b / 8;
-        let j = b % 8;
-        if i < len {
-            out[i] |= (digit << j) as u8;
-        }
-        let carry = digit >> (8 - j);
-        if i + 1 < len {
-            out[i + 1] |= carry as u8;
-        } else if carry != 0 {
-            return None;
-        }
+/// One store path as a component: name and version by Nixpkgs' naming, its output, the
+/// SHA-256 of its NAR, and where it came from.
+fn component(p: &PathInfo, source: &str, kind: &str) -> Value {
+    let (name, version, output) = split_output(&p.path);
+    let mut props = vec![
+        json!({"name": "nix:store-path", "value": p.path}),
+        json!({"name": "nix:output", "value": output}),
+        json!({"name": "nix:nar-hash", "value": p.nar_hash}),
+        json!({"name": "nix:nar-size", "value": p.nar_size.to_string()}),
+        json!({"name": "bonsai:package-source", "value": source}),
+    ];
+    for (pkg, ver, sha) in debian_packages(&p.path) {
+        props.push(json!({"name": "debian:package", "value": format!("{pkg}={ver} sha256:{sha}")}));
     }
-    Some(out.iter().map(|b| format!("{b:02x}")).collect())
-}
-
-fn nar_hash_hex(nar_hash: &str) -> Option<String> {
-    let h = nar_hash.strip_prefix("sha256:")?;
-    if h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Some(h.to_lowercase());
+    let mut c = json!({
+        "type": kind,
+        "bom-ref": p.path,
+        "name": name,
+        "version": version,
+        "hashes": [{"alg": "SHA-256", "content": crate::offline::hex(&p.nar_sha256)}],
+        "properties": props,
+    });
+    if let Some(l) = debian_license(&p.path) {
+        c["licenses"] = json!([{"license": {"name": l}}]);
     }
-    nix32_to_hex(h)
+    c
 }
 
 /// The first `License:` of a Debian copyright file in the store path, if any.
@@ -88,6 +109,15 @@ fn debian_packages(store_path: &str) -> Vec<(String, String, String)> {
         .collect()
 }
 
+/// The kernel as a component: its package output and how it was configured.
+pub struct Kernel<'a> {
+    pub info: &'a PathInfo,
+    /// `tinyconfig + kernel-configs/qemu-x86_64.config`, or `package linux`.
+    pub config_source: &'a str,
+    /// SHA-256 (hex) of the merged config (`<kernelConfig>/config`); `None` for a prebuilt kernel.
+    pub config_sha256: Option<&'a str>,
+}
+
 pub struct SbomInput<'a> {
     pub board: &'a str,
     pub version: &'a str,
@@ -98,6 +128,8 @@ pub struct SbomInput<'a> {
     pub initramfs_sha256: &'a str,
     pub kernel_sha256: &'a str,
     pub paths: &'a [PathInfo],
+    /// The kernel's store path, when it is known.
+    pub kernel: Option<Kernel<'a>>,
     /// The profile says `development = true` (an empty password may be in the image).
     pub development: bool,
     /// Image paths of files supplied at build time from outside the repository.
@@ -128,32 +160,18 @@ pub fn iso8601(epoch: u64) -> String {
 }
 
 pub fn cyclonedx(input: &SbomInput) -> Value {
-    let mut components = Vec::new();
-    for p in input.paths {
-        let (name, version) = split_name(&p.path);
-        let mut props = vec![
-            json!({"name": "nix:store-path", "value": p.path}),
-            json!({"name": "nix:nar-hash", "value": p.nar_hash}),
-            json!({"name": "nix:nar-size", "value": p.nar_size.to_string()}),
-            json!({"name": "bonsai:package-source", "value": input.source}),
-        ];
-        for (pkg, ver, sha) in debian_packages(&p.path) {
-            props.push(
-                json!({"name": "debian:package", "value": format!("{pkg}={ver} sha256:{sha}")}),
-            );
-        }
-        let mut c = json!({
-            "type": "library",
-            "bom-ref": p.path,
-            "name": name,
-            "version": version,
-            "properties": props,
-        });
-        if let Some(hex) = nar_hash_hex(&p.nar_hash) {
-            c["hashes"] = json!([{"alg": "SHA-256", "content": hex}]);
-        }
-        if let Some(l) = debian_license(&p.path) {
-            c["licenses"] = json!([{"license": {"name": l}}]);
+    let mut components: Vec<Value> = input
+        .paths
+        .iter()
+        .map(|p| component(p, input.source, "library"))
+        .collect();
+    if let Some(k) = &input.kernel {
+        let mut c = component(k.info, input.source, "operating-system");
+        if let Some(props) = c["properties"].as_array_mut() {
+            props.push(json!({"name": "bonsai:kernel-config", "value": k.config_source}));
+            if let Some(sha) = k.config_sha256 {
+                props.push(json!({"name": "bonsai:kernel-config-sha256", "value": sha}));
+            }
         }
         components.push(c);
     }
@@ -208,7 +226,12 @@ pub fn cyclonedx(input: &SbomInput) -> Value {
         "components": components,
         "dependencies": [{
             "ref": format!("bonsai-image:{}", input.board),
-            "dependsOn": input.paths.iter().map(|p| p.path.clone()).collect::<Vec<_>>(),
+            "dependsOn": input
+                .paths
+                .iter()
+                .chain(input.kernel.as_ref().map(|k| k.info))
+                .map(|p| p.path.clone())
+                .collect::<Vec<_>>(),
         }],
     })
 }
@@ -230,6 +253,7 @@ mod tests {
             initramfs_sha256: "00",
             kernel_sha256: "11",
             paths: &[],
+            kernel: None,
             development,
             secrets,
         };
@@ -281,11 +305,129 @@ mod tests {
     }
 
     #[test]
-    fn nix_base32_decodes() {
-        // sha256 of the empty string in Nix base-32 and in hex.
+    fn split_outputs_keep_their_version() {
+        let h = "/nix/store/kpj6hslx23ajwvspqkdkbrrclzqx8c67-";
+        let cases = [
+            ("execline-2.9.3.0-bin", ("execline", "2.9.3.0", "bin")),
+            ("skalibs-2.14.3.0-lib", ("skalibs", "2.14.3.0", "lib")),
+            ("s6-2.13.1.0-dev", ("s6", "2.13.1.0", "dev")),
+            ("runit-2.2.0-man", ("runit", "2.2.0", "man")),
+            ("glibc-2.40-66-bin", ("glibc", "2.40-66", "bin")),
+            ("glibc-2.36-9+deb12u14", ("glibc", "2.36-9+deb12u14", "out")),
+            ("linux-6.1.192", ("linux", "6.1.192", "out")),
+            ("libxcrypt-4.4.38", ("libxcrypt", "4.4.38", "out")),
+            ("hello.c", ("hello.c", "", "out")),
+            ("hello-bin", ("hello-bin", "", "out")),
+        ];
+        for (base, (n, v, o)) in cases {
+            assert_eq!(
+                split_output(&format!("{h}{base}")),
+                (n.to_string(), v.to_string(), o.to_string()),
+                "{base}"
+            );
+        }
+    }
+
+    fn info(base: &str, nar_hash: &str) -> PathInfo {
+        PathInfo {
+            path: format!("/nix/store/kpj6hslx23ajwvspqkdkbrrclzqx8c67-{base}"),
+            nar_hash: nar_hash.into(),
+            nar_sha256: crate::nix::sha256_of(nar_hash).unwrap(),
+            nar_size: 520,
+            references: vec![],
+        }
+    }
+
+    #[test]
+    fn every_component_and_the_kernel_have_a_sha256_and_the_schema_holds() {
+        // The same NAR hash in the three forms Nix prints (see nix.rs's tests).
+        let paths = [
+            info(
+                "execline-2.9.3.0-bin",
+                "sha256-xZyAlaEjpAKshEr9G+IANAoizB1UbIqPrFxiacLj1HA=",
+            ),
+            info(
+                "skalibs-2.14.3.0-lib",
+                "sha256:0w6lwg16jqjwmj7qlv2l3p6242il03i1pzaahjn05913l6aq1765",
+            ),
+            info(
+                "busybox-1.36.1",
+                "sha256:c59c8095a123a402ac844afd1be200340a22cc1d546c8a8fac5c6269c2e3d470",
+            ),
+        ];
+        let kernel = info(
+            "linux-6.1.192",
+            "sha256-xZyAlaEjpAKshEr9G+IANAoizB1UbIqPrFxiacLj1HA=",
+        );
+        let config_sha = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        let doc = cyclonedx(&SbomInput {
+            board: "qemu-x86_64",
+            version: "1",
+            profile: "minimal",
+            init: "busybox",
+            source: "offline",
+            epoch: 0,
+            initramfs_sha256: config_sha,
+            kernel_sha256: config_sha,
+            paths: &paths,
+            kernel: Some(Kernel {
+                info: &kernel,
+                config_source: "tinyconfig + kernel-configs/qemu-x86_64.config",
+                config_sha256: Some(config_sha),
+            }),
+            development: false,
+            secrets: &[],
+        });
+        let components = doc["components"].as_array().unwrap();
+        assert_eq!(components.len(), 4);
+        for c in components {
+            let hashes = c["hashes"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+            assert_eq!(
+                hashes,
+                [
+                    json!({"alg": "SHA-256", "content": "c59c8095a123a402ac844afd1be200340a22cc1d546c8a8fac5c6269c2e3d470"})
+                ],
+                "{c}"
+            );
+        }
+        let versions: Vec<(&str, &str)> = components
+            .iter()
+            .map(|c| (c["name"].as_str().unwrap(), c["version"].as_str().unwrap()))
+            .collect();
         assert_eq!(
-            nix32_to_hex("0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73").unwrap(),
-            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+            versions,
+            [
+                ("execline", "2.9.3.0"),
+                ("skalibs", "2.14.3.0"),
+                ("busybox", "1.36.1"),
+                ("linux", "6.1.192")
+            ]
+        );
+        let k = &components[3];
+        assert_eq!(k["type"], "operating-system");
+        let props = k["properties"].as_array().unwrap();
+        assert!(
+            props.contains(&json!({"name": "bonsai:kernel-config-sha256", "value": config_sha}))
+        );
+        assert!(props.contains(&json!({"name": "bonsai:kernel-config", "value": "tinyconfig + kernel-configs/qemu-x86_64.config"})));
+        assert!(doc["dependencies"][0]["dependsOn"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(kernel.path)));
+        // The CycloneDX 1.5 schema, as the release test checks it.
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("sbom.cdx.json");
+        std::fs::write(&f, doc.to_string()).unwrap();
+        let v = std::process::Command::new("python3")
+            .arg(crate::project_root().join("schemas/validate.py"))
+            .arg(&f)
+            .output()
+            .expect("python3 with jsonschema (cargo xtask test installs it)");
+        assert!(
+            v.status.success(),
+            "SBOM invalid: {}{}",
+            String::from_utf8_lossy(&v.stdout),
+            String::from_utf8_lossy(&v.stderr)
         );
     }
 

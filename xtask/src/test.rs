@@ -85,6 +85,13 @@ impl Test {
                     bail!("python3 -m pip install jsonschema failed; install it and run again");
                 }
             }
+            // xtask/tests/nix_versions.rs runs the e2e flow under both: the log names them.
+            let pinned = crate::nixbin::provision(&root)?.join("nix");
+            ui::step(format!(
+                "Nix versions under test: host {}; BONSAI_NIX=debian13 {}",
+                host::version_line("nix")?,
+                host::version_line(&pinned.display().to_string())?
+            ));
             crate::build::Build {
                 board: "qemu-x86_64".into(),
                 nixpkgs: self.nixpkgs.clone(),
@@ -152,12 +159,8 @@ fn check_nixpkgs_reachable(r: &str) -> Result<()> {
     if std::path::Path::new(r).exists() {
         return Ok(());
     }
-    host::ensure(&[host::NIX], &[])?;
-    let mut cmd = Command::new("nix");
+    let mut cmd = crate::nixbin::select(true)?.command("nix");
     cmd.args(["flake", "metadata", "--json", r]);
-    for (k, v) in host::nix_env() {
-        cmd.env(k, v);
-    }
     let out = cmd.output().context("running nix flake metadata")?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
