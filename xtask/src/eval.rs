@@ -371,11 +371,11 @@ pub fn parse_dry_run(log: &str) -> BTreeSet<String> {
     fetched
 }
 
+/// The version of the Nix this evaluation used (`BONSAI_NIX`, see `nixbin`).
 fn nix_version() -> String {
-    host::version_line("nix-store")
-        .ok()
-        .and_then(|l| l.split_whitespace().last().map(String::from))
-        .unwrap_or_else(|| "unknown".into())
+    crate::nixbin::current()
+        .map(|n| n.short_version().to_string())
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 #[cfg(test)]
