@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::config::{Config, KernelSource, INITS};
 use crate::nix::{self, PackageSource};
-use crate::{host, project_root, ui};
+use crate::{project_root, ui};
 
 #[derive(Args, Debug, Clone, Default)]
 pub struct Eval {
