@@ -741,7 +741,9 @@ fn timed_build<S: AsRef<std::ffi::OsStr>>(
     cmd.args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .env("NO_COLOR", "1");
+        .env("NO_COLOR", "1")
+        // The scratch copies' builds write under their own out/, where the bench reads them.
+        .env_remove("BONSAI_OUT");
     for (k, v) in env {
         cmd.env(k, v);
     }

@@ -120,7 +120,7 @@ impl Build {
         let out = self
             .out
             .clone()
-            .unwrap_or_else(|| root.join("out").join(&board.name));
+            .unwrap_or_else(|| crate::out_root().join(&board.name));
         // One build per output folder; fails at once when another one holds it.
         let _lock = crate::outdir::lock(&root, &board.name, &out)?;
         let epoch = source_date_epoch(&root)?;

@@ -93,6 +93,16 @@ pub fn project_root() -> PathBuf {
     dir.parent().map(PathBuf::from).unwrap_or(dir)
 }
 
+/// Where output folders go by default: `out/` in the repository (`out/<board>/`,
+/// `out/release/`). `BONSAI_OUT` moves it (the tests point it at their own folder, so that they
+/// never overwrite what a user built).
+pub fn out_root() -> PathBuf {
+    match std::env::var_os("BONSAI_OUT") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => project_root().join("out"),
+    }
+}
+
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

@@ -78,7 +78,7 @@ impl Release {
         let out_dir = self
             .out_dir
             .clone()
-            .unwrap_or_else(|| root.join("out/release"));
+            .unwrap_or_else(|| crate::out_root().join("release"));
         fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
         let dest = out_dir.join(format!("{}-{version}", self.board));
         let stage = tempfile::Builder::new()
