@@ -205,3 +205,79 @@ fn diff_json_matches_its_schema() {
     )
     .is_err());
 }
+
+/// Runs a copy of fuzz/run.sh with `args` in a scratch folder, with a fake `cargo` on PATH
+/// that has cargo-fuzz, lists one target and records each `cargo fuzz run`'s arguments.
+/// Returns (exit code, the recorded run lines, the scratch folder).
+fn fake_fuzz_run(args: &[&str]) -> (Option<i32>, Vec<String>, tempfile::TempDir) {
+    let d = tempfile::tempdir().unwrap();
+    let fuzz = d.path().join("fuzz");
+    fs::create_dir_all(fuzz.join("seeds/t1")).unwrap();
+    fs::copy(root().join("fuzz/run.sh"), fuzz.join("run.sh")).unwrap();
+    let bin = d.path().join("bin");
+    fs::create_dir(&bin).unwrap();
+    let log = d.path().join("runs.log");
+    fs::write(
+        bin.join("cargo"),
+        format!(
+            "#!/bin/sh\ncase \"$*\" in\n  +nightly*) exit 1 ;;\n  'fuzz list') echo t1 ;;\n  'fuzz run '*) echo \"$*\" >>'{}'; [ -d \"$4\" ] || exit 9; echo 'stat::number_of_executed_units: 7' ;;\nesac\nexit 0\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    let mut perms = fs::metadata(bin.join("cargo")).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    fs::set_permissions(bin.join("cargo"), perms).unwrap();
+    let out = Command::new("bash")
+        .arg(fuzz.join("run.sh"))
+        .args(args)
+        .env(
+            "PATH",
+            format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()),
+        )
+        .env_remove("FUZZ_SEED")
+        .output()
+        .unwrap();
+    eprintln!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let runs = fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .map(String::from)
+        .collect();
+    (out.status.code(), runs, d)
+}
+
+/// "A fuzz failure replays anywhere": the CI run reads only committed inputs, with a fixed
+/// seed, and stops after a number of inputs rather than a time.
+#[test]
+fn fuzz_runs_are_bounded_by_inputs_and_read_only_committed_seeds() {
+    let (code, runs, d) = fake_fuzz_run(&["1234"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    let words: Vec<&str> = runs[0].split_whitespace().collect();
+    assert!(words.contains(&"-runs=1234"), "{runs:?}");
+    assert!(words.contains(&"-seed=1"), "{runs:?}");
+    assert!(!runs[0].contains("max_total_time"), "{runs:?}");
+    // Corpus folders: a temporary one (gone after the run) and the committed seeds.
+    let (corpus, seeds) = (words[3], words[4]);
+    assert_eq!(seeds, "seeds/t1");
+    assert!(
+        !corpus.starts_with("corpus") && !std::path::Path::new(corpus).exists(),
+        "the run read or kept a local corpus: {corpus}"
+    );
+    assert!(!d.path().join("fuzz/corpus").exists());
+    // Hunting is the other mode: a time budget, a random seed, the local corpus.
+    let (code, runs, _d) = fake_fuzz_run(&["--hunt", "5"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        runs[0].contains("-max_total_time=5")
+            && runs[0].contains("-seed=0")
+            && runs[0].contains(" corpus/t1 "),
+        "{runs:?}"
+    );
+    assert_eq!(fake_fuzz_run(&["ten"]).0, Some(2));
+}
