@@ -4,10 +4,12 @@
 pub mod bench;
 pub mod boot;
 pub mod build;
+pub mod cache;
 pub mod chart;
 pub mod config;
 pub mod conformance;
 pub mod diff;
+pub mod digest;
 pub mod host;
 pub mod hygiene;
 pub mod kernel_config;

@@ -11,7 +11,7 @@ use clap::Args;
 
 use crate::build::Build;
 use crate::config::INITS;
-use crate::{nix, offline, project_root, sbom, ui};
+use crate::{nix, project_root, sbom, ui};
 
 #[derive(Args, Debug, Clone)]
 pub struct Release {
@@ -101,8 +101,8 @@ impl Release {
             let secret = *f == info.initramfs && !info.secrets.is_empty();
             set_mode(&stage.path().join(f), if secret { 0o600 } else { 0o644 })?;
         }
-        let kernel_sha = offline::sha256_file(&stage.path().join("kernel"))?;
-        let initramfs_sha = offline::sha256_file(&stage.path().join(&info.initramfs))?;
+        let kernel_sha = crate::digest::sha256_file(&stage.path().join("kernel"))?;
+        let initramfs_sha = crate::digest::sha256_file(&stage.path().join(&info.initramfs))?;
         let store_paths: Vec<PathBuf> = info.store_paths.iter().map(PathBuf::from).collect();
         let infos = if store_paths.is_empty() {
             Default::default()
@@ -137,7 +137,7 @@ impl Release {
         for f in &files {
             sums.push_str(&format!(
                 "{}  {f}\n",
-                offline::sha256_file(&stage.path().join(f))?
+                crate::digest::sha256_file(&stage.path().join(f))?
             ));
         }
         fs::write(stage.path().join("SHA256SUMS"), sums)?;

@@ -46,7 +46,7 @@ pub fn nix32_to_hex(s: &str) -> Option<String> {
             return None;
         }
     }
-    Some(out.iter().map(|b| format!("{b:02x}")).collect())
+    Some(crate::digest::hex(&out))
 }
 
 fn nar_hash_hex(nar_hash: &str) -> Option<String> {
@@ -163,7 +163,7 @@ pub fn cyclonedx(input: &SbomInput) -> Value {
     h.update(input.initramfs_sha256.as_bytes());
     h.update(input.kernel_sha256.as_bytes());
     let d = h.finalize();
-    let hex: String = d.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = crate::digest::hex(&d);
     // A version-4-shaped UUID from the image's hash: the same image, the same serial number.
     let uuid = format!(
         "{}-{}-4{}-8{}-{}",

@@ -69,7 +69,7 @@ impl Test {
                 ("/usr/bin/qemu-system-aarch64", "qemu-system-arm"),
             ];
             if let Some((cc, libc)) =
-                host::cross_tools(crate::config::Arch::Aarch64, crate::offline::host_arch()?)
+                host::cross_tools(crate::config::Arch::Aarch64, crate::host::host_arch()?)
             {
                 tools.push(cc);
                 extra.push(libc);
