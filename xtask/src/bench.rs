@@ -1478,7 +1478,10 @@ mod tests {
         }
     }
 
-    fn sample_parts() -> (Vec<PackResult>, RebuildResult, Vec<(String, Vec<BootRow>)>) {
+    /// Boot rows per profile, as the report takes them.
+    type Boots = Vec<(String, Vec<BootRow>)>;
+
+    fn sample_parts() -> (Vec<PackResult>, RebuildResult, Boots) {
         let tree = |name: &str, scale: u64| PackResult {
             tree: name.into(),
             files: 10 * scale,
