@@ -1,19 +1,31 @@
 #!/usr/bin/env bash
-# fuzz/run.sh [seconds]: runs every fuzz target for N seconds each (default 30) and fails if
-# any of them finds a crash. libFuzzer's random seed is fixed (FUZZ_SEED, default 1) so a run
-# explores the same inputs every time and a CI failure replays anywhere; FUZZ_SEED=0 picks a
-# new seed each run (libFuzzer's own default), for long hunts. CI-friendly: installs
-# cargo-fuzz when it is missing, starts from the checked-in seeds (fuzz/seeds/<target>/, with
-# the dictionary fuzz/dicts/<target>.dict) plus whatever corpus earlier runs left in
-# fuzz/corpus/<target>/ (not checked in), and prints one summary line per target.
-# Crashing inputs land in fuzz/artifacts/<target>/; reproduce one with
+# fuzz/run.sh [runs]: runs every fuzz target on a fixed number of inputs each (default 20000)
+# and fails if any of them finds a crash. A run reads only what is committed: the seeds
+# (fuzz/seeds/<target>/) and the dictionary (fuzz/dicts/<target>.dict); what libFuzzer adds to
+# its corpus goes to a temporary folder that is deleted afterwards. libFuzzer's random seed is
+# fixed (FUZZ_SEED, default 1) and the run stops after that many inputs (-runs), not after a
+# time: the same commit, toolchain and run count explore the same inputs on any machine, so a
+# CI verdict replays anywhere with `fuzz/run.sh <runs>`.
+#
+# fuzz/run.sh --hunt [seconds]: for long hunts (default 600 s a target): a new random seed
+# each run, a wall-clock budget, and the local corpus fuzz/corpus/<target>/ (not checked in),
+# which grows from run to run. Its verdicts replay only from the crashing input.
+#
+# Installs cargo-fuzz when it is missing and prints one summary line per target. Crashing
+# inputs land in fuzz/artifacts/<target>/; reproduce one with
 #   cargo +nightly fuzz run <target> fuzz/artifacts/<target>/<file>
 # (or, without nightly: RUSTC_BOOTSTRAP=1 cargo fuzz run ...)
 set -euo pipefail
-secs=${1:-30}
-case $secs in '' | *[!0-9]*) echo "usage: [FUZZ_SEED=n] fuzz/run.sh [seconds per target]" >&2; exit 2 ;; esac
+usage() { echo "usage: [FUZZ_SEED=n] fuzz/run.sh [inputs per target] | fuzz/run.sh --hunt [seconds per target]" >&2; exit 2; }
+if [ "${1:-}" = --hunt ]; then
+    mode=hunt budget=${2:-600}
+else
+    mode=ci budget=${1:-20000}
+fi
+case $budget in '' | *[!0-9]* | 0) usage ;; esac
 seed=${FUZZ_SEED:-1}
 case $seed in '' | *[!0-9]*) echo "fuzz/run.sh: FUZZ_SEED must be a number (0 = random), not '$seed'" >&2; exit 2 ;; esac
+[ "$mode" = hunt ] && seed=0
 cd "$(dirname "$0")"
 
 # cargo-fuzz passes unstable flags (-Zsanitizer=address) to rustc. A nightly toolchain is used
@@ -36,21 +48,31 @@ fi
 cargo "${toolchain[@]}" fuzz build
 targets=$(cargo "${toolchain[@]}" fuzz list)
 failed=()
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
 for t in $targets; do
-    mkdir -p "corpus/$t" "artifacts/$t"
+    mkdir -p "artifacts/$t"
     log="artifacts/$t.log"
-    echo "==> fuzz $t for ${secs} s (seed $seed)" >&2
+    if [ "$mode" = ci ]; then
+        corpus="$scratch/$t" limit=(-runs="$budget")
+        echo "==> fuzz $t on $budget inputs (seed $seed, committed seeds only)" >&2
+    else
+        corpus="corpus/$t" limit=(-max_total_time="$budget")
+        echo "==> fuzz $t for $budget s (random seed, local corpus)" >&2
+    fi
+    mkdir -p "$corpus"
     set +e
     dict=()
     [ -f "dicts/$t.dict" ] && dict=(-dict="dicts/$t.dict")
-    cargo "${toolchain[@]}" fuzz run "$t" "corpus/$t" "seeds/$t" -- \
-        -max_total_time="$secs" -seed="$seed" -timeout=20 -rss_limit_mb=2048 -print_final_stats=1 "${dict[@]}" \
+    start=$SECONDS
+    cargo "${toolchain[@]}" fuzz run "$t" "$corpus" "seeds/$t" -- \
+        "${limit[@]}" -seed="$seed" -timeout=20 -rss_limit_mb=2048 -print_final_stats=1 "${dict[@]}" \
         >"$log" 2>&1
     rc=$?
     set -e
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
     if [ "$rc" -eq 0 ]; then
-        echo "$t: ok, ${execs:-?} execs in ${secs} s"
+        echo "$t: ok, ${execs:-?} execs in $((SECONDS - start)) s"
     else
         failed+=("$t")
         echo "$t: FAILED (exit $rc) after ${execs:-?} execs; log: fuzz/$log" >&2

@@ -18,6 +18,7 @@
 mod compress;
 mod cpio;
 mod error;
+mod hex;
 mod host;
 mod manifest;
 mod pack;
@@ -27,6 +28,7 @@ mod tree;
 pub use crate::compress::{compress_writer, Compression, Encoder, XZ_MAX_DICT_SIZE};
 pub use crate::cpio::{write_newc, write_newc_segmented, CpioOptions, CpioStats, Segmented};
 pub use crate::error::{io_message, Error, Result};
+pub use crate::hex::hex;
 pub use crate::manifest::{manifest, EntryType, Manifest, ManifestEntry, Totals, MANIFEST_VERSION};
 pub use crate::pack::{pack, pack_cached, write_atomic, PackOptions, PackReport};
 pub use crate::piececache::{CacheStats, PieceCache, PruneReport};

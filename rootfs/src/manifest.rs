@@ -169,15 +169,7 @@ fn hash(source: &Source, buf: &mut [u8]) -> Result<(u64, String)> {
             size
         }
     };
-    Ok((size, hex(&hasher.finalize())))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    Ok((size, crate::hex(&hasher.finalize())))
 }
 
 #[cfg(test)]

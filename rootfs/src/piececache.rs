@@ -121,7 +121,7 @@ impl PieceCache {
 
     /// Where the entry for `key` lives: `<dir>/<first two hex digits>/<the other 62>`.
     pub fn path_of(&self, key: &[u8; 32]) -> PathBuf {
-        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        let hex = crate::hex(key);
         self.dir.join(&hex[..2]).join(&hex[2..])
     }
 

@@ -79,7 +79,7 @@ impl Boot {
                 (dir.clone(), info)
             }
             None => {
-                let out = root.join("out").join(&board.name);
+                let out = crate::out_root().join(&board.name);
                 let info = self.ensure_built(&root, &board, &out)?;
                 (out, info)
             }

@@ -129,7 +129,7 @@ impl Build {
         let out = self
             .out
             .clone()
-            .unwrap_or_else(|| root.join("out").join(&board.name));
+            .unwrap_or_else(|| crate::out_root().join(&board.name));
         // One build per output folder; fails at once when another one holds it.
         let _lock = crate::outdir::lock(&root, &board.name, &out)?;
         let epoch = source_date_epoch(&root)?;
@@ -185,7 +185,7 @@ impl Build {
         // A board of another architecture: its kernel and C programs need the cross compiler.
         if let PackageSource::Offline = &source {
             if let Some((cc, libc)) =
-                crate::host::cross_tools(board.arch, crate::offline::host_arch()?)
+                crate::host::cross_tools(board.arch, crate::host::host_arch()?)
             {
                 crate::host::ensure(&[cc], &[libc])?;
             }
@@ -705,7 +705,7 @@ fn write_output(
                 .map(|f| {
                     Ok((
                         f.to_string(),
-                        crate::offline::sha256_file(&stage.path().join(f))?,
+                        crate::digest::sha256_file(&stage.path().join(f))?,
                     ))
                 })
                 .collect::<Result<_>>()?,
@@ -721,7 +721,7 @@ fn write_output(
         Ok(info)
     })();
     let info = staged_result.map_err(|e| {
-        if crate::hygiene::is_disk_full(&e) {
+        if crate::outdir::is_disk_full(&e) {
             disk_full(out, &writing.borrow(), kernel_image, tree)
         } else {
             e
@@ -831,7 +831,7 @@ pub fn fingerprint(
             .unwrap_or_default()
             .as_bytes(),
     );
-    if let Some((cc, _)) = crate::offline::host_arch()
+    if let Some((cc, _)) = crate::host::host_arch()
         .ok()
         .and_then(|h| crate::host::cross_tools(board.arch, h))
     {
@@ -843,7 +843,7 @@ pub fn fingerprint(
     }
     // The running binary (through /proc, which works even after cargo replaced the file).
     add_file(&mut h, Path::new("/proc/self/exe"))?;
-    Ok(Some(crate::offline::hex(&h.finalize())))
+    Ok(Some(crate::digest::hex(&h.finalize())))
 }
 
 fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
@@ -862,7 +862,7 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 fn outputs_intact(out: &Path, info: &BuildInfo) -> bool {
     !info.outputs.is_empty()
         && info.outputs.iter().all(|(f, sum)| {
-            crate::offline::sha256_file(&out.join(f))
+            crate::digest::sha256_file(&out.join(f))
                 .map(|s| &s == sum)
                 .unwrap_or(false)
         })
@@ -889,7 +889,7 @@ fn pack_cache(compression: rootfs::Compression) -> Result<Option<Arc<rootfs::Pie
     }
     let dir = match setting {
         Some(d) if !d.is_empty() => PathBuf::from(d),
-        _ => crate::offline::cache_dir().join("pack"),
+        _ => crate::cache::cache_dir().join("pack"),
     };
     // The folder first: the executable's hash is remembered in it.
     let _ = fs::create_dir_all(&dir);
@@ -946,7 +946,7 @@ fn exe_hash(exe: &Path, memo: &Path) -> std::io::Result<[u8; 32]> {
         return Ok(hash);
     }
     let hash: [u8; 32] = sha2::Sha256::digest(fs::read(exe)?).into();
-    let hex = crate::offline::hex(&hash);
+    let hex = crate::digest::hex(&hash);
     let temp = memo.with_extension(format!("tmp-{}", std::process::id()));
     if fs::write(&temp, format!("{stamp} {hex}\n")).is_ok() && fs::rename(&temp, memo).is_err() {
         let _ = fs::remove_file(&temp);
@@ -1042,7 +1042,7 @@ mod tests {
         let one: [u8; 32] = sha2::Sha256::digest(b"version one").into();
         assert_eq!(exe_hash(&exe, &memo).unwrap(), one);
         let text = fs::read_to_string(&memo).unwrap();
-        assert!(text.ends_with(&format!("{}\n", crate::offline::hex(&one))));
+        assert!(text.ends_with(&format!("{}\n", crate::digest::hex(&one))));
         // Remembered: a memo that says otherwise for the same stamp is believed.
         let (stamp, _) = text.trim_end().rsplit_once(' ').unwrap();
         fs::write(&memo, format!("{stamp} {}\n", "ab".repeat(32))).unwrap();

@@ -12,7 +12,7 @@ use serde::Serialize;
 pub struct Diff {
     pub a: PathBuf,
     pub b: PathBuf,
-    /// JSON: {files: {added, removed, changed}, store_paths: {added, removed}, dirs: [...]}
+    /// JSON: {added, removed, changed: [{path, size_a, size_b, delta}], store_paths_added, store_paths_removed: [[name, version]], dirs: [[dir, bytes_a, bytes_b, delta]]}; every key is described in schemas/diff.schema.json
     #[arg(long)]
     pub json: bool,
 }

@@ -65,6 +65,15 @@ pub const KERNEL_TOOLS: &[Tool] = &[
 /// libelf headers for objtool, found by file rather than by program.
 pub const LIBELF_HEADER: (&str, &str) = ("/usr/include/libelf.h", "libelf-dev");
 
+/// The host's architecture (builders run there).
+pub fn host_arch() -> Result<crate::config::Arch> {
+    match std::env::consts::ARCH {
+        "x86_64" => Ok(crate::config::Arch::X86_64),
+        "aarch64" => Ok(crate::config::Arch::Aarch64),
+        other => bail!("unsupported host architecture {other} (bonsai's offline set supports x86_64 and aarch64 hosts)"),
+    }
+}
+
 /// What building for a board of another architecture than the host's needs (kernel and C
 /// programs): Debian's cross compiler, and the target's C library headers found by file.
 /// `None` for a native build.

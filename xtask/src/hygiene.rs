@@ -205,14 +205,3 @@ pub fn check(tree: &Tree, profile: &Profile, system: &System, secrets: &[Secret]
     }
     Ok(())
 }
-
-/// Whether `e` (anywhere in its chain) is "no space left on device".
-pub fn is_disk_full(e: &anyhow::Error) -> bool {
-    let full = |io: &std::io::Error| {
-        io.raw_os_error() == Some(28) || io.kind() == std::io::ErrorKind::StorageFull
-    };
-    e.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>().is_some_and(full)
-            || matches!(c.downcast_ref::<rootfs::Error>(), Some(rootfs::Error::Io { error, .. }) if full(error))
-    })
-}

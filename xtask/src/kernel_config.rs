@@ -34,9 +34,8 @@ fn merged(board_name: &str) -> Result<(PathBuf, Vec<nix::ConfigOption>)> {
             "boards/{board_name}.toml uses a prebuilt kernel package; it has no fragments to merge"
         );
     };
-    if board.arch != crate::offline::host_arch()? {
-        if let Some((cc, libc)) = crate::host::cross_tools(board.arch, crate::offline::host_arch()?)
-        {
+    if board.arch != crate::host::host_arch()? {
+        if let Some((cc, libc)) = crate::host::cross_tools(board.arch, crate::host::host_arch()?) {
             crate::host::ensure(&[cc], &[libc])?;
         }
     }

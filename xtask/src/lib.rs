@@ -4,11 +4,13 @@
 pub mod bench;
 pub mod boot;
 pub mod build;
+pub mod cache;
 pub mod chart;
 pub mod config;
 pub mod conformance;
 pub mod diff;
 pub mod eval;
+pub mod digest;
 pub mod host;
 pub mod hygiene;
 pub mod kernel_config;
@@ -99,6 +101,16 @@ pub fn project_root() -> PathBuf {
     }
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     dir.parent().map(PathBuf::from).unwrap_or(dir)
+}
+
+/// Where output folders go by default: `out/` in the repository (`out/<board>/`,
+/// `out/release/`). `BONSAI_OUT` moves it (the tests point it at their own folder, so that they
+/// never overwrite what a user built).
+pub fn out_root() -> PathBuf {
+    match std::env::var_os("BONSAI_OUT") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => project_root().join("out"),
+    }
 }
 
 pub fn main() -> ExitCode {

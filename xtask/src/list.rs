@@ -8,7 +8,7 @@ use crate::project_root;
 
 #[derive(Args, Debug)]
 pub struct List {
-    /// JSON: {"boards": [{name, description, arch, profile, valid, error}], "profiles": [{name, description, init, packages, inherit, valid, error}]}
+    /// JSON: {"boards": [{name, description, arch, profile, valid, error}], "profiles": [{name, description, init, packages, inherit, valid, error}]}; every key is described in schemas/list.schema.json
     #[arg(long)]
     pub json: bool,
 }

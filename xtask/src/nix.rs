@@ -96,7 +96,7 @@ impl Eval {
         match source {
             PackageSource::Offline => {
                 let inputs = offline::prepare(root, board.arch)?;
-                let host_arch = offline::host_arch()?;
+                let host_arch = crate::host::host_arch()?;
                 let cc = if board.arch == host_arch {
                     "gcc".to_string()
                 } else {

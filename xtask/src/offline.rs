@@ -11,11 +11,15 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 
 use crate::config::Arch;
 use crate::host;
 use crate::ui;
+
+// The general helpers that lived here, under their old names for callers that use them so.
+pub use crate::cache::cache_dir;
+pub use crate::digest::{hex, sha256_file};
+pub use crate::host::host_arch;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -43,34 +47,12 @@ pub struct Inputs {
     pub bootstrap: PathBuf,
 }
 
-pub fn cache_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("BONSAI_CACHE") {
-        return PathBuf::from(d);
-    }
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(d).join("bonsai");
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/root"));
-    home.join(".cache/bonsai")
-}
-
 pub fn load_lock(root: &Path, debian_arch: &str) -> Result<Lock> {
     let file = root.join(format!("nix/offline/{debian_arch}.lock.json"));
     let text = fs::read_to_string(&file)
         .with_context(|| format!("reading nix/offline/{debian_arch}.lock.json (no offline package set for {debian_arch})"))?;
     serde_json::from_str(&text)
         .with_context(|| format!("parsing nix/offline/{debian_arch}.lock.json"))
-}
-
-/// The host's architecture (builders run there).
-pub fn host_arch() -> Result<Arch> {
-    match std::env::consts::ARCH {
-        "x86_64" => Ok(Arch::X86_64),
-        "aarch64" => Ok(Arch::Aarch64),
-        other => bail!("unsupported host architecture {other} (bonsai's offline set supports x86_64 and aarch64 hosts)"),
-    }
 }
 
 /// Makes sure every pinned .deb for the target (and the host, for the builders' tools) is in
@@ -217,25 +199,6 @@ impl AptDir {
             self.arch.clone()
         }
     }
-}
-
-pub fn sha256_file(p: &Path) -> Result<String> {
-    let mut f = fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = std::io::Read::read(&mut f, &mut buf)
-            .with_context(|| format!("reading {}", p.display()))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex(&h.finalize()))
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Unpacks the host's static busybox into `<cache>/bootstrap/<arch>-<sha>/` with `sh -> busybox`.

@@ -213,9 +213,34 @@ pub fn test_delay(var: &str) {
     }
 }
 
+/// Whether `e` (anywhere in its chain) is "no space left on device".
+pub fn is_disk_full(e: &anyhow::Error) -> bool {
+    let full = |io: &std::io::Error| {
+        io.raw_os_error() == Some(28) || io.kind() == std::io::ErrorKind::StorageFull
+    };
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some_and(full)
+            || matches!(c.downcast_ref::<rootfs::Error>(), Some(rootfs::Error::Io { error, .. }) if full(error))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_disk_is_told_apart_anywhere_in_the_chain() {
+        let full = anyhow::Error::new(std::io::Error::from_raw_os_error(28)).context("writing x");
+        assert!(is_disk_full(&full));
+        let wrapped = anyhow::Error::new(rootfs::Error::Io {
+            action: "writing",
+            path: PathBuf::from("/x"),
+            error: std::io::Error::from_raw_os_error(28),
+        });
+        assert!(is_disk_full(&wrapped));
+        let denied = anyhow::Error::new(std::io::Error::from_raw_os_error(13)).context("writing x");
+        assert!(!is_disk_full(&denied));
+    }
 
     #[test]
     fn a_second_lock_fails_naming_the_holder() {

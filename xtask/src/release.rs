@@ -11,7 +11,7 @@ use clap::Args;
 
 use crate::build::Build;
 use crate::config::INITS;
-use crate::{nix, offline, project_root, sbom, ui};
+use crate::{nix, project_root, sbom, ui};
 
 #[derive(Args, Debug, Clone)]
 pub struct Release {
@@ -78,7 +78,7 @@ impl Release {
         let out_dir = self
             .out_dir
             .clone()
-            .unwrap_or_else(|| root.join("out/release"));
+            .unwrap_or_else(|| crate::out_root().join("release"));
         fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
         let dest = out_dir.join(format!("{}-{version}", self.board));
         let stage = tempfile::Builder::new()
@@ -101,8 +101,8 @@ impl Release {
             let secret = *f == info.initramfs && !info.secrets.is_empty();
             set_mode(&stage.path().join(f), if secret { 0o600 } else { 0o644 })?;
         }
-        let kernel_sha = offline::sha256_file(&stage.path().join("kernel"))?;
-        let initramfs_sha = offline::sha256_file(&stage.path().join(&info.initramfs))?;
+        let kernel_sha = crate::digest::sha256_file(&stage.path().join("kernel"))?;
+        let initramfs_sha = crate::digest::sha256_file(&stage.path().join(&info.initramfs))?;
         let mut store_paths: Vec<PathBuf> = info.store_paths.iter().map(PathBuf::from).collect();
         store_paths.extend(info.nix.kernel.iter().map(PathBuf::from));
         let infos = if store_paths.is_empty() {
@@ -144,7 +144,7 @@ impl Release {
         for f in &files {
             sums.push_str(&format!(
                 "{}  {f}\n",
-                offline::sha256_file(&stage.path().join(f))?
+                crate::digest::sha256_file(&stage.path().join(f))?
             ));
         }
         fs::write(stage.path().join("SHA256SUMS"), sums)?;

@@ -155,7 +155,9 @@ impl Repro {
                     "CARGO_TARGET_DIR",
                     scratch.path().join(format!("target-{i}")),
                 )
-                .env_remove("SOURCE_DATE_EPOCH");
+                .env_remove("SOURCE_DATE_EPOCH")
+                // Each checkout builds into its own out/, never into a shared BONSAI_OUT.
+                .env_remove("BONSAI_OUT");
             ui::step(format!(
                 "build {} in {} (TZ={}, LANG={}, umask {}, {} threads{}{})",
                 i + 1,

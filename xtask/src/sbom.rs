@@ -69,7 +69,7 @@ fn component(p: &PathInfo, source: &str, kind: &str) -> Value {
         "bom-ref": p.path,
         "name": name,
         "version": version,
-        "hashes": [{"alg": "SHA-256", "content": crate::offline::hex(&p.nar_sha256)}],
+        "hashes": [{"alg": "SHA-256", "content": crate::digest::hex(&p.nar_sha256)}],
         "properties": props,
     });
     if let Some(l) = debian_license(&p.path) {
@@ -181,7 +181,7 @@ pub fn cyclonedx(input: &SbomInput) -> Value {
     h.update(input.initramfs_sha256.as_bytes());
     h.update(input.kernel_sha256.as_bytes());
     let d = h.finalize();
-    let hex: String = d.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = crate::digest::hex(&d);
     // A version-4-shaped UUID from the image's hash: the same image, the same serial number.
     let uuid = format!(
         "{}-{}-4{}-8{}-{}",

@@ -18,7 +18,7 @@ pub struct Size {
     /// Board whose out/<board>/ to report on
     #[arg(long, default_value = "qemu-x86_64")]
     pub board: String,
-    /// Machine-readable output
+    /// JSON: {board, profile, init, compression, rows: [{name, closure_bytes, kept_bytes, image_bytes, compressed_bytes}], total, vanished}; with --compare: [{name, image_a, image_b, image_delta, compressed_a, compressed_b, compressed_delta}]; every key is described in schemas/size.schema.json
     #[arg(long, conflicts_with = "csv")]
     pub json: bool,
     /// CSV output
@@ -64,7 +64,7 @@ impl Size {
         if let Some(dirs) = &self.compare {
             return compare(&dirs[0], &dirs[1], self.json);
         }
-        let out = root.join("out").join(&self.board);
+        let out = crate::out_root().join(&self.board);
         let report = report(&out, self.files)?;
         if self.html {
             let path = crate::sizemap::write(&out, &report)?;

@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::config::Board;
-use crate::{host, offline, ui};
+use crate::{host, ui};
 
 /// The cached test key pair, made with ssh-keygen on first use.
 pub fn auto_key() -> Result<PathBuf> {
-    let dir = offline::cache_dir().join("ssh");
+    let dir = crate::cache::cache_dir().join("ssh");
     let key = dir.join("id_ed25519");
     if key.is_file() && dir.join("id_ed25519.pub").is_file() {
         return Ok(key);

@@ -1,7 +1,9 @@
 //! `cargo xtask test`: the whole test suite. Installs what the tests need (as root on
-//! Debian/Ubuntu), then runs every crate's tests, including the end-to-end build and QEMU
-//! boot of the default board.
+//! Debian/Ubuntu), runs clippy, then every crate's tests, including the end-to-end build and
+//! QEMU boot of the default board. `--unit` runs every test target that needs neither Nix nor
+//! QEMU (all but [`SLOW_TEST_TARGETS`]).
 
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
@@ -9,9 +11,42 @@ use clap::Args;
 
 use crate::{host, project_root, ui};
 
+/// The test targets (package, target) that need Nix or QEMU: `--unit` runs every other one.
+pub const SLOW_TEST_TARGETS: &[(&str, &str)] = &[
+    ("xtask", "e2e"),
+    ("xtask", "aarch64"),
+    ("xtask", "errors"),
+    ("xtask", "nix_glue"),
+];
+
+/// The clippy runs of the test command: every crate, and bonsai-init on its own (its
+/// no-panic lints: `unwrap`, `expect`, indexing, `panic!` are denied outside its tests).
+const CLIPPY_RUNS: &[&[&str]] = &[
+    &[
+        "clippy",
+        "--release",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ],
+    &[
+        "clippy",
+        "--release",
+        "-p",
+        "bonsai-init",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ],
+];
+
 #[derive(Args, Debug)]
 pub struct Test {
-    /// Only the fast unit tests (no Nix, no QEMU)
+    /// Only the tests that need neither Nix nor QEMU: every crate's unit tests and every test
+    /// target but the end-to-end ones (clippy runs too)
     #[arg(long)]
     pub unit: bool,
     /// Run the end-to-end build and boot of the default board against a real Nixpkgs (a path
@@ -42,7 +77,7 @@ impl Test {
                 ("/usr/bin/qemu-system-aarch64", "qemu-system-arm"),
             ];
             if let Some((cc, libc)) =
-                host::cross_tools(crate::config::Arch::Aarch64, crate::offline::host_arch()?)
+                host::cross_tools(crate::config::Arch::Aarch64, crate::host::host_arch()?)
             {
                 tools.push(cc);
                 extra.push(libc);
@@ -69,22 +104,6 @@ impl Test {
                 ],
                 &[],
             )?;
-            // The SBOM test validates with Python's jsonschema (from PyPI) against schemas/.
-            let have = Command::new("python3")
-                .args(["-c", "import jsonschema, referencing"])
-                .output()
-                .map(|o| o.status.success())
-                .unwrap_or(false);
-            if !have {
-                ui::step("pip install jsonschema (for the SBOM schema test)");
-                let st = Command::new("python3")
-                    .args(["-m", "pip", "install", "-q", "jsonschema"])
-                    .status()
-                    .context("running pip")?;
-                if !st.success() {
-                    bail!("python3 -m pip install jsonschema failed; install it and run again");
-                }
-            }
             // xtask/tests/nix_versions.rs runs the e2e flow under both: the log names them.
             let pinned = crate::nixbin::provision(&root)?.join("nix");
             ui::step(format!(
@@ -99,31 +118,26 @@ impl Test {
             }
             .run()?;
         }
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(&root);
-        if let Some(r) = &self.nixpkgs {
+        ensure_jsonschema()?;
+        for args in CLIPPY_RUNS {
+            cargo(&root, args)?;
+        }
+        let args: Vec<String> = match &self.nixpkgs {
             // The end-to-end build and boot only, every build in them from that Nixpkgs.
-            cmd.args(["test", "--release", "-p", "xtask", "--test", "e2e", "--"])
-                .args(NIXPKGS_E2E)
-                .args(&self.rest)
-                .env("BONSAI_NIXPKGS", r);
-        } else {
-            cmd.args(["test", "--workspace", "--release"]);
-            if self.unit {
-                cmd.args(["--lib", "--bins"]);
-            }
-            cmd.args(&self.rest);
+            Some(_) => ["test", "--release", "-p", "xtask", "--test", "e2e", "--"]
+                .iter()
+                .chain(NIXPKGS_E2E)
+                .map(|s| s.to_string())
+                .collect(),
+            None if self.unit => unit_test_args(&test_targets(&root)?),
+            None => vec!["test".into(), "--workspace".into(), "--release".into()],
+        };
+        let mut cmd = Command::new(cargo_program());
+        cmd.current_dir(&root).args(&args).args(&self.rest);
+        if let Some(r) = &self.nixpkgs {
+            cmd.env("BONSAI_NIXPKGS", r);
         }
-        if !self.unit {
-            // The end-to-end tests boot QEMU; one at a time keeps them inside their timeouts on small machines.
-            cmd.env("BONSAI_E2E", "1");
-        }
-        ui::step(match &self.nixpkgs {
-            Some(r) => format!("cargo test -p xtask --test e2e (packages from Nixpkgs {r})"),
-            None if self.unit => "cargo test --workspace (unit only)".into(),
-            None => "cargo test --workspace".into(),
-        });
+        ui::step(format!("cargo {}", args.join(" ")));
         let status = cmd.status().context("running cargo test")?;
         if !status.success() {
             bail!("tests failed after {:.0} s", timer.secs());
@@ -133,12 +147,13 @@ impl Test {
             cargo_xtask(&root, &["bench", "--quick"])?;
             // The board matrix, printed for the CI log (the e2e test checks its JSON as well).
             cargo_xtask(&root, &["test-boards"])?;
-            // Every fuzz target for a bounded time (installs cargo-fuzz if missing).
-            let secs = std::env::var("BONSAI_FUZZ_SECONDS").unwrap_or_else(|_| "20".into());
-            ui::step(format!("fuzz every target for {secs} s"));
+            // Every fuzz target for a fixed number of inputs from the committed seeds, so the
+            // verdict replays anywhere (installs cargo-fuzz if missing).
+            let runs = std::env::var("BONSAI_FUZZ_RUNS").unwrap_or_else(|_| FUZZ_RUNS.into());
+            ui::step(format!("fuzz every target for {runs} inputs"));
             let st = Command::new("bash")
                 .arg(root.join("fuzz/run.sh"))
-                .arg(&secs)
+                .arg(&runs)
                 .status()
                 .context("running fuzz/run.sh")?;
             if !st.success() {
@@ -175,14 +190,103 @@ fn check_nixpkgs_reachable(r: &str) -> Result<()> {
     Ok(())
 }
 
+/// Inputs per fuzz target in the test command (fuzz/run.sh's default; not timed on this machine).
+const FUZZ_RUNS: &str = "20000";
+
+fn cargo_program() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+/// Runs `cargo <args>` in the repository as a step of the test command.
+fn cargo(root: &Path, args: &[&str]) -> Result<()> {
+    let shown = format!("cargo {}", args.join(" "));
+    ui::step(&shown);
+    let st = Command::new(cargo_program())
+        .args(args)
+        .current_dir(root)
+        .status()
+        .with_context(|| format!("running {shown}"))?;
+    if !st.success() {
+        bail!("{shown} failed");
+    }
+    Ok(())
+}
+
+/// The schema tests (SBOM, every `--json` output) validate with Python's jsonschema (from
+/// PyPI) against schemas/.
+fn ensure_jsonschema() -> Result<()> {
+    let have = Command::new("python3")
+        .args(["-c", "import jsonschema, referencing"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !have {
+        ui::step("pip install jsonschema (for the schema tests)");
+        let st = Command::new("python3")
+            .args(["-m", "pip", "install", "-q", "jsonschema"])
+            .status()
+            .context("running pip")?;
+        if !st.success() {
+            bail!("python3 -m pip install jsonschema failed; install it and run again");
+        }
+    }
+    Ok(())
+}
+
+/// Every test target of the workspace's crates, as (package, target name), from `cargo metadata`.
+fn test_targets(root: &Path) -> Result<Vec<(String, String)>> {
+    let out = Command::new(cargo_program())
+        .args(["metadata", "--no-deps", "--format-version", "1"])
+        .current_dir(root)
+        .output()
+        .context("running cargo metadata")?;
+    if !out.status.success() {
+        bail!(
+            "cargo metadata failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let meta: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("parsing cargo metadata")?;
+    let mut targets = Vec::new();
+    for p in meta["packages"].as_array().into_iter().flatten() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            if t["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "test"))
+            {
+                targets.push((
+                    p["name"].as_str().unwrap_or_default().to_string(),
+                    t["name"].as_str().unwrap_or_default().to_string(),
+                ));
+            }
+        }
+    }
+    targets.sort();
+    Ok(targets)
+}
+
+/// `cargo test` arguments for `--unit`: every crate's unit tests, and every test target that
+/// is not in [`SLOW_TEST_TARGETS`].
+fn unit_test_args(targets: &[(String, String)]) -> Vec<String> {
+    let mut args: Vec<String> = ["test", "--workspace", "--release", "--lib", "--bins"]
+        .map(String::from)
+        .to_vec();
+    for (package, name) in targets {
+        if !SLOW_TEST_TARGETS.contains(&(package.as_str(), name.as_str())) {
+            args.extend(["--test".to_string(), name.clone()]);
+        }
+    }
+    args
+}
+
 /// Runs `cargo xtask <args>` as a step of the test command. Through cargo, not this process's
 /// own file: `cargo test --release` has just relinked target/release/xtask (test builds unify
 /// dev-dependency features), so the file this process started from may be gone.
-fn cargo_xtask(root: &std::path::Path, args: &[&str]) -> Result<()> {
+fn cargo_xtask(root: &Path, args: &[&str]) -> Result<()> {
     let shown = format!("cargo xtask {}", args.join(" "));
     ui::step(&shown);
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let st = Command::new(cargo)
+    let st = Command::new(cargo_program())
         .args(["run", "--quiet", "--release", "-p", "xtask", "--"])
         .args(args)
         .current_dir(root)
@@ -192,4 +296,114 @@ fn cargo_xtask(root: &std::path::Path, args: &[&str]) -> Result<()> {
         bail!("{shown} failed");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unit_runs_every_test_target_but_the_slow_ones() {
+        let targets = test_targets(&project_root()).unwrap();
+        // The slow list names real targets, and target names are unique across crates
+        // (`cargo test --test <name>` selects by name in every crate).
+        for slow in SLOW_TEST_TARGETS {
+            assert!(
+                targets
+                    .iter()
+                    .any(|(p, n)| (p.as_str(), n.as_str()) == *slow),
+                "SLOW_TEST_TARGETS names {slow:?}, which is not a test target"
+            );
+        }
+        let mut names: Vec<&str> = targets.iter().map(|(_, n)| n.as_str()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), targets.len(), "two test targets share a name");
+        let args = unit_test_args(&targets);
+        let selected: Vec<&str> = args
+            .windows(2)
+            .filter(|w| w[0] == "--test")
+            .map(|w| w[1].as_str())
+            .collect();
+        // The fake-QEMU judge tests, the rootfs and pid1 test files are fast: all in.
+        for fast in [
+            "fake_qemu",
+            "gnu_cpio",
+            "pack",
+            "proptests",
+            "select_strip",
+            "test_mode",
+            "claims",
+        ] {
+            assert!(
+                selected.contains(&fast),
+                "--unit leaves out {fast}: {args:?}"
+            );
+        }
+        for (_, slow) in SLOW_TEST_TARGETS {
+            assert!(!selected.contains(slow), "--unit runs {slow}: {args:?}");
+        }
+        assert_eq!(selected.len() + SLOW_TEST_TARGETS.len(), targets.len());
+        assert!(args.starts_with(
+            &["test", "--workspace", "--release", "--lib", "--bins"].map(String::from)
+        ));
+    }
+
+    /// Every variable the test command sets on its children is read by some code (the
+    /// command once set BONSAI_E2E, which nothing read).
+    #[test]
+    fn the_test_command_sets_only_variables_that_something_reads() {
+        let root = project_root();
+        let me = std::fs::read_to_string(root.join("xtask/src/test.rs")).unwrap();
+        let mut sources = String::new();
+        for dir in [
+            "xtask/src",
+            "xtask/tests",
+            "xtask/tests/common",
+            "rootfs/src",
+            "rootfs/tests",
+            "qemu/src",
+            "qemu/tests",
+            "pid1/src",
+            "pid1/tests",
+        ] {
+            for e in std::fs::read_dir(root.join(dir)).unwrap().flatten() {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "rs") && !p.ends_with("xtask/src/test.rs") {
+                    sources.push_str(&std::fs::read_to_string(&p).unwrap());
+                }
+            }
+        }
+        let mut set = Vec::new();
+        for part in me.split(".env(\"").skip(1) {
+            if let Some(name) = part.split('"').next() {
+                set.push(name.to_string());
+            }
+        }
+        for name in &set {
+            assert!(
+                [
+                    format!("var(\"{name}\")"),
+                    format!("var_os(\"{name}\")"),
+                    format!("env!(\"{name}\")")
+                ]
+                .iter()
+                .any(|read| sources.contains(read)),
+                "the test command sets {name}, which nothing reads"
+            );
+        }
+    }
+
+    #[test]
+    fn the_test_command_runs_clippy_on_bonsai_init_and_every_crate() {
+        let denies = |args: &[&str]| {
+            args.ends_with(&["--", "-D", "warnings"]) && args.contains(&"--all-targets")
+        };
+        assert!(CLIPPY_RUNS
+            .iter()
+            .any(|a| denies(a) && a.windows(2).any(|w| w == ["-p", "bonsai-init"])));
+        assert!(CLIPPY_RUNS
+            .iter()
+            .any(|a| denies(a) && a.contains(&"--workspace")));
+    }
 }

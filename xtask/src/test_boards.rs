@@ -17,7 +17,7 @@ pub struct TestBoards {
     /// Only these boards (default: all)
     #[arg(long = "board")]
     pub boards: Vec<String>,
-    /// JSON: [{board, init, passed, ready_s, initramfs_bytes, kernel_bytes, error}]
+    /// JSON: [{board, init, passed, ready_s, initramfs_bytes, kernel_bytes, error}]; every key is described in schemas/test-boards.schema.json
     #[arg(long)]
     pub json: bool,
 }

@@ -4,7 +4,7 @@
 use anyhow::{bail, Result};
 use clap::Args;
 
-use crate::{project_root, size};
+use crate::size;
 
 #[derive(Args, Debug)]
 pub struct Why {
@@ -16,7 +16,7 @@ pub struct Why {
 
 impl Why {
     pub fn run(self) -> Result<()> {
-        let out = project_root().join("out").join(&self.board);
+        let out = crate::out_root().join(&self.board);
         let assembly = size::read_assembly_pub(&out)?;
         let target = self.path.trim_end_matches('/').to_string();
         let is_dir_only = assembly

@@ -9,9 +9,9 @@ use std::path::Path;
 use std::sync::Mutex;
 
 mod common;
-use common::{ok, require, root};
+use common::{ok, require};
 
-/// The tests share out/qemu-aarch64 and a 2-core machine: one at a time.
+/// The tests share their qemu-aarch64 output folder and a 2-core machine: one at a time.
 static LOCK: Mutex<()> = Mutex::new(());
 
 const BOARD: &str = "qemu-aarch64";
@@ -156,7 +156,7 @@ fn qemu_aarch64_builds_only_aarch64_elves_and_passes_its_check() {
     let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     require_tools();
     ok(&["build", "--board", BOARD]);
-    let out = root().join("out").join(BOARD);
+    let out = common::out_dir(BOARD);
 
     // The kernel is an arm64 Image: "ARM\x64" at offset 56 of its header.
     let kernel = std::fs::read(out.join("kernel")).unwrap();

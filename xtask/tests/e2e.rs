@@ -9,7 +9,8 @@ use std::sync::Mutex;
 mod common;
 use common::{ok, require, root, xtask};
 
-/// The tests share out/qemu-x86_64 and a 2-core machine: one at a time.
+/// The tests share their qemu-x86_64 output folder (`common::out_dir`) and a 2-core machine:
+/// one at a time.
 static LOCK: Mutex<()> = Mutex::new(());
 
 const BOARD: &str = "qemu-x86_64";
@@ -24,7 +25,7 @@ fn sha256(p: &Path) -> String {
 }
 
 fn out_dir() -> PathBuf {
-    root().join("out").join(BOARD)
+    common::out_dir(BOARD)
 }
 
 fn built() {
@@ -349,8 +350,12 @@ fn image_holds_only_stripped_needed_files() {
     }
     assert!(elves >= 4, "only {elves} ELF files in the image");
     // The C program built with -g runs stripped in the guest (boot_check_passes) and is smaller.
-    let report: serde_json::Value =
-        serde_json::from_str(&ok(&["size", "--board", BOARD, "--json"])).unwrap();
+    let text = ok(&["size", "--board", BOARD, "--json"]);
+    common::assert_matches_schema("size", &text);
+    let report: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let same = out_dir();
+    let same = same.to_str().unwrap();
+    common::assert_matches_schema("size", &ok(&["size", "--compare", same, same, "--json"]));
     let hello = report["rows"]
         .as_array()
         .unwrap()
@@ -468,13 +473,9 @@ fn release_sbom_validates_and_diff_sees_the_change() {
             "Debian provenance missing from the SBOM"
         );
     }
-    let diff: serde_json::Value = serde_json::from_str(&ok(&[
-        "diff",
-        a.to_str().unwrap(),
-        b.to_str().unwrap(),
-        "--json",
-    ]))
-    .unwrap();
+    let text = ok(&["diff", a.to_str().unwrap(), b.to_str().unwrap(), "--json"]);
+    common::assert_matches_schema("diff", &text);
+    let diff: serde_json::Value = serde_json::from_str(&text).unwrap();
     let added: Vec<String> = diff["store_paths_added"]
         .as_array()
         .unwrap()
@@ -520,8 +521,9 @@ fn size_map_renders_in_chromium_and_boot_chart_is_drawn() {
     require("chromium", "chromium");
     built();
     ok(&["size", "--board", BOARD, "--html"]);
-    let files: serde_json::Value =
-        serde_json::from_str(&ok(&["size", "--board", BOARD, "--files", "--json"])).unwrap();
+    let text = ok(&["size", "--board", BOARD, "--files", "--json"]);
+    common::assert_matches_schema("size", &text);
+    let files: serde_json::Value = serde_json::from_str(&text).unwrap();
     let expected = files["rows"]
         .as_array()
         .unwrap()
@@ -677,7 +679,9 @@ fn every_init_backend_survives_abuse() {
 #[test]
 fn board_matrix_and_kernel_config_report() {
     let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let cells: serde_json::Value = serde_json::from_str(&ok(&["test-boards", "--json"])).unwrap();
+    let text = ok(&["test-boards", "--json"]);
+    common::assert_matches_schema("test-boards", &text);
+    let cells: serde_json::Value = serde_json::from_str(&text).unwrap();
     let cells = cells.as_array().unwrap();
     let list: serde_json::Value = serde_json::from_str(&ok(&["list", "--json"])).unwrap();
     assert_eq!(

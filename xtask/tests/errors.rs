@@ -81,6 +81,7 @@ impl Scratch {
             .current_dir(self.root())
             .env("BONSAI_ROOT", self.root())
             .env("NO_COLOR", "1")
+            .env_remove("BONSAI_OUT")
             .env_remove("BONSAI_NIXPKGS")
             .env_remove("BONSAI_TEST_PACK_DELAY_MS");
         cmd
@@ -700,6 +701,27 @@ fn unknown_user() {
     );
 }
 
+#[test]
+fn unknown_group() {
+    let s = Scratch::new();
+    // A user's primary group is the group of its name unless `group` names another.
+    s.profile("nogroup", "[users.app]\nuid = 1000\n");
+    fails_with(
+        &s,
+        &["build", "--profile", "nogroup"],
+        "error: profiles/nogroup.toml: users.app.group: unknown group 'app' (define [groups.app])",
+    );
+    s.profile(
+        "svcgroup",
+        "[services.web]\ncommand = [\"/bin/sh\"]\ngroup = \"www\"\n",
+    );
+    fails_with(
+        &s,
+        &["build", "--profile", "svcgroup"],
+        "error: profiles/svcgroup.toml: services.web.group: unknown group 'www' (define [groups.www])",
+    );
+}
+
 // ------------------------------------------------------------------ concurrency and interrupts
 
 /// Starts a build that pauses after packing (`BONSAI_TEST_PACK_DELAY_MS`) with a new
@@ -898,6 +920,57 @@ fn damaged_pack_cache_entries_are_rebuilt_never_used() {
     assert_eq!(reused(&warm), (pieces, pieces), "{warm}");
     assert!(!warm.contains("warning:"), "{warm}");
     assert!(third == first);
+}
+
+#[test]
+fn pack_cache_not_writable() {
+    let s = Scratch::new();
+    // A pack cache on a tmpfs with room for its bookkeeping (the executable's remembered
+    // hash) but not for the compressed pieces.
+    let cache = s.root().join("full-cache");
+    let tmpfs = Tmpfs::mount(&cache, 16 << 10);
+    let o = s
+        .command(&["build"])
+        .env("BONSAI_PACK_CACHE", &cache)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "the build failed: {stderr}");
+    let warning = stderr
+        .lines()
+        .find(|l| l.starts_with("warning: pack cache: "))
+        .unwrap_or_else(|| panic!("no pack cache warning in {stderr}"));
+    assert_glob(
+        &format!(
+            "warning: pack cache: * pieces not stored (first: writing {}/*: *); the image is complete, the next build packs them again",
+            cache.display()
+        ),
+        warning,
+    );
+    assert!(
+        warning.to_lowercase().contains("no space left on device"),
+        "{warning}"
+    );
+    let stored: u64 = warning["warning: pack cache: ".len()..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(stored >= 1, "{warning}");
+    // Complete: the same bytes as a build without the cache.
+    let image = fs::read(s.out(BOARD).join("initramfs.cpio.gz")).unwrap();
+    let off = s
+        .command(&["build", "--out", "nocache"])
+        .env("BONSAI_PACK_CACHE", "off")
+        .output()
+        .unwrap();
+    assert!(off.status.success());
+    assert!(
+        image == fs::read(s.root().join("nocache/initramfs.cpio.gz")).unwrap(),
+        "the image packed beside a full cache differs from one packed without a cache"
+    );
+    drop(tmpfs);
 }
 
 // ------------------------------------------------------------------ image hygiene
@@ -1145,4 +1218,50 @@ fn disk_full_while_packing() {
     // The lock file stays by design (see docs/errors.md); nothing else may.
     assert_eq!(left, [".out.lock", "out"], "left behind in the tmpfs");
     drop(tmpfs);
+}
+
+// ------------------------------------------------------------------ boot
+
+#[test]
+fn boot_check_failed() {
+    let s = Scratch::new();
+    assert!(
+        s.run(&["build"]).status.success(),
+        "the scratch build failed"
+    );
+    // A QEMU that prints one console line and then nothing: the ready marker never comes.
+    let fake = s.root().join("fake-qemu");
+    fs::write(
+        &fake,
+        "#!/bin/sh\necho 'Linux version 0.0 (a fake QEMU)'\nexec sleep 60\n",
+    )
+    .unwrap();
+    fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
+    s.board(BOARD, |t| {
+        t["qemu"]["binary"] = fake.display().to_string().into();
+    });
+    let out = s.out(BOARD);
+    let started = Instant::now();
+    let err = error_of(
+        &s.run(&[
+            "boot",
+            "--check",
+            "--timeout",
+            "3",
+            "--out",
+            out.to_str().unwrap(),
+        ]),
+        1,
+    );
+    assert_glob(
+        "error: boot check of qemu-x86_64 failed: no ready marker within 3 s; last console line: Linux version 0.0 (a fake QEMU)*",
+        &err,
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the check waited {:?} for a 3 s timeout",
+        started.elapsed()
+    );
+    let log = fs::read_to_string(out.join("serial.log")).unwrap();
+    assert!(log.contains("Linux version 0.0 (a fake QEMU)"), "{log}");
 }

@@ -1,5 +1,6 @@
 //! Helpers shared by the end-to-end test files: the repository root, running the xtask
-//! binary (its output echoed for the test log), and host tools that must be there.
+//! binary (its output echoed for the test log) with the tests' own output folder, host tools
+//! that must be there, and checking JSON output against its schema in `schemas/`.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -12,13 +13,29 @@ pub fn root() -> PathBuf {
         .to_path_buf()
 }
 
-/// Runs the xtask binary in the repository root.
-pub fn xtask(args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(args)
+/// The tests' own output folder (for `BONSAI_OUT`), inside cargo's target folder: the tests
+/// never overwrite what a user built under `out/`.
+pub fn out_root() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("out")
+}
+
+/// The folder the tests' builds of `board` write: `out_root()/<board>`.
+pub fn out_dir(board: &str) -> PathBuf {
+    out_root().join(board)
+}
+
+/// The xtask binary, to run in the repository root with the tests' output folder.
+pub fn command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_xtask"));
+    cmd.args(args)
         .current_dir(root())
-        .output()
-        .expect("running the xtask binary");
+        .env("BONSAI_OUT", out_root());
+    cmd
+}
+
+/// Runs the xtask binary in the repository root, writing into [`out_root`].
+pub fn xtask(args: &[&str]) -> Output {
+    let out = command(args).output().expect("running the xtask binary");
     eprintln!(
         "$ xtask {}\n{}{}",
         args.join(" "),
@@ -50,4 +67,50 @@ pub fn require(program: &str, package: &str) {
         .status
         .success();
     assert!(found, "{program} is not installed: run `cargo xtask test` (it installs {package}) or apt-get install {package}");
+}
+
+/// Fails the test unless `json` (the output of `cargo xtask <command> ... --json`) is valid
+/// against `schemas/<command>.schema.json`.
+pub fn assert_matches_schema(command: &str, json: &str) {
+    if let Err(e) = check_schema(command, json) {
+        panic!("`{command} --json` does not match schemas/{command}.schema.json:\n{e}");
+    }
+}
+
+/// Validates `json` against `schemas/<command>.schema.json` (itself checked against its
+/// meta-schema), with Python's jsonschema as the oracle; the errors, one per line.
+pub fn check_schema(command: &str, json: &str) -> Result<(), String> {
+    let schema = root().join(format!("schemas/{command}.schema.json"));
+    assert!(schema.is_file(), "no schema {}", schema.display());
+    let dir = tempfile::tempdir().unwrap();
+    let doc = dir.path().join(format!("{command}.json"));
+    std::fs::write(&doc, json).unwrap();
+    let check = "import json, sys, jsonschema\n\
+        schema = json.load(open(sys.argv[1]))\n\
+        cls = jsonschema.validators.validator_for(schema)\n\
+        cls.check_schema(schema)\n\
+        errors = sorted(cls(schema).iter_errors(json.load(open(sys.argv[2]))), key=lambda e: list(e.path))\n\
+        for e in errors[:10]: print('/'.join(map(str, e.path)) or '(root)', e.message)\n\
+        sys.exit(1 if errors else 0)\n";
+    let out = Command::new("python3")
+        .args(["-c", check])
+        .arg(&schema)
+        .arg(&doc)
+        .output()
+        .expect("running python3 (cargo xtask test installs its jsonschema module)");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !report.contains("ModuleNotFoundError") && !report.contains("SchemaError"),
+        "cannot validate against {}: {report}",
+        schema.display()
+    );
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(report)
+    }
 }
