@@ -200,7 +200,7 @@ impl Build {
                 .remove(0);
             record.kernel_config_path = Some(cfg_dir.display().to_string());
             record.kernel_config_sha256 =
-                Some(crate::offline::sha256_file(&cfg_dir.join("config"))?);
+                Some(crate::digest::sha256_file(&cfg_dir.join("config"))?);
             let mut report = nix::read_config_report(&cfg_dir)?;
             if let KernelSource::Build { fragments, .. } = &board.kernel.source {
                 for o in &mut report {

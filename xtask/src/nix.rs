@@ -591,7 +591,7 @@ mod path_info_tests {
     const BASE64: &str = "xZyAlaEjpAKshEr9G+IANAoizB1UbIqPrFxiacLj1HA=";
 
     fn hex(b: [u8; 32]) -> String {
-        crate::offline::hex(&b)
+        crate::digest::hex(&b)
     }
 
     #[test]

@@ -219,10 +219,10 @@ fn loader(root: &Path, arch: crate::config::Arch) -> (PathBuf, String) {
 
 /// Makes sure the pinned Nix is unpacked in the cache; returns the folder of its wrappers.
 pub fn provision(root: &Path) -> Result<PathBuf> {
-    let arch = offline::host_arch()?;
+    let arch = crate::host::host_arch()?;
     let (lock, text) = load_lock(root, arch)?;
-    let cache = offline::cache_dir();
-    let key = &offline::hex(&sha2::Digest::finalize(sha2::Digest::chain_update(
+    let cache = crate::cache::cache_dir();
+    let key = &crate::digest::hex(&sha2::Digest::finalize(sha2::Digest::chain_update(
         sha2::Sha256::default(),
         text.as_bytes(),
     )))[..16];
@@ -261,7 +261,7 @@ pub fn provision(root: &Path) -> Result<PathBuf> {
     for (i, d) in lock.packages.values().enumerate() {
         let file = debs.join(&d.file);
         // Checked here too: a cached file may have been damaged since it was downloaded.
-        let sum = offline::sha256_file(&file)?;
+        let sum = crate::digest::sha256_file(&file)?;
         if sum != d.sha256 {
             let _ = fs::remove_file(&file);
             bail!(
@@ -405,7 +405,7 @@ impl PrivateApt {
                         .starts_with(&format!("{}_{}_", d.package, d.version))
                 })
                 .with_context(|| format!("apt-get download wrote no .deb for {}", d.package))?;
-            let sum = offline::sha256_file(&got)?;
+            let sum = crate::digest::sha256_file(&got)?;
             if sum != d.sha256 {
                 bail!(
                     "Debian package {}={}: sha256 {sum} does not match the pin {}",
@@ -467,7 +467,7 @@ impl PrivateApt {
                     package,
                     version,
                     file,
-                    sha256: offline::sha256_file(&p)?,
+                    sha256: crate::digest::sha256_file(&p)?,
                 },
                 p,
             ));
@@ -624,8 +624,8 @@ fn suite_sources(rows: &[Source], codename: &str) -> Result<String> {
 
 /// Resolves the pinned Nix's packages anew and writes the lock file (`cargo xtask nix-lock`).
 pub fn write_lock(root: &Path) -> Result<PathBuf> {
-    let arch = offline::host_arch()?;
-    let cache = offline::cache_dir();
+    let arch = crate::host::host_arch()?;
+    let cache = crate::cache::cache_dir();
     let apt = PrivateApt::new(&cache, arch.debian())?;
     // A fresh archive folder: only what this resolution downloads goes into the pins.
     let archives = apt.base.join("cache/archives");
