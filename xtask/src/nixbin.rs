@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 
 use anyhow::{bail, Context, Result};
 
-use crate::offline::{self, Lock, LockedDeb};
+use crate::offline::{Lock, LockedDeb};
 use crate::{host, ui};
 
 /// Environment variable: `host`, `debian13`, or a folder holding `nix`, `nix-build`, `nix-store`.
