@@ -224,11 +224,13 @@ fn run_script(svc: &Service, sys: &System) -> String {
     }
     let _ = writeln!(s, "cd {} || exit 1", sh_quote(&svc.working_directory));
     match sys.users.iter().find(|u| u.uid == svc.uid && svc.uid != 0) {
-        // busybox su: the user's uid, primary gid and (empty) supplementary groups.
+        // busybox start-stop-daemon -c (in every busybox build, unlike su, which Debian's
+        // dynamic one lacks): the user's uid, primary gid and supplementary groups, then an
+        // exec in the same process (no fork, so the supervisor's pid stays the service's).
         Some(user) => {
             let _ = writeln!(
                 s,
-                "exec su -s /bin/sh {} /etc/bonsai/svc/{}/exec",
+                "exec start-stop-daemon -S -c {} -x /etc/bonsai/svc/{}/exec",
                 user.name, svc.name
             );
         }

@@ -102,9 +102,12 @@ impl Build {
         let init = self.init.clone().unwrap_or_else(|| profile.init.clone());
         let backend =
             rootfs::Backend::parse(&init).with_context(|| format!("unknown init '{init}'"))?;
-        // Every backend's scripts run on busybox; runit and s6 bring their own package.
+        // Every backend's scripts run on busybox (the profile's, static or not, else the set's
+        // default); runit and s6 bring their own package.
         let mut packages = profile.packages.clone();
-        for needed in ["busybox"].into_iter().chain(backend.package()) {
+        let has_busybox = packages.iter().any(|p| is_busybox(p));
+        let busybox = (!has_busybox).then_some("busybox");
+        for needed in busybox.into_iter().chain(backend.package()) {
             if !packages.iter().any(|p| p == needed) {
                 packages.push(needed.to_string());
             }
@@ -160,7 +163,8 @@ impl Build {
                 crate::host::ensure(&[cc], &[libc])?;
             }
         }
-        let eval = Eval::new(&root, &board, &packages, &source)?;
+        let eval =
+            Eval::with_local_packages(&root, &board, &packages, &profile.local_packages, &source)?;
 
         // The kernel's config first: a dropped option must stop the build before a long compile.
         if let KernelSource::Build { .. } = board.kernel.source {
@@ -275,6 +279,15 @@ impl Build {
     }
 }
 
+/// A busybox package: `busybox` or one from another set of the same source (`pkgsStatic.busybox`).
+pub fn is_busybox(attr: &str) -> bool {
+    attr == "busybox" || attr.ends_with(".busybox")
+}
+
+/// The program folders of a package, as in Nixpkgs: `bin/`, then `sbin/` (busybox's `ip`,
+/// `init`, `poweroff`; dropbear's server).
+pub const PROGRAM_DIRS: [&str; 2] = ["bin", "sbin"];
+
 /// The one-line result of a build: on stdout, or stderr when another command ran the build.
 fn summary(nested: bool, line: String) {
     if nested {
@@ -326,22 +339,29 @@ fn assemble(
             .position(|p| p == attr)
             .map(|i| package_paths[i].display().to_string())
     };
+    // /bin links: every package's bin/ and sbin/ (the first of a name wins).
     for pkg in package_paths {
         let pkg_s = pkg.display().to_string();
-        if let Ok(entries) = fs::read_dir(pkg.join("bin")) {
-            let mut names: Vec<String> = entries
-                .filter_map(|e| e.ok())
-                .filter_map(|e| e.file_name().into_string().ok())
-                .collect();
-            names.sort();
-            for n in names {
-                if !n.starts_with('.') {
-                    bin_links.push((n.clone(), format!("{pkg_s}/bin/{n}")));
+        for dir in PROGRAM_DIRS {
+            if let Ok(entries) = fs::read_dir(pkg.join(dir)) {
+                let mut names: Vec<String> = entries
+                    .filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect();
+                names.sort();
+                for n in names {
+                    if !n.starts_with('.') {
+                        bin_links.push((n.clone(), format!("{pkg_s}/{dir}/{n}")));
+                    }
                 }
             }
         }
     }
-    let busybox = find("busybox").context("the busybox package is missing")?;
+    let busybox = packages
+        .iter()
+        .position(|p| is_busybox(p))
+        .map(|i| package_paths[i].display().to_string())
+        .context("the busybox package is missing")?;
     let init = rootfs::InitInputs {
         backend,
         busybox,
@@ -389,12 +409,23 @@ fn assemble(
     ui::step(format!("select files from {} store paths", closure.len()));
     let mut roots = Vec::new();
     for (attr, pkg) in packages.iter().zip(package_paths) {
-        let bin = pkg.join("bin");
-        let root = if bin.is_dir() { bin } else { pkg.clone() };
-        roots.push(rootfs::Root::new(
-            root.display().to_string(),
-            format!("package {attr}"),
-        ));
+        // A package's programs (bin/ and sbin/), else the whole output (a library).
+        let dirs: Vec<PathBuf> = PROGRAM_DIRS
+            .iter()
+            .map(|d| pkg.join(d))
+            .filter(|d| d.is_dir())
+            .collect();
+        let dirs = if dirs.is_empty() {
+            vec![pkg.clone()]
+        } else {
+            dirs
+        };
+        for root in dirs {
+            roots.push(rootfs::Root::new(
+                root.display().to_string(),
+                format!("package {attr}"),
+            ));
+        }
     }
     roots.extend(rootfs::roots_from_tree(&tree)?);
     let closure_paths: Vec<String> = closure.keys().cloned().collect();
@@ -769,7 +800,16 @@ pub fn fingerprint(
     }
     let mut nix_files = Vec::new();
     collect_files(&root.join("nix"), &mut nix_files)?;
+    // A local package's folder: its expression and the sources next to it.
+    for l in profile.local_packages.values() {
+        let file = root.join(&l.path);
+        match file.parent() {
+            Some(dir) if dir != root => collect_files(dir, &mut nix_files)?,
+            _ => nix_files.push(file),
+        }
+    }
     nix_files.sort();
+    nix_files.dedup();
     for f in &nix_files {
         add_file(&mut h, f)?;
     }

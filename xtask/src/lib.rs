@@ -73,6 +73,8 @@ pub enum Command {
     Why(why::Why),
     /// Boot one profile with every init backend and print the check x backend matrix
     Conformance(conformance::Conformance),
+    /// Pin Debian packages for the offline package set (nix/offline/<arch>.lock.json)
+    Pin(offline::Pin),
     /// Install what the tests need and run the whole test suite
     Test(test::Test),
     /// Measure packing, rebuilds and boots against the targets; write BENCHMARKS.md
@@ -127,6 +129,7 @@ pub fn main() -> ExitCode {
         Command::Diff(c) => c.run(),
         Command::NewBoard(c) => c.run(),
         Command::Test(c) => c.run(),
+        Command::Pin(c) => c.run(),
         Command::Bench(c) => c.run(),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
