@@ -30,11 +30,13 @@ let
   # holds the other local packages; a name the set already has is an error.
   localReq = req.localPackages or { };
   scope = if basePkgs ? newScope then basePkgs.newScope locals else basePkgs.callPackage;
-  locals = builtins.mapAttrs (name: l:
-    if basePkgs ? ${name}
-    then throw "bonsai: ${l.profile}: key 'local-packages.${name}': '${name}' is already an attribute of the ${source} package set; choose another name"
-    else scope (../. + "/${l.path}") { }) localReq;
-  pkgs = basePkgs // locals;
+  locals = builtins.mapAttrs (name: l: scope (../. + "/${l.path}") { }) localReq;
+  clashes = builtins.filter (name: basePkgs ? ${name}) (builtins.attrNames localReq);
+  clash = builtins.head clashes;
+  pkgs =
+    if clashes != [ ]
+    then throw "bonsai: ${localReq.${clash}.profile}: key 'local-packages.${clash}': '${clash}' is already an attribute of the ${source} package set; choose another name"
+    else basePkgs // locals;
 
   attrByDottedPath = path:
     let

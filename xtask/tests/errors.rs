@@ -33,7 +33,7 @@ struct Scratch {
 impl Scratch {
     fn new() -> Scratch {
         let dir = tempfile::tempdir().unwrap();
-        for d in ["boards", "profiles", "kernel-configs", "nix"] {
+        for d in ["boards", "profiles", "kernel-configs", "nix", "examples"] {
             let status = Command::new("cp")
                 .arg("-r")
                 .arg(repo().join(d))
