@@ -339,8 +339,16 @@ fn assemble(
             .position(|p| p == attr)
             .map(|i| package_paths[i].display().to_string())
     };
-    // /bin links: every package's bin/ and sbin/ (the first of a name wins).
-    for pkg in package_paths {
+    // The busybox of the init and /bin/sh: the last one named (a child profile's choice wins
+    // over its parents', e.g. `pkgsStatic.busybox` over `busybox`).
+    let busybox_index = packages
+        .iter()
+        .rposition(|p| is_busybox(p))
+        .context("the busybox package is missing")?;
+    // /bin links: every package's bin/ and sbin/, that busybox's first (the first of a name wins).
+    let order = std::iter::once(busybox_index)
+        .chain((0..package_paths.len()).filter(|&i| i != busybox_index));
+    for pkg in order.map(|i| &package_paths[i]) {
         let pkg_s = pkg.display().to_string();
         for dir in PROGRAM_DIRS {
             if let Ok(entries) = fs::read_dir(pkg.join(dir)) {
@@ -357,11 +365,7 @@ fn assemble(
             }
         }
     }
-    let busybox = packages
-        .iter()
-        .position(|p| is_busybox(p))
-        .map(|i| package_paths[i].display().to_string())
-        .context("the busybox package is missing")?;
+    let busybox = package_paths[busybox_index].display().to_string();
     let init = rootfs::InitInputs {
         backend,
         busybox,
