@@ -288,6 +288,49 @@ pub fn is_busybox(attr: &str) -> bool {
 /// `init`, `poweroff`; dropbear's server).
 pub const PROGRAM_DIRS: [&str; 2] = ["bin", "sbin"];
 
+/// The `/bin` links of the image: (name, store path) for every program in a package's `bin/`
+/// and `sbin/`, the busybox at `busybox_index` first (the first of a name wins: the busybox
+/// of the init and /bin/sh is the last one the profile names, a child's choice over its
+/// parents').
+pub fn program_links(package_paths: &[PathBuf], busybox_index: usize) -> Vec<(String, String)> {
+    let mut links = Vec::new();
+    let order = std::iter::once(busybox_index)
+        .chain((0..package_paths.len()).filter(|&i| i != busybox_index));
+    for pkg in order.filter_map(|i| package_paths.get(i)) {
+        let pkg_s = pkg.display().to_string();
+        for dir in PROGRAM_DIRS {
+            if let Ok(entries) = fs::read_dir(pkg.join(dir)) {
+                let mut names: Vec<String> = entries
+                    .filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect();
+                names.sort();
+                for n in names {
+                    if !n.starts_with('.') {
+                        links.push((n.clone(), format!("{pkg_s}/{dir}/{n}")));
+                    }
+                }
+            }
+        }
+    }
+    links
+}
+
+/// Where the selection starts in a package: its programs (`bin/` and `sbin/`), else the whole
+/// output (a library such as skalibs' `lib`).
+pub fn package_roots(pkg: &Path) -> Vec<PathBuf> {
+    let dirs: Vec<PathBuf> = PROGRAM_DIRS
+        .iter()
+        .map(|d| pkg.join(d))
+        .filter(|d| d.is_dir())
+        .collect();
+    if dirs.is_empty() {
+        vec![pkg.to_path_buf()]
+    } else {
+        dirs
+    }
+}
+
 /// The one-line result of a build: on stdout, or stderr when another command ran the build.
 fn summary(nested: bool, line: String) {
     if nested {
@@ -332,39 +375,17 @@ fn assemble(
     secrets: &[crate::hygiene::Secret],
 ) -> Result<(Tree, Assembly)> {
     let mut tree = Tree::new();
-    let mut bin_links = Vec::new();
     let find = |attr: &str| {
         packages
             .iter()
             .position(|p| p == attr)
             .map(|i| package_paths[i].display().to_string())
     };
-    // The busybox of the init and /bin/sh: the last one named (a child profile's choice wins
-    // over its parents', e.g. `pkgsStatic.busybox` over `busybox`).
     let busybox_index = packages
         .iter()
         .rposition(|p| is_busybox(p))
         .context("the busybox package is missing")?;
-    // /bin links: every package's bin/ and sbin/, that busybox's first (the first of a name wins).
-    let order = std::iter::once(busybox_index)
-        .chain((0..package_paths.len()).filter(|&i| i != busybox_index));
-    for pkg in order.map(|i| &package_paths[i]) {
-        let pkg_s = pkg.display().to_string();
-        for dir in PROGRAM_DIRS {
-            if let Ok(entries) = fs::read_dir(pkg.join(dir)) {
-                let mut names: Vec<String> = entries
-                    .filter_map(|e| e.ok())
-                    .filter_map(|e| e.file_name().into_string().ok())
-                    .collect();
-                names.sort();
-                for n in names {
-                    if !n.starts_with('.') {
-                        bin_links.push((n.clone(), format!("{pkg_s}/{dir}/{n}")));
-                    }
-                }
-            }
-        }
-    }
+    let bin_links = program_links(package_paths, busybox_index);
     let busybox = package_paths[busybox_index].display().to_string();
     let init = rootfs::InitInputs {
         backend,
@@ -413,18 +434,7 @@ fn assemble(
     ui::step(format!("select files from {} store paths", closure.len()));
     let mut roots = Vec::new();
     for (attr, pkg) in packages.iter().zip(package_paths) {
-        // A package's programs (bin/ and sbin/), else the whole output (a library).
-        let dirs: Vec<PathBuf> = PROGRAM_DIRS
-            .iter()
-            .map(|d| pkg.join(d))
-            .filter(|d| d.is_dir())
-            .collect();
-        let dirs = if dirs.is_empty() {
-            vec![pkg.clone()]
-        } else {
-            dirs
-        };
-        for root in dirs {
+        for root in package_roots(pkg) {
             roots.push(rootfs::Root::new(
                 root.display().to_string(),
                 format!("package {attr}"),
@@ -1027,6 +1037,68 @@ fn prune_pack_cache(cache: &rootfs::PieceCache) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fake store path with the given programs (empty files) under bin/ and sbin/.
+    fn package(dir: &Path, name: &str, programs: &[&str]) -> PathBuf {
+        let pkg = dir.join(name);
+        for p in programs {
+            let f = pkg.join(p);
+            fs::create_dir_all(f.parent().unwrap()).unwrap();
+            fs::write(f, b"").unwrap();
+        }
+        pkg
+    }
+
+    /// Nixpkgs' busybox keeps `ip` and `init` in sbin/, dropbear its server: they get /bin
+    /// links and are selection roots like bin/.
+    #[test]
+    fn sbin_programs_are_linked_and_are_roots() {
+        let d = tempfile::tempdir().unwrap();
+        let bb = package(
+            d.path(),
+            "bb",
+            &["bin/busybox", "bin/sh", "sbin/ip", "sbin/init"],
+        );
+        let db = package(
+            d.path(),
+            "db",
+            &["bin/dbclient", "sbin/dropbear", "bin/.hidden"],
+        );
+        let lib = package(d.path(), "lib", &["lib/libx.so.1"]);
+        let links = program_links(&[bb.clone(), db.clone(), lib.clone()], 0);
+        let s = |p: &Path, rest: &str| format!("{}/{rest}", p.display());
+        assert_eq!(
+            links,
+            [
+                ("busybox".to_string(), s(&bb, "bin/busybox")),
+                ("sh".to_string(), s(&bb, "bin/sh")),
+                ("init".to_string(), s(&bb, "sbin/init")),
+                ("ip".to_string(), s(&bb, "sbin/ip")),
+                ("dbclient".to_string(), s(&db, "bin/dbclient")),
+                ("dropbear".to_string(), s(&db, "sbin/dropbear")),
+            ]
+        );
+        assert_eq!(package_roots(&db), [db.join("bin"), db.join("sbin")]);
+        assert_eq!(package_roots(&lib), [lib.clone()]);
+    }
+
+    /// The busybox the profile names last comes first, so its links win.
+    #[test]
+    fn the_chosen_busybox_links_first() {
+        let d = tempfile::tempdir().unwrap();
+        let dynamic = package(d.path(), "dyn", &["bin/sh", "bin/blkid"]);
+        let stat = package(d.path(), "static", &["bin/sh"]);
+        let links = program_links(&[dynamic.clone(), stat.clone()], 1);
+        let sh: Vec<&String> = links
+            .iter()
+            .filter(|(n, _)| n == "sh")
+            .map(|(_, t)| t)
+            .collect();
+        assert_eq!(sh[0], &format!("{}/bin/sh", stat.display()));
+        assert!(links.iter().any(|(n, _)| n == "blkid"));
+        assert!(is_busybox("busybox") && is_busybox("pkgsStatic.busybox"));
+        assert!(!is_busybox("busybox-extra") && !is_busybox("hello"));
+    }
 
     /// The executable's hash is remembered, and computed again when the file changes.
     #[test]
