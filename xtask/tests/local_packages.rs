@@ -262,7 +262,7 @@ fn local_source_and_prebuilt_binary_run_at_boot() {
         "[greet] greeter-ok from a local source tree as service",
     ] {
         assert!(
-            lines.iter().any(|l| *l == want),
+            lines.contains(&want),
             "the console never showed {want:?}:\n{log}"
         );
     }
