@@ -1,6 +1,7 @@
 # bonsai's entry point into Nix. `cargo xtask build` calls
 #   nix-build nix/bonsai.nix --argstr request '<json>' ... -A packages.p0 -A kernelConfig -A kernel
 # request: { "packages": ["busybox", "hello", ...],
+#            "localPackages": { "hello": { "path": "examples/hello/default.nix", "profile": "profiles/minimal.toml" } },
 #            "kernel": { "package": "linux" } | { "base": "tinyconfig", "fragments": ["x.config"] } }
 # The package source is the offline set (nix/offline) or a Nixpkgs checkout or flake.
 { source ? "offline"
@@ -19,10 +20,23 @@
 let
   req = builtins.fromJSON request;
 
-  pkgs =
+  basePkgs =
     if source == "offline" then import ./offline { inherit system hostSystem debs bootstrap hostTools toolchainId; }
     else if source == "nixpkgs" then import ./nixpkgs.nix { inherit nixpkgs nixpkgsFlake system hostSystem; }
     else throw "bonsai: unknown package source '${source}' (expected offline or nixpkgs)";
+
+  # The profile's [local-packages]: name -> { path (relative to the repository root), profile }.
+  # Each file is a function called with the package set's own callPackage, in a scope that also
+  # holds the other local packages; a name the set already has is an error.
+  localReq = req.localPackages or { };
+  scope = if basePkgs ? newScope then basePkgs.newScope locals else basePkgs.callPackage;
+  locals = builtins.mapAttrs (name: l: scope (../. + "/${l.path}") { }) localReq;
+  clashes = builtins.filter (name: basePkgs ? ${name}) (builtins.attrNames localReq);
+  clash = builtins.head clashes;
+  pkgs =
+    if clashes != [ ]
+    then throw "bonsai: ${localReq.${clash}.profile}: key 'local-packages.${clash}': '${clash}' is already an attribute of the ${source} package set; choose another name"
+    else basePkgs // locals;
 
   attrByDottedPath = path:
     let

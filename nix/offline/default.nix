@@ -80,13 +80,15 @@ let
     PATH = "${tools}/bin";
   } // env);
 
-  # Lay a Debian package tree out like a Nixpkgs output: usr merged, sbin into bin,
-  # lib/<triplet> into lib, absolute symlinks pointed into $out.
+  # Lay a Debian package tree out like a Nixpkgs output: usr merged, `sbin/` kept as `sbin/`
+  # (Nixpkgs' busybox and dropbear have one), lib/<triplet> into lib. The tree goes to $2
+  # (default $out); absolute symlinks are pointed into $out, or, with a staging folder as $2,
+  # marked `@stage@/...` for `fixlinks` once every file is in its output.
   layout = a: ''
     relayout() {
       u=$1
+      dest=''${2:-$out}
       if [ -d $u/usr ]; then cp -a $u/usr/. $u/; rm -rf $u/usr; fi
-      if [ -d $u/sbin ]; then mkdir -p $u/bin; cp -a $u/sbin/. $u/bin/; rm -rf $u/sbin; fi
       if [ -d $u/lib/${a.triplet} ]; then
         # links such as lib/ld-linux-aarch64.so.1 -> ${a.triplet}/ld-linux-aarch64.so.1 give way to their targets
         for l in $u/lib/*; do
@@ -95,36 +97,87 @@ let
         cp -a $u/lib/${a.triplet}/. $u/lib/; rm -rf $u/lib/${a.triplet}
       fi
       rm -rf $u/lib64
-      mkdir -p $out
-      cp -a $u/. $out/
-      find $out -type l | while read -r l; do
+      mkdir -p $dest
+      cp -a $u/. $dest/
+      if [ "$dest" = "$out" ]; then to=$out; else to=@stage@; fi
+      find $dest -type l | while read -r l; do
         t=$(readlink "$l")
         case "$t" in
           /*)
-            n=$(echo "$t" | sed -e 's|^/usr/|/|' -e 's|^/sbin/|/bin/|' -e 's|^/lib/${a.triplet}/|/lib/|')
-            if [ -e "$out$n" ] || [ -L "$out$n" ]; then ln -sfn "$out$n" "$l"; else echo "dropping dangling link $l -> $t"; rm -f "$l"; fi ;;
+            n=$(echo "$t" | sed -e 's|^/usr/|/|' -e 's|^/lib/${a.triplet}/|/lib/|')
+            if [ -e "$dest$n" ] || [ -L "$dest$n" ]; then ln -sfn "$to$n" "$l"; else echo "dropping dangling link $l -> $t"; rm -f "$l"; fi ;;
         esac
       done
     }
   '';
 
-  # Provenance for SBOMs: which Debian packages (version, SHA-256 of the .deb) made an output.
+  # Moving a staged package tree into Nixpkgs' outputs ($outputs, each output's path in the
+  # variable of its name). `to <output> <glob>...` moves what matches (paths relative to the
+  # stage); `rest <output>` moves everything left; `fixlinks` turns `@stage@/...` links into
+  # store paths of whichever output now holds the target.
+  splitting = ''
+    stage=$TMPDIR/stage
+    outdir() { eval echo "\$$1"; }
+    to() {
+      d=$(outdir $1); shift
+      for p in "$@"; do
+        for f in $stage/$p; do
+          if [ -e "$f" ] || [ -L "$f" ]; then
+            r=''${f#$stage/}
+            mkdir -p "$d/$(dirname "$r")"
+            mv "$f" "$d/$r"
+          fi
+        done
+      done
+    }
+    rest() {
+      d=$(outdir $1)
+      find $stage -depth -type d | while read -r e; do rmdir "$e" 2>/dev/null || true; done
+      mkdir -p $d
+      if [ -d $stage ]; then cp -a $stage/. $d/; rm -rf $stage; fi
+    }
+    fixlinks() {
+      for o in $outputs; do
+        find $(outdir $o) -type l | while read -r l; do
+          t=$(readlink "$l")
+          case "$t" in
+            @stage@/*)
+              n=''${t#@stage@}
+              found=
+              for o2 in $outputs; do
+                d2=$(outdir $o2)
+                if [ -z "$found" ] && { [ -e "$d2$n" ] || [ -L "$d2$n" ]; }; then found=$d2$n; fi
+              done
+              if [ -n "$found" ]; then ln -sfn "$found" "$l"; else echo "dropping dangling link $l -> $n"; rm -f "$l"; fi ;;
+          esac
+        done
+      done
+    }
+    alloutputs() { for o in $outputs; do outdir $o; done; }
+  '';
+
+  # Provenance for SBOMs: which Debian packages (version, SHA-256 of the .deb) made an output;
+  # written into every output, since each is a store path of its own in the image.
   provenance = lock: names: ''
-    mkdir -p $out/nix-support
-    ${builtins.concatStringsSep "\n" (map (n: let p = lock.packages.${n}; in "echo '${p.package} ${p.version} ${p.sha256}' >>$out/nix-support/debian-packages") names)}
+    for d in $(alloutputs); do
+      mkdir -p $d/nix-support
+      ${builtins.concatStringsSep "\n" (map (n: let p = lock.packages.${n}; in "echo '${p.package} ${p.version} ${p.sha256}' >>$d/nix-support/debian-packages") names)}
+    done
   '';
 
   unpackDebs = list: builtins.concatStringsSep "\n" (map (d: "dpkg-deb -x ${d} $TMPDIR/root") list);
 
   # Point ELF interpreters at the store glibc and RUNPATHs at the package and its dependencies.
   patchElves = { glibc, rpath }: ''
-    find $out -type f | while read -r f; do
+    rp=
+    for d in $(echo "${rpath}" | tr ':' ' '); do [ -d "$d" ] && rp=''${rp:+$rp:}$d; done
+    find $(alloutputs) -type f | while read -r f; do
       [ "$(head -c 4 "$f" | od -An -c | tr -d ' \n')" = '177ELF' ] || continue
       if patchelf --print-interpreter "$f" >/dev/null 2>&1; then
         patchelf ${target.patchelfFlags}--set-interpreter ${glibc}/lib/${target.ld} "$f"
       fi
       if [ -n "$(patchelf --print-needed "$f" 2>/dev/null)" ]; then
-        patchelf ${target.patchelfFlags}--set-rpath "${rpath}" "$f"
+        patchelf ${target.patchelfFlags}--set-rpath "$rp" "$f"
       fi
     done
   '';
@@ -149,48 +202,124 @@ let
     chmod +x $out/bin/patchelf
   '';
 
-  # mkDeb: one Nixpkgs-like package from one or more Debian packages.
-  mkDeb = { pname, debNames, deps ? [ ], withGlibc ? true, postInstall ? "" }:
+  # mkDeb: one Nixpkgs-like package from one or more Debian packages, with the outputs of the
+  # Nixpkgs attribute it stands for, in Nixpkgs' order (the first is what `nix-build -A` gives).
+  # `split` moves the staged tree into the outputs (see `splitting`); what is left goes to
+  # `main`. `libOutput` is the output whose lib/ goes first in the RUNPATH.
+  mkDeb = { pname, debNames, outputs ? [ "out" ], main ? "out", libOutput ? main, deps ? [ ], withGlibc ? true, split ? "", postInstall ? "", name ? null }:
     let
       version = debVersion targetLock.packages.${builtins.head debNames}.version;
       rpathDeps = deps ++ (if withGlibc then [ glibc ] else [ ]);
     in
-    run "${pname}-${version}" { PATH = "${tools}/bin:${patchelf}/bin"; } ''
+    run (if name == null then "${pname}-${version}" else name) { PATH = "${tools}/bin:${patchelf}/bin"; inherit outputs; } ''
       ${layout target}
+      ${splitting}
       ${unpackDebs (map deb debNames)}
-      relayout $TMPDIR/root
-      ${provenance targetLock debNames}
+      relayout $TMPDIR/root $TMPDIR/stage
+      ${split}
+      rest ${main}
+      for o in $outputs; do mkdir -p $(outdir $o); done
       ${postInstall}
-      ${if withGlibc then patchElves { inherit glibc; rpath = builtins.concatStringsSep ":" ([ "$out/lib" ] ++ map (d: "${d}/lib") rpathDeps); } else ""}
+      fixlinks
+      ${provenance targetLock debNames}
+      ${if withGlibc then patchElves { inherit glibc; rpath = builtins.concatStringsSep ":" ([ "\$${libOutput}/lib" ] ++ map (d: "${d}/lib") rpathDeps); } else ""}
     '' // { inherit pname version; meta.debian = map (n: { name = n; inherit (targetLock.packages.${n}) version sha256; }) debNames; };
 
-  glibc = run "glibc-${targetLock.packages.libc6.version}" { } ''
-    ${layout target}
-    ${unpackDebs [ (deb "libc6") ]}
-    relayout $TMPDIR/root
-    ${provenance targetLock [ "libc6" ]}
-  '' // { pname = "glibc"; version = targetLock.packages.libc6.version; };
-
-  busybox = mkDeb { pname = "busybox"; debNames = [ "busybox-static" ]; withGlibc = false; postInstall = ''
-    # Nixpkgs' busybox output has bin/busybox plus one link per applet.
-    for a in $($out/bin/busybox --list 2>/dev/null || ${tools}/bin/busybox --list); do
-      [ -e $out/bin/$a ] || ln -s busybox $out/bin/$a
+  # `<output>/lib/libX.so -> <lib output>/lib/libX.so.N`: the development link Nixpkgs keeps in
+  # `dev`, pointing at the library's own output (a reference between outputs).
+  devLinks = libOut: ''
+    for f in $(outdir ${libOut})/lib/*.so.*; do
+      [ -e "$f" ] || continue
+      b=$(basename "$f"); b=''${b%%.so.*}.so
+      mkdir -p $dev/lib
+      [ -e $dev/lib/$b ] || ln -s "$f" $dev/lib/$b
     done
-  ''; };
+  '';
 
-  skalibs = mkDeb { pname = "skalibs"; debNames = [ "libskarnet2.13" ]; };
-  execline = mkDeb { pname = "execline"; debNames = [ "execline" "libexecline2.9" ]; deps = [ skalibs ]; };
-  s6 = mkDeb { pname = "s6"; debNames = [ "s6" "libs6-2.11" ]; deps = [ execline skalibs ]; };
-  runit = mkDeb { pname = "runit"; debNames = [ "runit" ]; postInstall = ''
-    # Nixpkgs' runit has runit-init in bin/.
-    ln -s ../lib/runit/runit-init $out/bin/runit-init
-  ''; };
-  zlib = mkDeb { pname = "zlib"; debNames = [ "zlib1g" ]; };
-  libxcrypt = mkDeb { pname = "libxcrypt"; debNames = [ "libcrypt1" ]; };
+  # Nixpkgs' glibc: out (libc, ld.so, gconv; lib64 -> lib) bin dev static getent. Debian's libc6
+  # holds only what `out` has; the others stay thin.
+  glibc = mkDeb { pname = "glibc"; debNames = [ "libc6" ]; withGlibc = false;
+    outputs = [ "out" "bin" "dev" "static" "getent" ];
+    split = "to getent bin/getent; to bin 'bin/*' 'sbin/*'";
+    postInstall = ''
+      ln -s lib $out/lib64
+      ${devLinks "out"}
+    ''; };
+
+  # Nixpkgs' busybox: out only, bin/busybox with the applets as relative links where busybox
+  # installs them (CONFIG_INSTALL_NO_USR): bin/<a> -> busybox, sbin/<a> -> ../bin/busybox. The
+  # applet list comes from the host architecture's build of the same Debian package (same
+  # version and config), so a cross build never runs a target binary.
+  mkBusybox = { debName, pname ? "busybox", name ? null, withGlibc }: mkDeb {
+    inherit pname name withGlibc;
+    debNames = [ debName ];
+    split = "rm -rf $stage/share";
+    postInstall = ''
+      dpkg-deb -x ${hostDeb debName} $TMPDIR/host
+      ${if withGlibc
+        then "${hostGlibc}/lib/${host.ld} --library-path ${hostGlibc}/lib $TMPDIR/host/bin/busybox --list-full"
+        else "$TMPDIR/host/bin/busybox --list-full"} >$TMPDIR/applets
+      while read -r a; do
+        a=''${a#usr/}
+        case "$a" in
+          bin/busybox) ;;
+          bin/*) ln -sfn busybox "$out/$a" ;;
+          sbin/*) mkdir -p $out/sbin; ln -sfn ../bin/busybox "$out/$a" ;;
+          */*) echo "busybox applet in an unexpected place: $a"; exit 1 ;;
+          *) ln -sfn bin/busybox "$out/$a" ;;
+        esac
+      done <$TMPDIR/applets
+    '';
+  };
+  # Dynamic, linked to the store glibc, as Nixpkgs' default busybox.
+  busybox = mkBusybox { debName = "busybox"; withGlibc = true; };
+  # `pkgsStatic.busybox`: static, no glibc in the closure (Debian's busybox-static).
+  busyboxStatic = mkBusybox { debName = "busybox-static"; name = "busybox-static-${debVersion targetLock.packages.busybox-static.version}"; withGlibc = false; };
+
+  # skaware packages, with Nixpkgs' outputs (pkgs/development/skaware-packages).
+  skalibs = mkDeb { pname = "skalibs"; debNames = [ "libskarnet2.13" ];
+    outputs = [ "lib" "dev" "doc" "out" ]; libOutput = "lib";
+    split = "to lib 'lib/*'; to doc 'share/doc'";
+    postInstall = devLinks "lib"; };
+  execline = mkDeb { pname = "execline"; debNames = [ "execline" "libexecline2.9" ]; deps = [ skalibs ];
+    outputs = [ "bin" "man" "lib" "dev" "doc" "out" ]; libOutput = "lib";
+    split = ''
+      rm -f $stage/bin/execlineb
+      mkdir -p $stage/bin; mv $stage/lib/execline/bin/* $stage/bin/; rm -rf $stage/lib/execline
+      to lib 'lib/*'; to man 'share/man'; to doc 'share/doc'; to bin 'bin'
+    '';
+    postInstall = ''
+      ${devLinks "lib"}
+      # Nixpkgs wraps execlineb so that it finds its siblings (wrapProgram --prefix PATH).
+      mv $bin/bin/execlineb $bin/bin/.execlineb-wrapped
+      printf '#!%s\nPATH=%s/bin''${PATH:+:$PATH}\nexport PATH\nexec %s/bin/.execlineb-wrapped "$@"\n' \
+        ${runtimeShell} $bin $bin >$bin/bin/execlineb
+      chmod 555 $bin/bin/execlineb
+    ''; };
+  s6 = mkDeb { pname = "s6"; debNames = [ "s6" "libs6-2.11" ]; deps = [ execline.lib skalibs ];
+    outputs = [ "out" "man" "dev" "doc" ];
+    split = "mkdir -p $stage/libexec; mv $stage/lib/s6/* $stage/libexec/; rmdir $stage/lib/s6; to man 'share/man'; to doc 'share/doc'";
+    postInstall = devLinks "out"; };
+  # Nixpkgs' runit: every program in out/bin (runit-init included), man pages in `man`.
+  runit = mkDeb { pname = "runit"; debNames = [ "runit" ];
+    outputs = [ "out" "man" ];
+    split = ''
+      mkdir -p $stage/bin
+      mv $stage/sbin/runit $stage/sbin/runsvchdir $stage/sbin/utmpset $stage/lib/runit/runit-init $stage/bin/
+      # Debian's own scripts and configuration, which Nixpkgs' runit does not have
+      rm -rf $stage/etc $stage/sbin $stage/lib $stage/bin/cpsv $stage/share/bash-completion $stage/share/doc-base
+      to man 'share/man'
+    ''; };
+  zlib = mkDeb { pname = "zlib"; debNames = [ "zlib1g" ]; outputs = [ "out" "dev" "static" ]; postInstall = devLinks "out"; };
+  libxcrypt = mkDeb { pname = "libxcrypt"; debNames = [ "libcrypt1" ]; outputs = [ "out" "man" ]; split = "to man 'share/man'"; };
   libtommath = mkDeb { pname = "libtommath"; debNames = [ "libtommath1" ]; };
   gmp = mkDeb { pname = "gmp"; debNames = [ "libgmp10" ]; };
   libtomcrypt = mkDeb { pname = "libtomcrypt"; debNames = [ "libtomcrypt1" ]; deps = [ libtommath gmp ]; };
+  # Nixpkgs' dropbear: the client tools in out/bin, the server in out/sbin.
   dropbear = mkDeb { pname = "dropbear"; debNames = [ "dropbear-bin" ]; deps = [ zlib libxcrypt libtomcrypt libtommath gmp ]; };
+
+  # The shell of generated scripts (Nixpkgs' runtimeShell is bash; here the target's busybox).
+  runtimeShell = "${busybox}/bin/sh";
 
   kernelSource = run "linux-${targetLock.packages.linux-source.version}.tar.xz" { } ''
     dpkg-deb -x ${deb "linux-source"} $TMPDIR/root
@@ -308,17 +437,124 @@ let
   targetArch = target;
   kernelImagePath = t: "arch/${if target.kernelArch == "x86_64" then "x86" else target.kernelArch}/boot/${t}";
 
-  # A team's own program: C, built with -g (unstripped), dynamically linked to the store glibc.
-  # The interpreter and RUNPATH are set at link time (the compiler's own C library only serves
-  # the link): patchelf on an aarch64 binary appends 64 KiB-aligned segments after the debug
-  # sections, a layout that in-process stripping cannot shrink.
-  hello = runHost "hello-1.0" { src = ./src/hello.c; } ''
+  # ---- A team's own packages: the part of Nixpkgs' stdenv and callPackage a small package needs.
+
+  # stdenv.cc: `cc`, `gcc`, `c++`, `g++` (and the same with the target prefix) compile for the
+  # board with the host's toolchain (cross for another architecture) and link against the set's
+  # glibc: the interpreter and RUNPATH are set at link time (the compiler's own C library only
+  # serves the link), so no patching is needed. NIX_CFLAGS_COMPILE and NIX_CFLAGS_LINK (set by
+  # mkDerivation from buildInputs) are added, as Nixpkgs' cc-wrapper does.
+  ccWrapper = run "bonsai-cc-wrapper" { inherit toolchainId; } ''
     mkdir -p $out/bin
-    ${crossPrefix}gcc -g -O2 -Wl,--dynamic-linker=${glibc}/lib/${target.ld} -Wl,-rpath,${glibc}/lib -o $out/bin/hello $src
-  '' // { pname = "hello"; version = "1.0"; };
-in
-{
-  inherit glibc busybox skalibs execline s6 runit zlib libxcrypt libtommath libtomcrypt gmp dropbear linux linuxManualConfig hello;
+    for t in cc:gcc gcc:gcc c++:g++ g++:g++; do
+      name=''${t%%:*}
+      # the host's compiler by its full path: the wrapper's own name comes first on PATH
+      real=$(PATH=${hostTools} command -v ${crossPrefix}''${t#*:}) || { echo "no ${crossPrefix}''${t#*:} in ${hostTools}"; exit 1; }
+      cat >$out/bin/$name <<EOS
+    #!${hostShell}
+    exec $real "\$@" \$NIX_CFLAGS_COMPILE \$NIX_CFLAGS_LINK -Wl,--dynamic-linker=${glibc}/lib/${target.ld} -Wl,-rpath,${glibc}/lib
+    EOS
+      chmod 555 $out/bin/$name
+      ${if crossPrefix == "" then "" else "ln -s $name $out/bin/${crossPrefix}$name"}
+    done
+  '' // { targetPrefix = crossPrefix; isGNU = true; libc = glibc; };
+
+  # autoPatchelfHook, minimal: in nativeBuildInputs, it gives every dynamically linked ELF file
+  # of the outputs the store glibc's interpreter and a RUNPATH of the output's lib/, the
+  # buildInputs' lib/ and glibc, and fails naming a library none of them has. For prebuilt
+  # binaries: the one place where patching is right.
+  autoPatchelfHook = run "auto-patchelf-hook" { } ''
+    mkdir -p $out/bin
+    cat >$out/bin/auto-patchelf <<'EOS'
+    #!${sh}
+    # auto-patchelf <rpath> <dir>...
+    set -e
+    rpath=$1; shift
+    find "$@" -type f | while read -r f; do
+      [ "$(head -c 4 "$f" | od -An -c | tr -d ' \n')" = '177ELF' ] || continue
+      ${patchelf}/bin/patchelf --print-interpreter "$f" >/dev/null 2>&1 || continue
+      ${patchelf}/bin/patchelf ${target.patchelfFlags}--set-interpreter ${glibc}/lib/${target.ld} "$f"
+      for n in $(${patchelf}/bin/patchelf --print-needed "$f"); do
+        found=
+        for d in $(echo "$rpath" | tr ':' ' '); do [ -e "$d/$n" ] && found=1; done
+        if [ -z "$found" ]; then echo "auto-patchelf: $f needs $n, which is in none of $rpath (add the package that has it to buildInputs)" >&2; exit 1; fi
+      done
+      ${patchelf}/bin/patchelf ${target.patchelfFlags}--set-rpath "$rpath" "$f"
+      echo "auto-patchelf: $f"
+    done
+    EOS
+    chmod 555 $out/bin/auto-patchelf
+  '' // { bonsaiHook = "auto-patchelf"; };
+
+  # stdenv.mkDerivation for small packages: pname, version (or name), src (a file, copied in,
+  # or a folder, copied in and entered), configurePhase, buildPhase, installPhase with their
+  # pre/post hooks, nativeBuildInputs (their bin/ on PATH; autoPatchelfHook runs after the
+  # install), buildInputs (include/ and lib/ to the compiler, lib/ into the RUNPATH), outputs,
+  # passthru and meta. Other attributes become environment variables, as in Nixpkgs. Nothing is
+  # stripped (bonsai strips in the image; `dontStrip` is accepted). The builder is the host's
+  # shell with the host's tools, like the kernel's.
+  mkDerivation = args@{ pname ? null, version ? null, name ? null, src ? null
+    , nativeBuildInputs ? [ ], buildInputs ? [ ], outputs ? [ "out" ]
+    , passthru ? { }, meta ? { }, ... }:
+    let
+      fullName = if name != null then name
+        else if pname != null && version != null then "${pname}-${version}"
+        else throw "bonsai offline stdenv.mkDerivation: give pname and version (or name)";
+      hooks = builtins.filter (d: (d.bonsaiHook or null) == "auto-patchelf") nativeBuildInputs;
+      libDirs = builtins.concatStringsSep ":" ([ "$out/lib" ] ++ map (d: "${d}/lib") buildInputs ++ [ "${glibc}/lib" ]);
+      env = builtins.removeAttrs args [ "pname" "version" "name" "nativeBuildInputs" "buildInputs" "outputs" "passthru" "meta" ];
+      drv = runHost fullName (env // {
+        inherit outputs;
+        PATH = builtins.concatStringsSep ":" (map (d: "${d}/bin") ([ ccWrapper ] ++ nativeBuildInputs) ++ [ hostTools "${tools}/bin" ]);
+        NIX_CFLAGS_COMPILE = builtins.concatStringsSep " " (map (d: "-I${d.dev or d}/include") buildInputs);
+        NIX_CFLAGS_LINK = builtins.concatStringsSep " " (map (d: "-L${d}/lib -Wl,-rpath,${d}/lib") buildInputs);
+        src = if src == null then "" else src;
+      }) ''
+        export HOME=$TMPDIR/home
+        mkdir -p $TMPDIR/build
+        cd $TMPDIR/build
+        runPhase() { eval "ph=\''${$1:-}"; [ -z "$ph" ] || eval "$ph"; }
+        if [ -n "$unpackPhase" ]; then eval "$unpackPhase"
+        elif [ -n "$src" ] && [ -z "$dontUnpack" ]; then
+          if [ -d "$src" ]; then
+            cp -R "$src" source; chmod -R u+w source; cd source
+          else
+            cp "$src" "$(basename "$src" | cut -c34-)"
+          fi
+        fi
+        for p in preConfigure configurePhase postConfigure preBuild buildPhase postBuild preInstall installPhase postInstall; do
+          runPhase $p
+        done
+        for o in $outputs; do eval "[ -e \"\''$$o\" ]" || { echo "bonsai offline stdenv: ${fullName}: the install did not create output $o"; exit 1; }; done
+        ${if hooks == [ ] then "" else ''auto-patchelf "${libDirs}" $(for o in $outputs; do eval echo "\''$$o"; done)''}
+      '';
+    in
+    drv // { inherit passthru meta; } // passthru
+    // (if pname != null then { inherit pname; } else { })
+    // (if version != null then { inherit version; } else { });
+
+  stdenv = {
+    inherit mkDerivation;
+    cc = ccWrapper;
+    shell = hostShell;
+    isLinux = true;
+    hostPlatform = { inherit system; isLinux = true; isAarch64 = system == "aarch64-linux"; isx86_64 = system == "x86_64-linux"; };
+    buildPlatform = { system = hostSystem; isLinux = true; };
+    targetPlatform = stdenv.hostPlatform;
+  };
+
+  # Nixpkgs' callPackage: a function (or a file holding one) gets the set's attributes its
+  # arguments name, plus the overrides; `newScope extra` looks in `extra` first.
+  callPackageWith = set: fn: overrides:
+    let f = if builtins.isFunction fn then fn else import fn;
+    in f (builtins.intersectAttrs (builtins.functionArgs f) set // overrides);
+
+  self = {
+    inherit glibc busybox skalibs execline s6 runit zlib libxcrypt libtommath libtomcrypt gmp dropbear linux linuxManualConfig;
+    inherit stdenv patchelf autoPatchelfHook runtimeShell;
+    pkgsStatic = { busybox = busyboxStatic; };
+    callPackage = callPackageWith self;
+    newScope = extra: callPackageWith (self // extra);
   # Tools for bonsai's own glue (kernel configs): the bootstrap userland and the host toolchain.
   bonsai = {
     inherit tools patchelf;
@@ -331,4 +567,6 @@ in
         inherit crossPrefix;
       }) "sh ${script}";
   };
-}
+  };
+in
+self

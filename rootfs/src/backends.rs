@@ -5,7 +5,7 @@
 //!   order of [`System::steps`] and [`System::network`]; bonsai-init applies the same steps
 //!   from `/etc/bonsai/init.json`, calling the same `ip` commands.
 //! - `/etc/bonsai/svc/<name>/run`: waits for dependencies, marks the service started, drops
-//!   privileges with busybox `setpriv`, clears the environment and execs the command.
+//!   privileges with busybox `start-stop-daemon -c`, clears the environment and execs the command.
 //! - `/etc/bonsai/svc/<name>/finish`: restart policy and exponential backoff.
 //! - `/etc/bonsai/svc/<name>/log`: the console prefixer or the log file writer.
 //! - `/etc/bonsai/harness`: waits for every longrun, reports on the console, runs the checks.
@@ -224,11 +224,13 @@ fn run_script(svc: &Service, sys: &System) -> String {
     }
     let _ = writeln!(s, "cd {} || exit 1", sh_quote(&svc.working_directory));
     match sys.users.iter().find(|u| u.uid == svc.uid && svc.uid != 0) {
-        // busybox su: the user's uid, primary gid and (empty) supplementary groups.
+        // busybox start-stop-daemon -c (in every busybox build, unlike su, which Debian's
+        // dynamic one lacks): the user's uid, primary gid and supplementary groups, then an
+        // exec in the same process (no fork, so the supervisor's pid stays the service's).
         Some(user) => {
             let _ = writeln!(
                 s,
-                "exec su -s /bin/sh {} /etc/bonsai/svc/{}/exec",
+                "exec start-stop-daemon -S -c {} -x /etc/bonsai/svc/{}/exec",
                 user.name, svc.name
             );
         }
@@ -415,15 +417,17 @@ fn shutdown_script(sys: &System, backend: Backend) -> String {
     s
 }
 
-/// The final step after s6-svscan or runit have stopped everything.
+/// The final step after s6-svscan or runit have stopped everything. The applets are called
+/// through `busybox`: /bin/poweroff is bonsai's ordered-stop wrapper, which a busybox without
+/// FEATURE_PREFER_APPLETS (Nixpkgs' and Debian's dynamic one) would find on PATH instead.
 const FINAL: &str = r#"#!/bin/sh
 # the last thing before the kernel call
 export PATH=/bin
 sync
 case "$(cat /run/bonsai/action 2>/dev/null)" in
-halt) exec halt -f ;;
-poweroff) exec poweroff -f ;;
-*) exec reboot -f ;;
+halt) exec busybox halt -f ;;
+poweroff) exec busybox poweroff -f ;;
+*) exec busybox reboot -f ;;
 esac
 "#;
 

@@ -665,7 +665,7 @@ fn bench_rebuild(root: &Path, board: &str, scratch: &Path, runs: usize) -> Resul
 
     // One package changed: a scratch copy of the data folders, hello.c edited before each run.
     let copy = scratch.join("root");
-    for d in ["boards", "profiles", "kernel-configs", "nix"] {
+    for d in ["boards", "profiles", "kernel-configs", "nix", "examples"] {
         copy_dir(&root.join(d), &copy.join(d))?;
     }
     // The first build warms this pack cache; each changed build reuses what did not change.
@@ -678,7 +678,7 @@ fn bench_rebuild(root: &Path, board: &str, scratch: &Path, runs: usize) -> Resul
         ),
     ];
     timed_build(&exe, &build_args, &env)?;
-    let hello = copy.join("nix/offline/src/hello.c");
+    let hello = copy.join("examples/hello/src/hello.c");
     let info_path = copy.join("out").join(board).join("build.json");
     let hello_path = |p: &Path| -> Result<Option<String>> {
         let info: crate::build::BuildInfo = serde_json::from_str(&fs::read_to_string(p)?)?;
@@ -1180,7 +1180,7 @@ fn render_rebuild(r: &Report, f: &RebuildFigures, line: &mut impl FnMut(String))
         "The xtask binary running the bench (`std::env::current_exe()`), not `cargo run`, \
          building `--board {}` with its default profile. \"One package changed\" runs on a scratch copy of `boards/ profiles/ \
          kernel-configs/ nix/` (`BONSAI_ROOT`), appending a comment line to \
-         `nix/offline/src/hello.c` before each run, so Nix rebuilds `hello` and bonsai \
+         `examples/hello/src/hello.c` before each run, so Nix rebuilds `hello` and bonsai \
          re-assembles and repacks{}, with a pack cache that the first (untimed) build filled. \
          \"Fresh output folder\" builds into a new `--out` folder: Nix's cache answers, everything \
          else is done from scratch, with an empty pack cache (`BONSAI_PACK_CACHE` pointing at a new \

@@ -190,7 +190,8 @@ impl Build {
                 crate::host::ensure(&[cc], &[libc])?;
             }
         }
-        let eval = Eval::new(&root, &board, &packages, &source)?;
+        let eval =
+            Eval::with_local_packages(&root, &board, &packages, &profile.local_packages, &source)?;
 
         // The kernel's config first: a dropped option must stop the build before a long compile.
         if let KernelSource::Build { .. } = board.kernel.source {
@@ -311,15 +312,70 @@ impl Build {
 }
 
 /// The package attributes a build realises: the profile's, then busybox (every backend's
-/// scripts run on it) and the backend's own package (runit, s6) when the profile lacks them.
+/// scripts run on it: the profile's, static or not, else the set's default) and the backend's
+/// own package (runit, s6) when the profile lacks them.
 pub fn packages_for(profile: &Profile, backend: rootfs::Backend) -> Vec<String> {
     let mut packages = profile.packages.clone();
-    for needed in ["busybox"].into_iter().chain(backend.package()) {
+    let has_busybox = packages.iter().any(|p| is_busybox(p));
+    let busybox = (!has_busybox).then_some("busybox");
+    for needed in busybox.into_iter().chain(backend.package()) {
         if !packages.iter().any(|p| p == needed) {
             packages.push(needed.to_string());
         }
     }
     packages
+}
+
+/// A busybox package: `busybox` or one from another set of the same source (`pkgsStatic.busybox`).
+pub fn is_busybox(attr: &str) -> bool {
+    attr == "busybox" || attr.ends_with(".busybox")
+}
+
+/// The program folders of a package, as in Nixpkgs: `bin/`, then `sbin/` (busybox's `ip`,
+/// `init`, `poweroff`; dropbear's server).
+pub const PROGRAM_DIRS: [&str; 2] = ["bin", "sbin"];
+
+/// The `/bin` links of the image: (name, store path) for every program in a package's `bin/`
+/// and `sbin/`, the busybox at `busybox_index` first (the first of a name wins: the busybox
+/// of the init and /bin/sh is the last one the profile names, a child's choice over its
+/// parents').
+pub fn program_links(package_paths: &[PathBuf], busybox_index: usize) -> Vec<(String, String)> {
+    let mut links = Vec::new();
+    let order = std::iter::once(busybox_index)
+        .chain((0..package_paths.len()).filter(|&i| i != busybox_index));
+    for pkg in order.filter_map(|i| package_paths.get(i)) {
+        let pkg_s = pkg.display().to_string();
+        for dir in PROGRAM_DIRS {
+            if let Ok(entries) = fs::read_dir(pkg.join(dir)) {
+                let mut names: Vec<String> = entries
+                    .filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .collect();
+                names.sort();
+                for n in names {
+                    if !n.starts_with('.') {
+                        links.push((n.clone(), format!("{pkg_s}/{dir}/{n}")));
+                    }
+                }
+            }
+        }
+    }
+    links
+}
+
+/// Where the selection starts in a package: its programs (`bin/` and `sbin/`), else the whole
+/// output (a library such as skalibs' `lib`).
+pub fn package_roots(pkg: &Path) -> Vec<PathBuf> {
+    let dirs: Vec<PathBuf> = PROGRAM_DIRS
+        .iter()
+        .map(|d| pkg.join(d))
+        .filter(|d| d.is_dir())
+        .collect();
+    if dirs.is_empty() {
+        vec![pkg.to_path_buf()]
+    } else {
+        dirs
+    }
 }
 
 /// The one-line result of a build: on stdout, or stderr when another command ran the build.
@@ -366,29 +422,18 @@ fn assemble(
     secrets: &[crate::hygiene::Secret],
 ) -> Result<(Tree, Assembly)> {
     let mut tree = Tree::new();
-    let mut bin_links = Vec::new();
     let find = |attr: &str| {
         packages
             .iter()
             .position(|p| p == attr)
             .map(|i| package_paths[i].display().to_string())
     };
-    for pkg in package_paths {
-        let pkg_s = pkg.display().to_string();
-        if let Ok(entries) = fs::read_dir(pkg.join("bin")) {
-            let mut names: Vec<String> = entries
-                .filter_map(|e| e.ok())
-                .filter_map(|e| e.file_name().into_string().ok())
-                .collect();
-            names.sort();
-            for n in names {
-                if !n.starts_with('.') {
-                    bin_links.push((n.clone(), format!("{pkg_s}/bin/{n}")));
-                }
-            }
-        }
-    }
-    let busybox = find("busybox").context("the busybox package is missing")?;
+    let busybox_index = packages
+        .iter()
+        .rposition(|p| is_busybox(p))
+        .context("the busybox package is missing")?;
+    let bin_links = program_links(package_paths, busybox_index);
+    let busybox = package_paths[busybox_index].display().to_string();
     let init = rootfs::InitInputs {
         backend,
         busybox,
@@ -436,12 +481,12 @@ fn assemble(
     ui::step(format!("select files from {} store paths", closure.len()));
     let mut roots = Vec::new();
     for (attr, pkg) in packages.iter().zip(package_paths) {
-        let bin = pkg.join("bin");
-        let root = if bin.is_dir() { bin } else { pkg.clone() };
-        roots.push(rootfs::Root::new(
-            root.display().to_string(),
-            format!("package {attr}"),
-        ));
+        for root in package_roots(pkg) {
+            roots.push(rootfs::Root::new(
+                root.display().to_string(),
+                format!("package {attr}"),
+            ));
+        }
     }
     roots.extend(rootfs::roots_from_tree(&tree)?);
     let closure_paths: Vec<String> = closure.keys().cloned().collect();
@@ -816,7 +861,16 @@ pub fn fingerprint(
     }
     let mut nix_files = Vec::new();
     collect_files(&root.join("nix"), &mut nix_files)?;
+    // A local package's folder: its expression and the sources next to it.
+    for l in profile.local_packages.values() {
+        let file = root.join(&l.path);
+        match file.parent() {
+            Some(dir) if dir != root => collect_files(dir, &mut nix_files)?,
+            _ => nix_files.push(file),
+        }
+    }
     nix_files.sort();
+    nix_files.dedup();
     for f in &nix_files {
         add_file(&mut h, f)?;
     }
@@ -1030,6 +1084,68 @@ fn prune_pack_cache(cache: &rootfs::PieceCache) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fake store path with the given programs (empty files) under bin/ and sbin/.
+    fn package(dir: &Path, name: &str, programs: &[&str]) -> PathBuf {
+        let pkg = dir.join(name);
+        for p in programs {
+            let f = pkg.join(p);
+            fs::create_dir_all(f.parent().unwrap()).unwrap();
+            fs::write(f, b"").unwrap();
+        }
+        pkg
+    }
+
+    /// Nixpkgs' busybox keeps `ip` and `init` in sbin/, dropbear its server: they get /bin
+    /// links and are selection roots like bin/.
+    #[test]
+    fn sbin_programs_are_linked_and_are_roots() {
+        let d = tempfile::tempdir().unwrap();
+        let bb = package(
+            d.path(),
+            "bb",
+            &["bin/busybox", "bin/sh", "sbin/ip", "sbin/init"],
+        );
+        let db = package(
+            d.path(),
+            "db",
+            &["bin/dbclient", "sbin/dropbear", "bin/.hidden"],
+        );
+        let lib = package(d.path(), "lib", &["lib/libx.so.1"]);
+        let links = program_links(&[bb.clone(), db.clone(), lib.clone()], 0);
+        let s = |p: &Path, rest: &str| format!("{}/{rest}", p.display());
+        assert_eq!(
+            links,
+            [
+                ("busybox".to_string(), s(&bb, "bin/busybox")),
+                ("sh".to_string(), s(&bb, "bin/sh")),
+                ("init".to_string(), s(&bb, "sbin/init")),
+                ("ip".to_string(), s(&bb, "sbin/ip")),
+                ("dbclient".to_string(), s(&db, "bin/dbclient")),
+                ("dropbear".to_string(), s(&db, "sbin/dropbear")),
+            ]
+        );
+        assert_eq!(package_roots(&db), [db.join("bin"), db.join("sbin")]);
+        assert_eq!(package_roots(&lib), std::slice::from_ref(&lib));
+    }
+
+    /// The busybox the profile names last comes first, so its links win.
+    #[test]
+    fn the_chosen_busybox_links_first() {
+        let d = tempfile::tempdir().unwrap();
+        let dynamic = package(d.path(), "dyn", &["bin/sh", "bin/blkid"]);
+        let stat = package(d.path(), "static", &["bin/sh"]);
+        let links = program_links(&[dynamic.clone(), stat.clone()], 1);
+        let sh: Vec<&String> = links
+            .iter()
+            .filter(|(n, _)| n == "sh")
+            .map(|(_, t)| t)
+            .collect();
+        assert_eq!(sh[0], &format!("{}/bin/sh", stat.display()));
+        assert!(links.iter().any(|(n, _)| n == "blkid"));
+        assert!(is_busybox("busybox") && is_busybox("pkgsStatic.busybox"));
+        assert!(!is_busybox("busybox-extra") && !is_busybox("hello"));
+    }
 
     /// The executable's hash is remembered, and computed again when the file changes.
     #[test]

@@ -176,6 +176,19 @@ struct RawProfile {
     /// Files supplied at build time from outside the repository (host keys and the like).
     #[serde(default)]
     secrets: Vec<SecretSpec>,
+    /// The team's own packages: name -> a `.nix` file (relative to the repository root) that is
+    /// called with `callPackage` from the package set in use.
+    #[serde(default)]
+    local_packages: BTreeMap<String, String>,
+}
+
+/// A `[local-packages]` entry, validated: the file exists inside the repository.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalPackage {
+    /// The `.nix` file, relative to the repository root (`/`-separated, no `..`).
+    pub path: String,
+    /// The profile that declares it (the file is `profiles/<origin>.toml`).
+    pub origin: String,
 }
 
 /// `[[secrets]]`: a file the build copies into the image from outside the repository.
@@ -286,6 +299,8 @@ pub struct Profile {
     pub secrets: Vec<DeclaredSecret>,
     /// For each user in `system.users`, the profile that defines it last (whose table is used).
     pub user_origin: BTreeMap<String, String>,
+    /// `[local-packages]` of the profile and its parents (the child wins by name).
+    pub local_packages: BTreeMap<String, LocalPackage>,
 }
 
 // ---------------------------------------------------------------- loading
@@ -529,8 +544,18 @@ impl Config {
         let mut development = false;
         let mut secrets = Vec::new();
         let mut user_origin = BTreeMap::new();
+        let mut local_packages = BTreeMap::new();
         for p in &order {
             let raw = &raws[p];
+            for (k, v) in &raw.local_packages {
+                local_packages.insert(
+                    k.clone(),
+                    LocalPackage {
+                        path: v.clone(),
+                        origin: p.clone(),
+                    },
+                );
+            }
             for (k, v) in &raw.services {
                 system.services.insert(k.clone(), v.clone());
             }
@@ -610,6 +635,7 @@ impl Config {
             development,
             secrets,
             user_origin,
+            local_packages,
         })
     }
 
@@ -641,6 +667,9 @@ impl Config {
         }
         let raw: RawProfile = read_toml(&file, &shown)?;
         validate_checks(&raw.check, &shown)?;
+        for (name, path) in &raw.local_packages {
+            self.validate_local_package(&shown, name, path)?;
+        }
         for p in &raw.packages {
             if !valid_attr_path(p) {
                 bail!("{shown}: key 'packages': '{p}' is not a Nix attribute path");
@@ -653,6 +682,40 @@ impl Config {
             self.load_raw_profile(&parent, stack, raws)?;
         }
         stack.pop();
+        Ok(())
+    }
+
+    /// A `[local-packages]` entry: a plain name, and a `.nix` file that exists inside the
+    /// repository (given relative to its root).
+    fn validate_local_package(&self, shown: &str, name: &str, path: &str) -> Result<()> {
+        let key = format!("{shown}: key 'local-packages.{name}'");
+        if name.contains('.') || !valid_attr_path(name) {
+            bail!("{key}: '{name}' is not a plain Nix attribute name");
+        }
+        let rel = Path::new(path);
+        if path.is_empty()
+            || rel.is_absolute()
+            || rel
+                .components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            bail!("{key}: '{path}' is not a path inside the repository (give it relative to the repository root, without '..')");
+        }
+        let file = self.root.join(rel);
+        if !file.is_file() {
+            bail!("{key}: {path} does not exist");
+        }
+        // A link may still lead out of the repository.
+        let inside = match (file.canonicalize(), self.root.canonicalize()) {
+            (Ok(f), Ok(r)) => f.starts_with(r),
+            _ => false,
+        };
+        if !inside {
+            bail!("{key}: {path} leads outside the repository");
+        }
+        if rel.extension().is_none_or(|x| x != "nix") {
+            bail!("{key}: {path} is not a .nix file");
+        }
         Ok(())
     }
 

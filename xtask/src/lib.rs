@@ -81,6 +81,8 @@ pub enum Command {
     Why(why::Why),
     /// Boot one profile with every init backend and print the check x backend matrix
     Conformance(conformance::Conformance),
+    /// Pin Debian packages for the offline package set (nix/offline/<arch>.lock.json)
+    Pin(offline::Pin),
     /// Install what the tests need and run the whole test suite
     Test(test::Test),
     /// Pin Debian 13's Nix anew: rewrite nix/debian13-nix.<arch>.lock.json (BONSAI_NIX=debian13)
@@ -149,6 +151,7 @@ pub fn main() -> ExitCode {
         Command::NewBoard(c) => c.run(),
         Command::Test(c) => c.run(),
         Command::NixLock(c) => c.run(),
+        Command::Pin(c) => c.run(),
         Command::Bench(c) => c.run(),
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-use crate::config::{Arch, Board, KernelSource};
+use crate::config::{Arch, Board, KernelSource, LocalPackage};
 use crate::host;
 use crate::offline;
 use crate::ui;
@@ -77,13 +77,39 @@ impl Eval {
         packages: &[String],
         source: &PackageSource,
     ) -> Result<Eval> {
+        Eval::with_local_packages(root, board, packages, &BTreeMap::new(), source)
+    }
+
+    /// Like [`Eval::new`], with the profile's `[local-packages]` added to the package set.
+    pub fn with_local_packages(
+        root: &Path,
+        board: &Board,
+        packages: &[String],
+        local: &BTreeMap<String, LocalPackage>,
+        source: &PackageSource,
+    ) -> Result<Eval> {
         let kernel = match &board.kernel.source {
             KernelSource::Build { base, fragments } => {
                 serde_json::json!({ "base": base, "fragments": fragments })
             }
             KernelSource::Package(p) => serde_json::json!({ "package": p }),
         };
-        let request = serde_json::json!({ "packages": packages, "kernel": kernel }).to_string();
+        let local: BTreeMap<&String, serde_json::Value> = local
+            .iter()
+            .map(|(name, l)| {
+                let profile = format!("profiles/{}.toml", l.origin);
+                (
+                    name,
+                    serde_json::json!({ "path": l.path, "profile": profile }),
+                )
+            })
+            .collect();
+        let request = serde_json::json!({
+            "packages": packages,
+            "localPackages": local,
+            "kernel": kernel,
+        })
+        .to_string();
         let mut args = vec![
             root.join("nix/bonsai.nix").display().to_string(),
             "--argstr".into(),

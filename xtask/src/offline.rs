@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
 
 use crate::config::Arch;
 use crate::host;
@@ -21,7 +23,7 @@ pub use crate::cache::cache_dir;
 pub use crate::digest::{hex, sha256_file};
 pub use crate::host::host_arch;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Lock {
     pub arch: String,
@@ -29,7 +31,7 @@ pub struct Lock {
     pub packages: BTreeMap<String, LockedDeb>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LockedDeb {
     /// Debian package name.
@@ -38,6 +40,111 @@ pub struct LockedDeb {
     /// File name in the cache (the epoch dropped: store names cannot hold ':').
     pub file: String,
     pub sha256: String,
+}
+
+/// `cargo xtask pin <deb>...`: pins Debian packages for the offline set, at the version the
+/// archive offers now, in `nix/offline/<arch>.lock.json` (the .deb goes into the cache).
+#[derive(Args, Debug, Clone)]
+pub struct Pin {
+    /// Debian package names (binary packages of the lock's suite)
+    #[arg(required = true)]
+    pub packages: Vec<String>,
+    /// Debian architectures whose locks get the pin
+    #[arg(long, value_delimiter = ',', default_value = "amd64,arm64")]
+    pub arch: Vec<String>,
+}
+
+impl Pin {
+    pub fn run(self) -> Result<()> {
+        let root = crate::project_root();
+        for arch in &self.arch {
+            let file = root.join(format!("nix/offline/{arch}.lock.json"));
+            let mut lock = load_lock(&root, arch)?;
+            for name in &self.packages {
+                let deb = pin(&cache_dir(), arch, name)?;
+                ui::detail(format!(
+                    "{arch}: {} {} {}",
+                    deb.package, deb.version, deb.sha256
+                ));
+                lock.packages.insert(name.clone(), deb);
+            }
+            write_lock(&file, &lock)?;
+            println!(
+                "pinned {} in nix/offline/{arch}.lock.json",
+                self.packages.join(", ")
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Downloads the archive's current `name` for `arch` into the cache and describes it as a pin.
+pub fn pin(cache: &Path, arch: &str, name: &str) -> Result<LockedDeb> {
+    host::ensure(&[host::APT_GET, host::DPKG_DEB], &[])?;
+    let dir = cache.join("debs").join(arch);
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let apt = AptDir::new(cache, arch);
+    apt.update()?;
+    let tmp = tempfile::tempdir_in(&dir).context("creating a download folder")?;
+    let out = apt
+        .command()
+        .arg("download")
+        .arg(format!("{name}:{arch}"))
+        .current_dir(tmp.path())
+        .output()
+        .context("running apt-get download")?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last = err
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
+        bail!("cannot pin Debian package {name} ({arch}): {}", last.trim());
+    }
+    let got = fs::read_dir(tmp.path())?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .with_context(|| format!("apt-get download {name}:{arch} wrote no .deb"))?;
+    let field = |f: &str| -> Result<String> {
+        let o = Command::new("dpkg-deb")
+            .arg("-f")
+            .arg(&got)
+            .arg(f)
+            .output()
+            .context("running dpkg-deb")?;
+        let v = String::from_utf8_lossy(&o.stdout).trim().to_string();
+        if !o.status.success() || v.is_empty() {
+            bail!("{}: no {f} field", got.display());
+        }
+        Ok(v)
+    };
+    let (package, version, deb_arch) =
+        (field("Package")?, field("Version")?, field("Architecture")?);
+    let plain = version.split_once(':').map_or(version.as_str(), |(_, v)| v);
+    let file = format!("{package}_{plain}_{deb_arch}.deb");
+    let sha256 = sha256_file(&got)?;
+    fs::rename(&got, dir.join(&file)).with_context(|| format!("moving {file} into the cache"))?;
+    Ok(LockedDeb {
+        package,
+        version,
+        file,
+        sha256,
+    })
+}
+
+/// Writes a lock file atomically, in the layout the shipped ones have (sorted, two-space indent).
+pub fn write_lock(file: &Path, lock: &Lock) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(lock)?;
+    text.push('\n');
+    let dir = file.parent().context("a lock file has a folder")?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("writing {}", file.display()))?;
+    std::io::Write::write_all(&mut tmp, text.as_bytes())?;
+    tmp.persist(file)
+        .with_context(|| format!("writing {}", file.display()))?;
+    Ok(())
 }
 
 /// Where the offline set's inputs are, for `nix-build --arg debs ... --arg bootstrap ...`.

@@ -201,7 +201,7 @@ fn boot_check_fails_when_the_ready_marker_never_comes() {
 fn unknown_package_attribute_is_one_clear_line() {
     let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let scratch = tempfile::tempdir().unwrap();
-    for d in ["boards", "profiles", "kernel-configs", "nix"] {
+    for d in ["boards", "profiles", "kernel-configs", "nix", "examples"] {
         let status = Command::new("cp")
             .arg("-r")
             .arg(root().join(d))
@@ -613,7 +613,7 @@ fn size_map_renders_in_chromium_and_boot_chart_is_drawn() {
 fn new_board_from_the_default_builds_and_boots() {
     let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let scratch = tempfile::tempdir().unwrap();
-    for d in ["boards", "profiles", "kernel-configs", "nix"] {
+    for d in ["boards", "profiles", "kernel-configs", "nix", "examples"] {
         let status = Command::new("cp")
             .arg("-r")
             .arg(root().join(d))

@@ -1,4 +1,4 @@
-/* A small C program standing in for a team's own application: built with -g, unstripped. */
+/* A team's own program, the worked example of [local-packages]: built with -g, unstripped. */
 #include <stdio.h>
 #include <string.h>
 
@@ -10,7 +10,7 @@ static int greet(const char *who)
 int main(int argc, char **argv)
 {
 	if (argc > 1 && strcmp(argv[1], "--version") == 0) {
-		puts("hello (bonsai offline set) 1.0");
+		puts("hello (bonsai example) 1.0");
 		return 0;
 	}
 	return greet(argc > 1 ? argv[1] : "world");
