@@ -114,14 +114,7 @@ impl Eval {
         let backend =
             rootfs::Backend::parse(&init).with_context(|| format!("unknown init '{init}'"))?;
         let packages = crate::build::packages_for(&profile, backend);
-        let source = match self
-            .nixpkgs
-            .clone()
-            .or_else(|| std::env::var("BONSAI_NIXPKGS").ok())
-        {
-            Some(r) => PackageSource::Nixpkgs(r),
-            None => PackageSource::Offline,
-        };
+        let source = PackageSource::from_request(self.nixpkgs.as_deref())?;
         ui::step(format!(
             "evaluate {} (profile {}, init {init}, packages from {}) with allow-import-from-derivation = false",
             board.name,
@@ -129,7 +122,13 @@ impl Eval {
             source.describe()
         ));
         // The offline set's Debian inputs are downloaded here (a download, not a build).
-        let eval = nix::Eval::new(&root, &board, &packages, &source)?;
+        let eval = nix::Eval::with_local_packages(
+            &root,
+            &board,
+            &packages,
+            &profile.local_packages,
+            &source,
+        )?;
 
         let mut wanted: Vec<(&'static str, String, String)> = packages
             .iter()
