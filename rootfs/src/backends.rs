@@ -10,7 +10,8 @@
 //! - `/etc/bonsai/svc/<name>/log`: the console prefixer or the log file writer.
 //! - `/etc/bonsai/harness`: waits for every longrun, reports on the console, runs the checks.
 //! - `/etc/bonsai/shutdown`: stops longruns in reverse order (stop command, then signal, then
-//!   KILL after the timeout), then asks the backend to reboot, halt or power off.
+//!   KILL after the timeout), then asks the backend to reboot, halt or power off. Under
+//!   bonsai-init it only asks: PID 1 stops the services itself, so each stop hook runs once.
 //!
 //! The backends differ only in who supervises: runit's runsv, s6-supervise, a shell loop under
 //! busybox init (which has no backoff or restart policy of its own), or bonsai-init.
@@ -363,7 +364,10 @@ printf 'BONSAI-SERVICES-UP %s %s\n' "${nonce:-none}" "$services_up" >/dev/consol
 # bonsai.hold=1: stay up without a console shell (the host logs in over SSH).
 grep -q 'bonsai.hold=1' /proc/cmdline && exec sleep 2147483647
 if [ -n "$check" ]; then
-	echo 1 >/proc/sys/kernel/printk
+	# Warnings and worse (WARN traces, oopses, the OOM killer) still reach the console while
+	# the checks run; notices and info stay quiet. The check runner prints each check's
+	# output in one write, so kernel lines land between checks, not inside their output.
+	echo 5 >/proc/sys/kernel/printk
 	/etc/bonsai/run-checks "$nonce" >/dev/console 2>&1
 	printf 'BONSAI-DONE %s\n' "$nonce" >/dev/console
 	exec /etc/bonsai/shutdown reboot
@@ -381,7 +385,12 @@ fn shutdown_script(sys: &System, backend: Backend) -> String {
     let mut s = String::from(
         "#!/bin/sh\n# bonsai shutdown: stop longruns in reverse dependency order, then reboot/poweroff/halt\nexport PATH=/bin\naction=${1:-poweroff}\n[ -e /run/bonsai/stopping ] && exit 0\n: >/run/bonsai/stopping\necho \"$action\" >/run/bonsai/action\n",
     );
-    let longruns: Vec<&Service> = sys.longruns().collect();
+    // bonsai-init stops its services itself (stop hooks, signals, timeouts, newest first):
+    // stopping them here too would run every stop hook twice.
+    let longruns: Vec<&Service> = match backend {
+        Backend::BonsaiInit => Vec::new(),
+        _ => sys.longruns().collect(),
+    };
     for svc in longruns.iter().rev() {
         let n = &svc.name;
         if let Some(cmd) = &svc.stop_command {
@@ -809,6 +818,76 @@ mod tests {
             !inittab.contains("prep/supervise"),
             "oneshots are not supervised"
         );
+    }
+
+    /// Each stop hook has one owner: the shared shutdown script under the shell-driven
+    /// backends (newest service first), bonsai-init itself under bonsai-init.
+    #[test]
+    fn stop_hooks_have_one_owner_on_every_backend() {
+        let mut spec = SystemSpec::default();
+        for (name, after) in [("first", "[]"), ("second", r#"["first"]"#)] {
+            let svc: ServiceSpec = serde_json::from_str(&format!(
+                r#"{{"command": ["/bin/sleep", "1000"], "after": {after},
+                    "stop-command": ["/bin/echo", "stop-hook {name}"]}}"#
+            ))
+            .unwrap();
+            spec.services.insert(name.into(), svc);
+        }
+        let sys = validate(&spec, "host", &|_| true).unwrap();
+        let text = |t: &Tree, path: &str| match t.get(path) {
+            Some(Node {
+                kind:
+                    crate::tree::NodeKind::File {
+                        source: Source::Bytes(b),
+                    },
+                ..
+            }) => String::from_utf8(b.clone()).unwrap(),
+            _ => panic!("no {path}"),
+        };
+        for b in [
+            Backend::Busybox,
+            Backend::Runit,
+            Backend::S6,
+            Backend::BonsaiInit,
+        ] {
+            let mut t = Tree::new();
+            render(&mut t, &sys, &inputs(b)).unwrap();
+            let script = text(&t, "etc/bonsai/shutdown");
+            let hooks: Vec<&str> = script
+                .lines()
+                .filter_map(|l| l.split("stop-hook ").nth(1))
+                .map(|rest| rest.split(|c: char| !c.is_alphanumeric()).next().unwrap())
+                .collect();
+            if b == Backend::BonsaiInit {
+                assert!(hooks.is_empty(), "{b:?} runs {hooks:?} in the shell too");
+                let json = text(&t, "etc/bonsai/init.json");
+                assert_eq!(json.matches("stop-hook first").count(), 1, "{json}");
+                assert_eq!(json.matches("stop-hook second").count(), 1, "{json}");
+            } else {
+                assert_eq!(hooks, ["second", "first"], "{b:?}:\n{script}");
+            }
+        }
+    }
+
+    /// While the checks run, the console shows KERN_WARNING (4) and worse: a WARN's trace
+    /// (`---[ end trace`, printed at warning level) reaches the host's judge.
+    #[test]
+    fn kernel_warnings_reach_the_console_during_checks() {
+        let script = harness_script(&system(), true);
+        let levels: Vec<u32> = script
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("echo "))
+            .filter_map(|l| l.strip_suffix(" >/proc/sys/kernel/printk"))
+            .map(|n| n.parse().unwrap())
+            .collect();
+        assert_eq!(levels.len(), 1, "{script}");
+        assert!(
+            levels[0] > 4,
+            "console_loglevel {} hides warnings",
+            levels[0]
+        );
+        let set = script.find("/proc/sys/kernel/printk").unwrap();
+        assert!(set < script.find("/etc/bonsai/run-checks").unwrap());
     }
 
     #[test]
