@@ -761,21 +761,39 @@ mod tests {
         }
     }
 
-    /// The harness reads the services-up moment back from the kernel log: its `dmesg` line
-    /// run by a real shell over busybox-style `dmesg` output picks the last record's time.
-    /// (bonsai-init writes the same record text: `SERVICES_UP_RECORD` in pid1.)
+    /// The record bonsai-init writes to the kernel log, read from its source: the writer's
+    /// own constant, not a copy of the words the harness looks for.
+    fn pid1_services_up_record() -> String {
+        let src = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../pid1/src/supervisor.rs"),
+        )
+        .unwrap();
+        let line = src
+            .lines()
+            .find(|l| l.starts_with("pub const SERVICES_UP_RECORD: &str = "))
+            .expect("SERVICES_UP_RECORD in pid1/src/supervisor.rs");
+        line.split('"').nth(1).unwrap().to_string()
+    }
+
+    /// The harness reads the services-up moment back from the kernel log: its `dmesg` line,
+    /// run by a real shell over busybox-style `dmesg` output holding the record as
+    /// bonsai-init writes it, picks the last record's time; under the other inits the
+    /// harness writes the same record itself.
     #[test]
     fn harness_reads_services_up_from_the_kernel_log() {
+        let record = pid1_services_up_record();
         let script = harness_script(&system(), true);
         let line = script
             .lines()
             .find(|l| l.starts_with("services_up=$(dmesg"))
             .expect("the dmesg line");
-        let log = "[    0.714359] Run /init as init process\n\
-                   [    0.772588] bonsai: services up later\n\
-                   [    0.793963] bonsai: services up\n\
-                   [   12.500000] bonsai: services up\n\
-                   [   13.000000] something else\n";
+        let log = format!(
+            "[    0.714359] Run /init as init process\n\
+             [    0.772588] {record} later\n\
+             [    0.793963] {record}\n\
+             [   12.500000] {record}\n\
+             [   13.000000] something else\n"
+        );
         let program =
             format!("dmesg() {{ printf '{log}'; }}\n{line}\nprintf '%s' \"$services_up\"");
         let out = std::process::Command::new("sh")
@@ -783,7 +801,7 @@ mod tests {
             .output()
             .unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout), "12.500000");
-        assert!(script.contains("echo '<7>bonsai: services up' >/dev/kmsg"));
+        assert!(script.contains(&format!("echo '<7>{record}' >/dev/kmsg")));
     }
 
     #[test]
