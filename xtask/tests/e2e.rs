@@ -477,23 +477,57 @@ fn image_holds_only_stripped_needed_files() {
     assert!(why.contains("root: package hello"), "{why}");
 }
 
+/// The bonsai-init in the image (read back with GNU cpio) is the binary cargo just built
+/// from the current sources, static and small.
 #[test]
 fn bonsai_init_is_static_and_small() {
     let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    ok(&["build", "--board", BOARD, "--init", "bonsai-init"]);
-    let bin = root().join("target/x86_64-unknown-linux-musl/release-pid1/bonsai-init");
-    let size = std::fs::metadata(&bin)
-        .unwrap_or_else(|_| panic!("{} missing", bin.display()))
-        .len();
+    require("cpio", "cpio");
+    require("readelf", "binutils");
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join(BOARD);
+    let out_s = out.to_str().unwrap();
+    ok(&[
+        "build",
+        "--board",
+        BOARD,
+        "--init",
+        "bonsai-init",
+        "--out",
+        out_s,
+    ]);
+    let in_image = d.path().join("bonsai-init");
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "gzip -dc '{}' | cpio -i --quiet --to-stdout bin/bonsai-init >'{}'",
+            out.join("initramfs.cpio.gz").display(),
+            in_image.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(status.success(), "GNU cpio cannot extract bin/bonsai-init");
+    let image = std::fs::read(&in_image).unwrap();
+    let built = root().join("target/x86_64-unknown-linux-musl/release-pid1/bonsai-init");
+    assert!(
+        image == std::fs::read(&built).unwrap(),
+        "the image's bonsai-init is not the one just built from pid1/"
+    );
+    let size = image.len();
     assert!(size <= 1024 * 1024, "bonsai-init is {size} bytes");
     let file = Command::new("readelf")
         .args(["-l", "-d"])
-        .arg(&bin)
+        .arg(&in_image)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&file.stdout);
     assert!(
-        !text.contains("NEEDED"),
+        file.status.success(),
+        "readelf failed on the image's bonsai-init"
+    );
+    let text = String::from_utf8_lossy(&file.stdout);
+    assert!(text.contains("LOAD"), "no program headers:\n{text}");
+    assert!(
+        !text.contains("NEEDED") && !text.contains("INTERP"),
         "bonsai-init is dynamically linked:\n{text}"
     );
 }
