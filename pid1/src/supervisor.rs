@@ -596,12 +596,8 @@ fn remove_ready(svc: &Service) {
 mod tests {
     use super::*;
 
-    /// The readiness harness (rootfs/src/backends.rs, `harness_script`) looks for this exact
-    /// text in `dmesg`; its test pins the same words.
-    #[test]
-    fn services_up_record_is_what_the_harness_looks_for() {
-        assert_eq!(SERVICES_UP_RECORD, "bonsai: services up");
-    }
+    // SERVICES_UP_RECORD is checked against the harness that reads it by rootfs's
+    // `harness_reads_services_up_from_the_kernel_log`, which takes it from this file.
 
     #[test]
     fn signals_map_to_busybox_actions() {

@@ -91,6 +91,7 @@ pub const PANIC_PATTERNS: &[&str] = &[
     "end Kernel panic",
     "Attempted to kill init",
     "---[ end trace",
+    "------------[ cut here ]------------",
     "Unable to mount root fs",
     "No working init found",
 ];
@@ -287,6 +288,11 @@ mod tests {
         assert_eq!(panic_pattern(cases[0]), Some("Kernel panic - not syncing"));
         assert_eq!(panic_pattern(cases[1]), Some("end Kernel panic"));
         assert_eq!(panic_pattern(cases[2]), Some("---[ end trace"));
+        // A WARN's first line, in case its end marker never reaches the console.
+        assert_eq!(
+            panic_pattern("[    3.0] ------------[ cut here ]------------"),
+            Some("------------[ cut here ]------------")
+        );
         assert_eq!(panic_pattern(cases[3]), None);
         assert_eq!(
             panic_pattern("No working init found.  Try passing init= option to kernel."),

@@ -10,7 +10,8 @@
 //! - `/etc/bonsai/svc/<name>/log`: the console prefixer or the log file writer.
 //! - `/etc/bonsai/harness`: waits for every longrun, reports on the console, runs the checks.
 //! - `/etc/bonsai/shutdown`: stops longruns in reverse order (stop command, then signal, then
-//!   KILL after the timeout), then asks the backend to reboot, halt or power off.
+//!   KILL after the timeout), then asks the backend to reboot, halt or power off. Under
+//!   bonsai-init it only asks: PID 1 stops the services itself, so each stop hook runs once.
 //!
 //! The backends differ only in who supervises: runit's runsv, s6-supervise, a shell loop under
 //! busybox init (which has no backoff or restart policy of its own), or bonsai-init.
@@ -365,7 +366,10 @@ printf 'BONSAI-SERVICES-UP %s %s\n' "${nonce:-none}" "$services_up" >/dev/consol
 # bonsai.hold=1: stay up without a console shell (the host logs in over SSH).
 grep -q 'bonsai.hold=1' /proc/cmdline && exec sleep 2147483647
 if [ -n "$check" ]; then
-	echo 1 >/proc/sys/kernel/printk
+	# Warnings and worse (WARN traces, oopses, the OOM killer) still reach the console while
+	# the checks run; notices and info stay quiet. The check runner prints each check's
+	# output in one write, so kernel lines land between checks, not inside their output.
+	echo 5 >/proc/sys/kernel/printk
 	/etc/bonsai/run-checks "$nonce" >/dev/console 2>&1
 	printf 'BONSAI-DONE %s\n' "$nonce" >/dev/console
 	exec /etc/bonsai/shutdown reboot
@@ -383,7 +387,12 @@ fn shutdown_script(sys: &System, backend: Backend) -> String {
     let mut s = String::from(
         "#!/bin/sh\n# bonsai shutdown: stop longruns in reverse dependency order, then reboot/poweroff/halt\nexport PATH=/bin\naction=${1:-poweroff}\n[ -e /run/bonsai/stopping ] && exit 0\n: >/run/bonsai/stopping\necho \"$action\" >/run/bonsai/action\n",
     );
-    let longruns: Vec<&Service> = sys.longruns().collect();
+    // bonsai-init stops its services itself (stop hooks, signals, timeouts, newest first):
+    // stopping them here too would run every stop hook twice.
+    let longruns: Vec<&Service> = match backend {
+        Backend::BonsaiInit => Vec::new(),
+        _ => sys.longruns().collect(),
+    };
     for svc in longruns.iter().rev() {
         let n = &svc.name;
         if let Some(cmd) = &svc.stop_command {
@@ -756,21 +765,39 @@ mod tests {
         }
     }
 
-    /// The harness reads the services-up moment back from the kernel log: its `dmesg` line
-    /// run by a real shell over busybox-style `dmesg` output picks the last record's time.
-    /// (bonsai-init writes the same record text: `SERVICES_UP_RECORD` in pid1.)
+    /// The record bonsai-init writes to the kernel log, read from its source: the writer's
+    /// own constant, not a copy of the words the harness looks for.
+    fn pid1_services_up_record() -> String {
+        let src = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../pid1/src/supervisor.rs"),
+        )
+        .unwrap();
+        let line = src
+            .lines()
+            .find(|l| l.starts_with("pub const SERVICES_UP_RECORD: &str = "))
+            .expect("SERVICES_UP_RECORD in pid1/src/supervisor.rs");
+        line.split('"').nth(1).unwrap().to_string()
+    }
+
+    /// The harness reads the services-up moment back from the kernel log: its `dmesg` line,
+    /// run by a real shell over busybox-style `dmesg` output holding the record as
+    /// bonsai-init writes it, picks the last record's time; under the other inits the
+    /// harness writes the same record itself.
     #[test]
     fn harness_reads_services_up_from_the_kernel_log() {
+        let record = pid1_services_up_record();
         let script = harness_script(&system(), true);
         let line = script
             .lines()
             .find(|l| l.starts_with("services_up=$(dmesg"))
             .expect("the dmesg line");
-        let log = "[    0.714359] Run /init as init process\n\
-                   [    0.772588] bonsai: services up later\n\
-                   [    0.793963] bonsai: services up\n\
-                   [   12.500000] bonsai: services up\n\
-                   [   13.000000] something else\n";
+        let log = format!(
+            "[    0.714359] Run /init as init process\n\
+             [    0.772588] {record} later\n\
+             [    0.793963] {record}\n\
+             [   12.500000] {record}\n\
+             [   13.000000] something else\n"
+        );
         let program =
             format!("dmesg() {{ printf '{log}'; }}\n{line}\nprintf '%s' \"$services_up\"");
         let out = std::process::Command::new("sh")
@@ -778,7 +805,7 @@ mod tests {
             .output()
             .unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout), "12.500000");
-        assert!(script.contains("echo '<7>bonsai: services up' >/dev/kmsg"));
+        assert!(script.contains(&format!("echo '<7>{record}' >/dev/kmsg")));
     }
 
     #[test]
@@ -813,6 +840,76 @@ mod tests {
             !inittab.contains("prep/supervise"),
             "oneshots are not supervised"
         );
+    }
+
+    /// Each stop hook has one owner: the shared shutdown script under the shell-driven
+    /// backends (newest service first), bonsai-init itself under bonsai-init.
+    #[test]
+    fn stop_hooks_have_one_owner_on_every_backend() {
+        let mut spec = SystemSpec::default();
+        for (name, after) in [("first", "[]"), ("second", r#"["first"]"#)] {
+            let svc: ServiceSpec = serde_json::from_str(&format!(
+                r#"{{"command": ["/bin/sleep", "1000"], "after": {after},
+                    "stop-command": ["/bin/echo", "stop-hook {name}"]}}"#
+            ))
+            .unwrap();
+            spec.services.insert(name.into(), svc);
+        }
+        let sys = validate(&spec, "host", &|_| true).unwrap();
+        let text = |t: &Tree, path: &str| match t.get(path) {
+            Some(Node {
+                kind:
+                    crate::tree::NodeKind::File {
+                        source: Source::Bytes(b),
+                    },
+                ..
+            }) => String::from_utf8(b.clone()).unwrap(),
+            _ => panic!("no {path}"),
+        };
+        for b in [
+            Backend::Busybox,
+            Backend::Runit,
+            Backend::S6,
+            Backend::BonsaiInit,
+        ] {
+            let mut t = Tree::new();
+            render(&mut t, &sys, &inputs(b)).unwrap();
+            let script = text(&t, "etc/bonsai/shutdown");
+            let hooks: Vec<&str> = script
+                .lines()
+                .filter_map(|l| l.split("stop-hook ").nth(1))
+                .map(|rest| rest.split(|c: char| !c.is_alphanumeric()).next().unwrap())
+                .collect();
+            if b == Backend::BonsaiInit {
+                assert!(hooks.is_empty(), "{b:?} runs {hooks:?} in the shell too");
+                let json = text(&t, "etc/bonsai/init.json");
+                assert_eq!(json.matches("stop-hook first").count(), 1, "{json}");
+                assert_eq!(json.matches("stop-hook second").count(), 1, "{json}");
+            } else {
+                assert_eq!(hooks, ["second", "first"], "{b:?}:\n{script}");
+            }
+        }
+    }
+
+    /// While the checks run, the console shows KERN_WARNING (4) and worse: a WARN's trace
+    /// (`---[ end trace`, printed at warning level) reaches the host's judge.
+    #[test]
+    fn kernel_warnings_reach_the_console_during_checks() {
+        let script = harness_script(&system(), true);
+        let levels: Vec<u32> = script
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("echo "))
+            .filter_map(|l| l.strip_suffix(" >/proc/sys/kernel/printk"))
+            .map(|n| n.parse().unwrap())
+            .collect();
+        assert_eq!(levels.len(), 1, "{script}");
+        assert!(
+            levels[0] > 4,
+            "console_loglevel {} hides warnings",
+            levels[0]
+        );
+        let set = script.find("/proc/sys/kernel/printk").unwrap();
+        assert!(set < script.find("/etc/bonsai/run-checks").unwrap());
     }
 
     #[test]

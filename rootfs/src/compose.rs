@@ -58,7 +58,8 @@ pub fn compose(tree: &mut Tree, spec: &ComposeSpec) -> Result<()> {
     // /bin holds links into the store; the other usual places point at it.
     tree.insert("bin", Node::dir(0o755))?;
     let mut seen = std::collections::BTreeSet::new();
-    // The backend may put its own programs in /bin (shutdown wrappers, bonsai-init).
+    // The backend may put its own programs in /bin (shutdown wrappers, bonsai-init): rendered
+    // once, aside, so that its names win over the packages' links.
     let mut backend_tree = Tree::new();
     crate::backends::render(&mut backend_tree, &spec.system, &spec.init)?;
     for (path, _) in backend_tree.iter() {
@@ -81,7 +82,7 @@ pub fn compose(tree: &mut Tree, spec: &ComposeSpec) -> Result<()> {
     tree.insert("usr/bin", Node::symlink("../bin"))?;
     tree.insert("usr/sbin", Node::symlink("../bin"))?;
 
-    crate::backends::render(tree, &spec.system, &spec.init)?;
+    tree.merge(&backend_tree)?;
     tree.insert("etc/bonsai/run-checks", file(CHECK_RUNNER, 0o755))?;
     for (i, (name, run)) in spec.checks.iter().enumerate() {
         let body = format!("# {}\n{}\n", name.replace('\n', " "), run);

@@ -458,6 +458,17 @@ impl Tree {
         Ok(())
     }
 
+    /// Inserts every node of `other`, as if its inserts were made here: folders that only
+    /// exist there as parents stay implicit here too.
+    pub fn merge(&mut self, other: &Tree) -> Result<()> {
+        for (path, node) in &other.nodes {
+            if !other.implicit.contains(path) {
+                self.insert(path.as_str(), node.clone())?;
+            }
+        }
+        Ok(())
+    }
+
     /// Adds a host file tree (typically a Nix store path) at `image_prefix`.
     ///
     /// Directories are walked recursively in sorted name order. Files become

@@ -399,18 +399,7 @@ pub fn check_run(
             .split(&format!("BONSAI-DONE {nonce}"))
             .nth(1)
             .unwrap_or("");
-        let mut rest = after_done.lines();
-        let ok = info
-            .shutdown_expect
-            .iter()
-            .all(|want| rest.any(|l| l.trim_end().ends_with(want.as_str())));
-        console.push((
-            format!(
-                "shutdown runs stop hooks in order ({})",
-                info.shutdown_expect.join(", ")
-            ),
-            ok,
-        ));
+        console.push(judge_shutdown(after_done, &info.shutdown_expect));
     }
     if let Some(r) = &report {
         if report.is_some() && failure.is_none() {
@@ -439,5 +428,97 @@ pub fn check_run(
         console,
         log,
         init_started,
+    }
+}
+
+/// The stop hooks' lines after the checks are done: every line that ends with one of
+/// `expected`, or that shows any `stop-hook <name>`, in console order. They pass only when
+/// they are exactly `expected`: each once, in that order, nothing else.
+pub fn judge_shutdown(after_done: &str, expected: &[String]) -> (String, bool) {
+    let seen: Vec<String> = after_done
+        .lines()
+        .map(str::trim_end)
+        .filter_map(|l| {
+            if let Some(want) = expected.iter().find(|w| l.ends_with(w.as_str())) {
+                return Some(want.clone());
+            }
+            let at = l.rfind("stop-hook ")?;
+            Some(l[at..].to_string())
+        })
+        .collect();
+    let ok = seen == expected;
+    let what = if ok {
+        format!(
+            "shutdown runs each stop hook once, in order ({})",
+            expected.join(", ")
+        )
+    } else {
+        format!(
+            "shutdown runs each stop hook once, in order ({}); the console showed ({})",
+            expected.join(", "),
+            seen.join(", ")
+        )
+    };
+    (what, ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn judge(log: &str) -> bool {
+        let expected = [
+            "stop-hook worker".to_string(),
+            "stop-hook ticker".to_string(),
+        ];
+        judge_shutdown(&log.replace('\n', "\r\n"), &expected).1
+    }
+
+    #[test]
+    fn stop_hooks_pass_once_each_in_order() {
+        assert!(judge(
+            "bonsai-init: stopping services\nstop-hook worker\n[ticker] tick\nstop-hook ticker\nreboot: Power down\n"
+        ));
+        // A kernel message may share the line; the hook's text ends it.
+        assert!(judge(
+            "[    9.1] random: x stop-hook worker\nstop-hook ticker\n"
+        ));
+    }
+
+    #[test]
+    fn a_stop_hook_that_runs_twice_fails() {
+        assert!(!judge(
+            "stop-hook worker\nstop-hook ticker\nstop-hook worker\nstop-hook ticker\n"
+        ));
+        assert!(!judge(
+            "stop-hook worker\nstop-hook worker\nstop-hook ticker\n"
+        ));
+    }
+
+    #[test]
+    fn a_missing_stop_hook_fails() {
+        assert!(!judge("stop-hook worker\n"));
+        assert!(!judge(""));
+    }
+
+    #[test]
+    fn stop_hooks_in_the_wrong_order_fail() {
+        assert!(!judge("stop-hook ticker\nstop-hook worker\n"));
+    }
+
+    #[test]
+    fn an_unexpected_stop_hook_fails() {
+        let (what, ok) = judge_shutdown(
+            "stop-hook worker\nstop-hook other\nstop-hook ticker\n",
+            &[
+                "stop-hook worker".to_string(),
+                "stop-hook ticker".to_string(),
+            ],
+        );
+        assert!(!ok);
+        assert!(
+            what.ends_with("(stop-hook worker, stop-hook other, stop-hook ticker)"),
+            "{what}"
+        );
     }
 }

@@ -111,6 +111,8 @@ pub struct Built {
 impl Build {
     pub fn run(self) -> Result<Built> {
         let timer = ui::Timer::start();
+        // An interrupt at any step (Nix, selection, packing) ends the build the same way.
+        crate::outdir::install_handler();
         let root = project_root();
         let cfg = Config::new(&root);
         let board = cfg.load_board(&self.board)?;
@@ -773,23 +775,9 @@ fn write_output(
         }
     })?;
 
-    // Swap the new folder in; the old one is removed only once the new one is in place.
-    let stage = stage.keep();
-    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-    crate::outdir::uninterrupted(|| -> Result<()> {
-        if out.exists() {
-            fs::rename(out, &old)
-                .with_context(|| format!("moving the previous {} aside", out.display()))?;
-        }
-        if let Err(e) = fs::rename(&stage, out) {
-            let _ = fs::rename(&old, out);
-            let _ = fs::remove_dir_all(&stage);
-            return Err(e).with_context(|| format!("moving the new output into {}", out.display()));
-        }
-        drop(staged); // swapped in: nothing left for an interrupt to remove
-        Ok(())
-    })?;
-    let _ = fs::remove_dir_all(&old);
+    // Swap the new folder in, atomically; the previous one is removed afterwards.
+    let _ = stage.keep();
+    crate::outdir::swap_in(staged, out)?;
     Ok(info)
 }
 
@@ -875,6 +863,9 @@ pub fn fingerprint(
         add_file(&mut h, f)?;
     }
     h.update(format!("init={init}\nepoch={epoch}\n").as_bytes());
+    if init == rootfs::Backend::BonsaiInit.name() {
+        add_bonsai_init_inputs(&mut h, root, board, &add_file)?;
+    }
     // Secrets come from outside the repository: a changed one is a changed input.
     for secret in secrets {
         h.update(format!("secret={} {:o}\n", secret.path, secret.mode).as_bytes());
@@ -898,6 +889,30 @@ pub fn fingerprint(
     // The running binary (through /proc, which works even after cargo replaced the file).
     add_file(&mut h, Path::new("/proc/self/exe"))?;
     Ok(Some(crate::digest::hex(&h.finalize())))
+}
+
+/// What the bonsai-init binary is built from: the `pid1/` crate, the workspace manifest
+/// (its `release-pid1` profile), Cargo.lock, the board's Rust target and the compiler.
+fn add_bonsai_init_inputs(
+    h: &mut sha2::Sha256,
+    root: &Path,
+    board: &Board,
+    add_file: &dyn Fn(&mut sha2::Sha256, &Path) -> Result<()>,
+) -> Result<()> {
+    use sha2::Digest;
+    let mut files = Vec::new();
+    collect_files(&root.join("pid1/src"), &mut files)?;
+    files.sort();
+    for f in files.iter().chain(&[
+        root.join("pid1/Cargo.toml"),
+        root.join("Cargo.toml"),
+        root.join("Cargo.lock"),
+    ]) {
+        add_file(h, f)?;
+    }
+    h.update(format!("rust-target={}\n", board.rust_target).as_bytes());
+    h.update(crate::pid1::rustc_version().as_bytes());
+    Ok(())
 }
 
 fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
@@ -1145,6 +1160,68 @@ mod tests {
         assert!(links.iter().any(|(n, _)| n == "blkid"));
         assert!(is_busybox("busybox") && is_busybox("pkgsStatic.busybox"));
         assert!(!is_busybox("busybox-extra") && !is_busybox("hello"));
+    }
+
+    /// A changed bonsai-init source, Cargo.lock or workspace manifest is a changed input of a
+    /// bonsai-init build (and only of one).
+    #[test]
+    fn fingerprint_covers_the_bonsai_init_sources() {
+        let repo = project_root();
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        for dir in ["boards", "profiles", "kernel-configs", "nix", "examples", "pid1/src"] {
+            let mut files = Vec::new();
+            collect_files(&repo.join(dir), &mut files).unwrap();
+            for f in files {
+                let to = root.join(f.strip_prefix(&repo).unwrap());
+                fs::create_dir_all(to.parent().unwrap()).unwrap();
+                fs::copy(&f, to).unwrap();
+            }
+        }
+        for f in ["Cargo.toml", "Cargo.lock", "pid1/Cargo.toml"] {
+            fs::copy(repo.join(f), root.join(f)).unwrap();
+        }
+        let cfg = Config::new(root);
+        let board = cfg.load_board("qemu-x86_64").unwrap();
+        let profile = cfg.load_profile(&board.profile).unwrap();
+        let fp = |init: &str| {
+            fingerprint(
+                root,
+                &board,
+                &profile,
+                init,
+                &PackageSource::Offline,
+                0,
+                &[],
+            )
+            .unwrap()
+            .unwrap()
+        };
+        let (bonsai, busybox) = (fp("bonsai-init"), fp("busybox"));
+        let append = |rel: &str, text: &str| {
+            let mut f = fs::OpenOptions::new()
+                .append(true)
+                .open(root.join(rel))
+                .unwrap();
+            std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
+        };
+        append("pid1/src/main.rs", "// a changed source\n");
+        let changed = fp("bonsai-init");
+        assert_ne!(changed, bonsai, "a pid1/src change left the fingerprint");
+        assert_eq!(
+            fp("busybox"),
+            busybox,
+            "busybox images do not hold bonsai-init"
+        );
+        append("Cargo.lock", "\n");
+        let locked = fp("bonsai-init");
+        assert_ne!(locked, changed, "a Cargo.lock change left the fingerprint");
+        append("Cargo.toml", "\n");
+        assert_ne!(
+            fp("bonsai-init"),
+            locked,
+            "a Cargo.toml change left the fingerprint"
+        );
     }
 
     /// The executable's hash is remembered, and computed again when the file changes.

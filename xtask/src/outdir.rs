@@ -5,10 +5,17 @@
 //!   same folder fails at once naming the holder. The lock file itself stays (removing it
 //!   would race with a build that just opened it).
 //! - **No leftovers.** A build writes into `<parent>/.<name>.tmp-*` and swaps it in at the end
-//!   (see `build.rs`). On SIGINT, SIGTERM or SIGHUP the stage folder is removed before the
-//!   process exits (a signal never runs destructors); the swap itself is never cut in half.
-//!   Whatever a killed build still left behind (`.tmp-*`, `.old-*`) is removed by the next
-//!   build once it holds the lock.
+//!   ([`swap_in`]) in one atomic step: `renameat2(RENAME_EXCHANGE)` trades the stage folder
+//!   and the output folder, so `out/<board>` is the previous output up to that instant and
+//!   the new one after it, whatever kills the process. The previous output, now under the
+//!   stage's name, is removed afterwards. On SIGINT, SIGTERM or SIGHUP (from the start of
+//!   the build, not only once it writes) the stage folder is removed and the process exits
+//!   with `128 + signal`; the swap itself is never cut in half. Whatever a killed build
+//!   still left behind (`.tmp-*`, `.old-*`) is removed by the next build once it holds the
+//!   lock.
+//! - **File systems without RENAME_EXCHANGE** get two renames (output aside to
+//!   `.<name>.old-<pid>`, stage in). A kill between them leaves no `out/<board>`; the next
+//!   build puts the `.old-*` folder back before anything else ([`lock`]).
 //! - **Clear errors** when the folder cannot be written, naming what is in the way.
 
 use std::fs::{self, File, OpenOptions};
@@ -16,7 +23,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, Once};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 /// Stage folders to remove if the process is interrupted.
 static STAGES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
@@ -109,8 +116,138 @@ pub fn lock(root: &Path, board: &str, out: &Path) -> Result<OutLock> {
     file.set_len(0)
         .and_then(|_| file.write_all(format!("{}\n", std::process::id()).as_bytes()))
         .map_err(|e| anyhow::anyhow!("writing {shown}: {}", rootfs::io_message(&e)))?;
+    recover_swap(parent, &name, out);
     remove_stale(parent, &name);
     Ok(OutLock { _file: file })
+}
+
+/// Where the two-rename swap was cut between its steps (`out` gone, the previous output
+/// aside as `.<name>.old-*`), puts the previous output back.
+fn recover_swap(parent: &Path, name: &str, out: &Path) {
+    if out.symlink_metadata().is_ok() {
+        return;
+    }
+    let dir = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let old = format!(".{name}.old-");
+    let mut aside: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&old))
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    aside.sort();
+    if let Some(previous) = aside.pop() {
+        if fs::rename(&previous, out).is_ok() {
+            crate::ui::detail(format!(
+                "restored {} from {} (a build was interrupted while swapping it)",
+                out.display(),
+                previous.display()
+            ));
+        }
+    }
+}
+
+/// Environment variable (tests only): `1` kills the build with SIGKILL between the swap's
+/// steps (after the exchange, before the previous output is removed; with the two-rename
+/// fallback, between the renames).
+pub const KILL_IN_SWAP_ENV: &str = "BONSAI_TEST_KILL_IN_SWAP";
+/// Environment variable (tests only): `1` makes [`swap_in`] take the two-rename fallback.
+pub const NO_EXCHANGE_ENV: &str = "BONSAI_TEST_NO_RENAME_EXCHANGE";
+
+fn killed_here_in_tests() {
+    if std::env::var_os(KILL_IN_SWAP_ENV).is_some_and(|v| v == "1") {
+        // SAFETY: kill(2) on our own pid; nothing runs after SIGKILL.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
+}
+
+/// Atomically trades two paths (`renameat2(RENAME_EXCHANGE)`).
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    if std::env::var_os(NO_EXCHANGE_ENV).is_some_and(|v| v == "1") {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+    };
+    let (a, b) = (c(a)?, c(b)?);
+    // SAFETY: two valid NUL-terminated paths, relative to the current directory.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Puts the finished `stage` folder in place of `out` in one atomic step (see the module
+/// docs), with interrupts held off, then removes the previous output.
+pub fn swap_in(staged: Staged, out: &Path) -> Result<()> {
+    let (parent, name) = split(out)?;
+    let _swap = SWAP.lock().unwrap_or_else(|e| e.into_inner());
+    // From here on an interrupt waits, and then has no unfinished output to remove.
+    let stage = staged.0.clone();
+    drop(staged);
+    let stage = stage.as_path();
+    let swapped = swap(stage, out, parent, &name);
+    if swapped.is_err() {
+        // Not swapped in: the stage still holds only the new, unused output.
+        let _ = fs::remove_dir_all(stage);
+    }
+    swapped
+}
+
+fn swap(stage: &Path, out: &Path, parent: &Path, name: &str) -> Result<()> {
+    let context = || format!("moving the new output into {}", out.display());
+    if out.symlink_metadata().is_err() {
+        return fs::rename(stage, out).with_context(context);
+    }
+    match exchange(stage, out) {
+        Ok(()) => {
+            killed_here_in_tests();
+            // The stage's name now holds the previous output; a kill here leaves it for the
+            // next build to remove.
+            let _ = fs::remove_dir_all(stage);
+            Ok(())
+        }
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EINVAL | libc::ENOSYS | libc::ENOTSUP)
+            ) =>
+        {
+            // No RENAME_EXCHANGE here: two renames, recovered by the next build's `lock`.
+            let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+            fs::rename(out, &old)
+                .with_context(|| format!("moving the previous {} aside", out.display()))?;
+            killed_here_in_tests();
+            if let Err(e) = fs::rename(stage, out) {
+                let _ = fs::rename(&old, out);
+                return Err(e).with_context(context);
+            }
+            let _ = fs::remove_dir_all(&old);
+            Ok(())
+        }
+        Err(e) => Err(e).with_context(context),
+    }
 }
 
 /// Removes `.<name>.tmp-*` and `.<name>.old-*` beside the output folder. Only called with the
@@ -163,13 +300,10 @@ pub fn track_stage(stage: &Path) -> Staged {
     Staged(stage.to_path_buf())
 }
 
-/// Runs `f` (the swap of the finished output) with interrupts held off until it returns.
-pub fn uninterrupted<T>(f: impl FnOnce() -> T) -> T {
-    let _swap = SWAP.lock().unwrap_or_else(|e| e.into_inner());
-    f()
-}
-
-fn install_handler() {
+/// Makes SIGINT, SIGTERM and SIGHUP end the process with the documented message and exit
+/// code `128 + signal`, removing any registered stage folder first. Called when a build
+/// starts, so an interrupt during Nix or selection is reported like one while packing.
+pub fn install_handler() {
     static INSTALL: Once = Once::new();
     INSTALL.call_once(|| {
         use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -194,11 +328,8 @@ fn install_handler() {
                     SIGTERM => "SIGTERM",
                     _ => "SIGHUP",
                 };
-                if stages.is_empty() {
-                    eprintln!("error: interrupted ({what})");
-                } else {
-                    eprintln!("error: interrupted ({what}); the unfinished output was removed, the previous one is unchanged");
-                }
+                // Before packing nothing was written: the previous output is unchanged too.
+                eprintln!("error: interrupted ({what}); the unfinished output was removed, the previous one is unchanged");
                 std::process::exit(128 + sig);
             }
         });
@@ -263,6 +394,7 @@ mod tests {
     fn stale_stage_folders_are_removed_once_locked() {
         let d = tempfile::tempdir().unwrap();
         let out = d.path().join("b");
+        fs::create_dir_all(&out).unwrap();
         fs::create_dir_all(d.path().join(".b.tmp-x1/sub")).unwrap();
         fs::create_dir_all(d.path().join(".b.old-42")).unwrap();
         fs::create_dir_all(d.path().join(".bb.tmp-x1")).unwrap();
@@ -273,6 +405,46 @@ mod tests {
             d.path().join(".bb.tmp-x1").exists(),
             "another board's stage"
         );
+    }
+
+    /// A two-rename swap cut between its renames (no output, the previous one aside) is
+    /// put back by the next build before it removes leftovers.
+    #[test]
+    fn an_interrupted_two_rename_swap_is_recovered() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("b");
+        fs::create_dir_all(d.path().join(".b.old-42")).unwrap();
+        fs::write(d.path().join(".b.old-42/build.json"), "previous").unwrap();
+        fs::create_dir_all(d.path().join(".b.tmp-x1")).unwrap();
+        let _l = lock(d.path(), "b", &out).unwrap();
+        assert_eq!(
+            fs::read_to_string(out.join("build.json")).unwrap(),
+            "previous"
+        );
+        assert!(!d.path().join(".b.old-42").exists());
+        assert!(!d.path().join(".b.tmp-x1").exists());
+    }
+
+    /// The swap trades the folders in one step and removes the previous output.
+    #[test]
+    fn swap_in_trades_the_folders() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("b");
+        let stage = d.path().join(".b.tmp-1");
+        fs::create_dir_all(&stage).unwrap();
+        fs::write(stage.join("f"), "one").unwrap();
+        swap_in(track_stage(&stage), &out).unwrap();
+        assert_eq!(fs::read_to_string(out.join("f")).unwrap(), "one");
+        fs::create_dir_all(&stage).unwrap();
+        fs::write(stage.join("f"), "two").unwrap();
+        exchange(&stage, &out).unwrap();
+        assert_eq!(fs::read_to_string(out.join("f")).unwrap(), "two");
+        assert_eq!(fs::read_to_string(stage.join("f")).unwrap(), "one");
+        fs::write(stage.join("f"), "three").unwrap();
+        swap_in(track_stage(&stage), &out).unwrap();
+        assert_eq!(fs::read_to_string(out.join("f")).unwrap(), "three");
+        assert!(!stage.exists(), "the previous output is left");
+        assert!(STAGES.lock().unwrap().iter().all(|p| p != &stage));
     }
 
     #[test]

@@ -21,6 +21,15 @@ fn real_clock(cmd: &mut Command) -> &mut Command {
         .env_remove("FAKETIME_NO_CACHE")
 }
 
+/// `rustc -V` (empty when rustc cannot run): a new compiler builds another bonsai-init.
+pub fn rustc_version() -> String {
+    real_clock(&mut Command::new("rustc"))
+        .arg("-V")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
 fn target_installed(triple: &str) -> bool {
     real_clock(&mut Command::new("rustc"))
         .args(["--print", "sysroot"])

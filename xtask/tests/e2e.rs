@@ -95,9 +95,30 @@ fn build_is_sane_and_reproducible() {
     assert_eq!(hello["sha256"].as_str().unwrap().len(), 64);
     assert!(hello["store_path"].as_str().unwrap().contains("-hello-1.0"));
 
-    // A second build gives the same bytes.
-    built();
-    assert_eq!(first, sha256(&initramfs), "two builds differ");
+    // A second, real build (another output folder, so no fingerprint short cut; no pack
+    // cache, so every piece is compressed again) gives the same bytes.
+    let again = tempfile::tempdir().unwrap();
+    let again_out = again.path().join(BOARD);
+    let second = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["build", "--board", BOARD, "--out"])
+        .arg(&again_out)
+        .current_dir(root())
+        .env("BONSAI_PACK_CACHE", "off")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&second.stdout);
+    assert!(second.status.success(), "the second build failed: {stdout}");
+    assert!(
+        stdout.starts_with("built qemu-x86_64:"),
+        "not a real build: {stdout}"
+    );
+    for f in ["initramfs.cpio.gz", "kernel", "manifest.json"] {
+        assert!(
+            std::fs::read(out.join(f)).unwrap() == std::fs::read(again_out.join(f)).unwrap(),
+            "two builds differ in {f}"
+        );
+    }
+    assert_eq!(first, sha256(&again_out.join("initramfs.cpio.gz")));
 }
 
 #[test]
@@ -195,6 +216,93 @@ fn boot_check_fails_when_the_ready_marker_never_comes() {
     assert!(!out.status.success(), "check passed without a ready marker");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no ready marker within 20 s"), "{err}");
+}
+
+/// A scratch project (copies of the data folders) for a test-only profile, and the xtask
+/// binary pointed at it.
+fn scratch_project() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    for dir in ["boards", "profiles", "kernel-configs", "nix"] {
+        let status = Command::new("cp")
+            .arg("-r")
+            .arg(root().join(dir))
+            .arg(d.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "copying {dir}");
+    }
+    d
+}
+
+fn xtask_in(project: &Path, args: &[&str]) -> std::process::Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(args)
+        .current_dir(project)
+        .env("BONSAI_ROOT", project)
+        .output()
+        .unwrap();
+    eprintln!(
+        "$ xtask {}\n{}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A kernel warning while the checks run reaches the console and fails the boot, even
+/// though every check passes: the guest writes a WARN's lines to /dev/kmsg at KERN_WARNING.
+#[test]
+fn boot_check_fails_on_a_kernel_warning() {
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    require("qemu-system-x86_64", "qemu-system-x86");
+    let p = scratch_project();
+    std::fs::write(
+        p.path().join("profiles/kernel-warning.toml"),
+        r#"description = "test only: the kernel warns while the checks run"
+inherit = ["minimal"]
+
+[[check]]
+name = "the kernel warns"
+run = """for l in '------------[ cut here ]------------' 'WARNING: CPU: 0 PID: 1 at bonsai/test.c:1 test+0x0/0x1' '---[ end trace 0000000000000000 ]---'; do echo "<4>$l" >/dev/kmsg; done; echo warned"""
+expect = "warned"
+"#,
+    )
+    .unwrap();
+    let out = p.path().join("out");
+    let out_s = out.to_str().unwrap();
+    let built = xtask_in(
+        p.path(),
+        &[
+            "build",
+            "--board",
+            BOARD,
+            "--profile",
+            "kernel-warning",
+            "--out",
+            out_s,
+        ],
+    );
+    assert!(built.status.success(), "the scratch build failed");
+    let booted = xtask_in(
+        p.path(),
+        &["boot", "--board", BOARD, "--check", "--out", out_s],
+    );
+    let err = String::from_utf8_lossy(&booted.stderr);
+    assert!(
+        !booted.status.success(),
+        "a kernel warning passed the check"
+    );
+    assert!(err.contains("boot check of qemu-x86_64 failed"), "{err}");
+    assert!(
+        err.contains("[ cut here ]") || err.contains("---[ end trace"),
+        "{err}"
+    );
+    let log = std::fs::read_to_string(out.join("serial.log")).unwrap();
+    assert!(
+        log.contains("---[ end trace 0000000000000000 ]---"),
+        "the warning's end marker is not on the console"
+    );
 }
 
 #[test]
@@ -374,23 +482,57 @@ fn image_holds_only_stripped_needed_files() {
     assert!(why.contains("root: package hello"), "{why}");
 }
 
+/// The bonsai-init in the image (read back with GNU cpio) is the binary cargo just built
+/// from the current sources, static and small.
 #[test]
 fn bonsai_init_is_static_and_small() {
     let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    ok(&["build", "--board", BOARD, "--init", "bonsai-init"]);
-    let bin = root().join("target/x86_64-unknown-linux-musl/release-pid1/bonsai-init");
-    let size = std::fs::metadata(&bin)
-        .unwrap_or_else(|_| panic!("{} missing", bin.display()))
-        .len();
+    require("cpio", "cpio");
+    require("readelf", "binutils");
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join(BOARD);
+    let out_s = out.to_str().unwrap();
+    ok(&[
+        "build",
+        "--board",
+        BOARD,
+        "--init",
+        "bonsai-init",
+        "--out",
+        out_s,
+    ]);
+    let in_image = d.path().join("bonsai-init");
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "gzip -dc '{}' | cpio -i --quiet --to-stdout bin/bonsai-init >'{}'",
+            out.join("initramfs.cpio.gz").display(),
+            in_image.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(status.success(), "GNU cpio cannot extract bin/bonsai-init");
+    let image = std::fs::read(&in_image).unwrap();
+    let built = root().join("target/x86_64-unknown-linux-musl/release-pid1/bonsai-init");
+    assert!(
+        image == std::fs::read(&built).unwrap(),
+        "the image's bonsai-init is not the one just built from pid1/"
+    );
+    let size = image.len();
     assert!(size <= 1024 * 1024, "bonsai-init is {size} bytes");
     let file = Command::new("readelf")
         .args(["-l", "-d"])
-        .arg(&bin)
+        .arg(&in_image)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&file.stdout);
     assert!(
-        !text.contains("NEEDED"),
+        file.status.success(),
+        "readelf failed on the image's bonsai-init"
+    );
+    let text = String::from_utf8_lossy(&file.stdout);
+    assert!(text.contains("LOAD"), "no program headers:\n{text}");
+    assert!(
+        !text.contains("NEEDED") && !text.contains("INTERP"),
         "bonsai-init is dynamically linked:\n{text}"
     );
 }

@@ -850,6 +850,123 @@ fn interrupted_build_leaves_the_previous_output_and_no_temporary_files() {
     s.assert_no_leftovers(BOARD);
 }
 
+/// SIGINT while Nix runs (long before anything is written): the same message and exit code
+/// as an interrupt while packing, and nothing written.
+#[test]
+fn interrupted_during_nix_exits_130_with_the_message() {
+    use std::io::BufRead;
+    let s = Scratch::new();
+    let mut child = s
+        .command(&["build"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "the build ended before realising anything:\n{seen}"
+        );
+        seen.push_str(&line);
+        if line.starts_with("==> realise") {
+            break;
+        }
+    }
+    signal(&child, "INT");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    seen.push_str(&rest);
+    let status = child.wait().unwrap();
+    let out = Output {
+        status,
+        stdout: Vec::new(),
+        stderr: seen.clone().into_bytes(),
+    };
+    assert_eq!(
+        error_of(&out, 130),
+        "error: interrupted (SIGINT); the unfinished output was removed, the previous one is unchanged"
+    );
+    assert!(
+        !seen.contains("==> pack"),
+        "the interrupt came only after packing:\n{seen}"
+    );
+    s.assert_nothing_written(BOARD);
+}
+
+/// Every output file that build.json lists has the recorded hash, and the build is the one
+/// with this SOURCE_DATE_EPOCH.
+fn assert_complete(out: &Path, epoch: u64) {
+    use sha2::Digest;
+    let info: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(out.join("build.json")).unwrap()).unwrap();
+    assert_eq!(info["source_date_epoch"], epoch, "{}", out.display());
+    let outputs = info["outputs"].as_object().unwrap();
+    assert!(outputs.contains_key("kernel") && outputs.contains_key("initramfs.cpio.gz"));
+    for (file, sum) in outputs {
+        let bytes = fs::read(out.join(file)).unwrap();
+        let hex: String = sha2::Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(Some(hex.as_str()), sum.as_str(), "{file} is damaged");
+    }
+}
+
+/// A build killed with SIGKILL between the steps of the output swap
+/// (`BONSAI_TEST_KILL_IN_SWAP`): with RENAME_EXCHANGE the new output is complete in place at
+/// once; with the two-rename fallback the next build puts the previous one back. The next
+/// build removes what the killed one left.
+#[test]
+fn killed_during_the_swap_leaves_a_complete_output() {
+    use std::os::unix::process::ExitStatusExt;
+    let s = Scratch::new();
+    let build = |epoch: &str, exchange: bool| {
+        let mut cmd = s.command(&["build"]);
+        cmd.env("SOURCE_DATE_EPOCH", epoch)
+            .env("BONSAI_TEST_KILL_IN_SWAP", "1");
+        if !exchange {
+            cmd.env("BONSAI_TEST_NO_RENAME_EXCHANGE", "1");
+        }
+        cmd.output().unwrap()
+    };
+    let first = s
+        .command(&["build"])
+        .env("SOURCE_DATE_EPOCH", "4000")
+        .output()
+        .unwrap();
+    assert!(first.status.success(), "the first scratch build failed");
+    assert_complete(&s.out(BOARD), 4000);
+
+    // RENAME_EXCHANGE: the new output is in place the moment the swap's one step is done.
+    let killed = build("5000", true);
+    assert_eq!(killed.status.signal(), Some(9), "not killed in the swap");
+    assert_complete(&s.out(BOARD), 5000);
+
+    // Two renames: killed between them, the previous output is aside until the next build.
+    let killed = build("6000", false);
+    assert_eq!(killed.status.signal(), Some(9), "not killed in the swap");
+    let again = s
+        .command(&["build"])
+        .env("SOURCE_DATE_EPOCH", "5000")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("(a build was interrupted while swapping it)"),
+        "{stderr}"
+    );
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains("is up to date"),
+        "the restored output is not the previous build"
+    );
+    assert_complete(&s.out(BOARD), 5000);
+    s.assert_no_leftovers(BOARD);
+}
+
 #[test]
 fn damaged_pack_cache_entries_are_rebuilt_never_used() {
     let s = Scratch::new();
