@@ -135,7 +135,7 @@ impl Test {
         let mut cmd = Command::new(cargo_program());
         cmd.current_dir(&root).args(&args).args(&self.rest);
         if let Some(r) = &self.nixpkgs {
-            cmd.env("BONSAI_NIXPKGS", r);
+            cmd.env(crate::nix::NIXPKGS_ENV, r);
         }
         ui::step(format!("cargo {}", args.join(" ")));
         let status = cmd.status().context("running cargo test")?;
