@@ -10,6 +10,7 @@ pub mod conformance;
 pub mod diff;
 pub mod host;
 pub mod hygiene;
+pub mod judge;
 pub mod kernel_config;
 pub mod list;
 pub mod new_board;
