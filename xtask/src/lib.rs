@@ -23,6 +23,7 @@ pub mod repro;
 pub mod sbom;
 pub mod size;
 pub mod sizemap;
+pub mod skip;
 pub mod ssh;
 pub mod test;
 pub mod test_boards;
