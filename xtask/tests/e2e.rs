@@ -378,12 +378,20 @@ fn bonsai_init_is_static_and_small() {
         .unwrap_or_else(|_| panic!("{} missing", bin.display()))
         .len();
     assert!(size <= 1024 * 1024, "bonsai-init is {size} bytes");
+    // Without readelf, or when it cannot read the file, there is nothing to judge: fail.
+    require("readelf", "binutils");
     let file = Command::new("readelf")
         .args(["-l", "-d"])
         .arg(&bin)
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&file.stdout);
+    assert!(
+        file.status.success() && text.contains("Program Headers:"),
+        "readelf could not read {}: {}",
+        bin.display(),
+        String::from_utf8_lossy(&file.stderr)
+    );
     assert!(
         !text.contains("NEEDED"),
         "bonsai-init is dynamically linked:\n{text}"
