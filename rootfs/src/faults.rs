@@ -187,3 +187,89 @@ fn edit(path: &str, t: &str, fault: Fault) -> String {
         _ => t.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backends::{render, Backend, InitInputs};
+    use crate::system::{validate, ServiceSpec, SystemSpec};
+    use crate::tree::Tree;
+
+    fn system() -> crate::system::System {
+        let mut spec = SystemSpec::default();
+        let svc = |t: &str| -> ServiceSpec { serde_json::from_str(t).unwrap() };
+        spec.services.insert(
+            "a".into(),
+            svc(r#"{"command": ["/bin/sleep", "1"], "stop-signal": "HUP", "restart": "never"}"#),
+        );
+        spec.services.insert(
+            "b".into(),
+            svc(r#"{"command": ["/bin/true"], "restart": "on-failure"}"#),
+        );
+        spec.services.insert(
+            "o1".into(),
+            svc(r#"{"command": ["/bin/true"], "kind": "oneshot"}"#),
+        );
+        spec.services.insert(
+            "o2".into(),
+            svc(r#"{"command": ["/bin/true"], "kind": "oneshot", "after": ["o1"]}"#),
+        );
+        validate(&spec, "h", &|_| true).unwrap()
+    }
+
+    fn files(b: Backend, faults: &[Fault]) -> Vec<(String, String)> {
+        let mut t = Tree::new();
+        let inputs = InitInputs {
+            backend: b,
+            busybox: "/nix/store/b-busybox".into(),
+            runit: Some("/nix/store/r-runit".into()),
+            s6: Some("/nix/store/s-s6".into()),
+            bonsai_init: Some("/dev/null".into()),
+            faults: faults.to_vec(),
+        };
+        render(&mut t, &system(), &inputs).unwrap();
+        t.iter()
+            .filter_map(|(p, n)| match &n.kind {
+                NodeKind::File {
+                    source: Source::Bytes(b),
+                } => Some((
+                    p.as_str().to_string(),
+                    String::from_utf8_lossy(b).into_owned(),
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Each fault changes the rendered files of every backend it applies to: a fault that no
+    /// longer finds the text it edits would let the broken variant pass for a working one.
+    #[test]
+    fn every_fault_changes_what_it_breaks() {
+        for (name, f) in FAULTS {
+            let backends: &[Backend] = match f {
+                // bonsai-init resets and clears the environment natively.
+                Fault::NoReset | Fault::NoEnvClear => {
+                    &[Backend::Busybox, Backend::Runit, Backend::S6]
+                }
+                _ => &[
+                    Backend::Busybox,
+                    Backend::Runit,
+                    Backend::S6,
+                    Backend::BonsaiInit,
+                ],
+            };
+            for b in backends {
+                assert_ne!(
+                    files(*b, &[]),
+                    files(*b, &[*f]),
+                    "{name} changes nothing under {b:?}"
+                );
+            }
+        }
+        assert!(parse("fixed-delay, no-kill").unwrap().len() == 2);
+        assert!(parse("sideways")
+            .unwrap_err()
+            .contains("unknown fault 'sideways'"));
+        assert_eq!(parse("").unwrap(), vec![]);
+    }
+}

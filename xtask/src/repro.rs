@@ -87,8 +87,14 @@ impl Repro {
         let unshare = is_root() && host::find_program("unshare").is_some();
         // A variation that cannot be made is a skip: said plainly, and a failure in CI.
         for (what, missing) in [
-            ("repro's host-name variation", (!unshare).then_some("needs root and unshare")),
-            ("repro's clock variation", (!faketime).then_some("faketime is not available")),
+            (
+                "repro's host-name variation",
+                (!unshare).then_some("needs root and unshare"),
+            ),
+            (
+                "repro's clock variation",
+                (!faketime).then_some("faketime is not available"),
+            ),
         ] {
             if let Some(why) = missing {
                 let line = crate::skip::skip(what, why).map_err(|e| anyhow::anyhow!(e))?;
