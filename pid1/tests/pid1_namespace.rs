@@ -2,7 +2,7 @@
 //! pid1 path runs unchanged (console, mounts, hostname, kill(-1), reboot(2)). In a PID
 //! namespace, reboot(2) ends the namespace's init with SIGINT (poweroff, halt) or SIGHUP
 //! (reboot) instead of the machine. Needs root and util-linux `unshare`; otherwise the tests
-//! say so and pass. (Emergency mode is not booted here: its shell would take the host's
+//! say so and pass, except in CI, where the skip fails (`xtask/src/skip.rs`, the shared rule). (Emergency mode is not booted here: its shell would take the host's
 //! /dev/console.)
 
 use std::os::unix::process::ExitStatusExt;
@@ -11,10 +11,27 @@ use std::process::{Command, ExitStatus, Output};
 
 const BIN: &str = env!("CARGO_BIN_EXE_bonsai-init");
 
+#[path = "../../xtask/src/skip.rs"]
+#[allow(dead_code)]
+mod skip;
+
+/// Says why the test does not run, or fails it when a skip is not allowed (in CI).
+fn skipped(why: &str) -> bool {
+    match skip::skip(
+        "bonsai-init in namespaces (pid1/tests/pid1_namespace.rs)",
+        why,
+    ) {
+        Ok(line) => {
+            eprintln!("{line}");
+            false
+        }
+        Err(line) => panic!("{line}"),
+    }
+}
+
 fn namespaces_available() -> bool {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root for namespaces");
-        return false;
+        return skipped("needs root for namespaces");
     }
     let ok = Command::new("unshare")
         .args([
@@ -28,7 +45,7 @@ fn namespaces_available() -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     if !ok {
-        eprintln!("skipped: unshare --pid --mount --uts does not work here");
+        return skipped("unshare --pid --mount --uts does not work here");
     }
     ok
 }

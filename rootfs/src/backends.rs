@@ -72,6 +72,8 @@ pub struct InitInputs {
     pub s6: Option<String>,
     /// Host path of the static bonsai-init binary.
     pub bonsai_init: Option<PathBuf>,
+    /// Deliberate faults, for the judge's negative tests only (empty in every real build).
+    pub faults: Vec<crate::faults::Fault>,
 }
 
 fn file(text: impl Into<Vec<u8>>, mode: u32) -> Node {
@@ -732,6 +734,7 @@ pub fn render(tree: &mut Tree, sys: &System, inputs: &InitInputs) -> Result<()> 
             files.push(("etc/bonsai/init.json".into(), file(init_json(sys), 0o644)));
         }
     }
+    crate::faults::apply(&mut files, &inputs.faults);
     for (path, node) in files {
         tree.insert(&path, node)?;
     }
@@ -762,6 +765,7 @@ mod tests {
             runit: Some("/nix/store/r-runit".into()),
             s6: Some("/nix/store/s-s6".into()),
             bonsai_init: Some("/dev/null".into()),
+            faults: Vec::new(),
         }
     }
 

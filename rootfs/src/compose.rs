@@ -175,6 +175,7 @@ mod tests {
                 runit: None,
                 s6: None,
                 bonsai_init: None,
+                faults: Vec::new(),
             },
         }
     }

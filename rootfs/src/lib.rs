@@ -37,6 +37,7 @@ pub use crate::tree::{
 };
 pub mod backends;
 mod compose;
+pub mod faults;
 pub mod system;
 pub use crate::backends::{Backend, InitInputs};
 pub use crate::compose::{compose, ComposeSpec};

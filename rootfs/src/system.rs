@@ -323,6 +323,61 @@ pub fn validate(
     default_hostname: &str,
     program_exists: &dyn Fn(&str) -> bool,
 ) -> Result<System, String> {
+    let accounts = accounts(spec)?;
+    let mut services = BTreeMap::new();
+    for (name, s) in &spec.services {
+        services.insert(
+            name.clone(),
+            service(spec, name, s, &accounts, program_exists)?,
+        );
+    }
+    let order = topo_order(&services)?;
+    let steps = setup_steps(spec, &accounts)?;
+    let network = network(spec)?;
+    let hostname = hostname(spec, default_hostname)?;
+    Ok(System {
+        hostname,
+        services: order.into_iter().map(|n| services[&n].clone()).collect(),
+        steps,
+        network,
+        users: accounts.users.into_values().collect(),
+        groups: accounts.groups.into_iter().collect(),
+    })
+}
+
+/// Groups and users by name, root (and the tty group) always present.
+struct Accounts {
+    groups: BTreeMap<String, u32>,
+    users: BTreeMap<String, User>,
+}
+
+impl Accounts {
+    /// The uid and gid of a `user`/`group` pair under `key` (root's when no user is given).
+    fn resolve(
+        &self,
+        key: &str,
+        user: &Option<String>,
+        group: &Option<String>,
+    ) -> Result<(u32, u32), String> {
+        let u = match user {
+            None => &self.users["root"],
+            Some(n) => self
+                .users
+                .get(n)
+                .ok_or_else(|| format!("{key}.user: unknown user '{n}' (define [users.{n}])"))?,
+        };
+        let gid = match group {
+            None => u.gid,
+            Some(g) => *self
+                .groups
+                .get(g)
+                .ok_or_else(|| format!("{key}.group: unknown group '{g}' (define [groups.{g}])"))?,
+        };
+        Ok((u.uid, gid))
+    }
+}
+
+fn accounts(spec: &SystemSpec) -> Result<Accounts, String> {
     // Groups and users, root always present.
     let mut groups: BTreeMap<String, u32> = BTreeMap::new();
     groups.insert("root".into(), 0);
@@ -383,112 +438,100 @@ pub fn validate(
             },
         );
     }
-    let resolve =
-        |key: &str, user: &Option<String>, group: &Option<String>| -> Result<(u32, u32), String> {
-            let u = match user {
-                None => &users["root"],
-                Some(n) => users.get(n).ok_or_else(|| {
-                    format!("{key}.user: unknown user '{n}' (define [users.{n}])")
-                })?,
-            };
-            let gid = match group {
-                None => u.gid,
-                Some(g) => *groups.get(g).ok_or_else(|| {
-                    format!("{key}.group: unknown group '{g}' (define [groups.{g}])")
-                })?,
-            };
-            Ok((u.uid, gid))
-        };
+    Ok(Accounts { groups, users })
+}
 
-    // Services.
-    let mut services = BTreeMap::new();
-    for (name, s) in &spec.services {
-        check_name(name, "services")?;
-        let key = format!("services.{name}");
-        let program = s
-            .command
-            .first()
-            .ok_or_else(|| format!("{key}.command: empty"))?;
-        if !program_exists(program) {
-            return Err(format!(
-                "{key}.command: program '{program}' is not in the image"
-            ));
-        }
-        for dep in &s.after {
-            if !spec.services.contains_key(dep) {
-                return Err(format!("{key}.after: unknown service '{dep}'"));
-            }
-            if dep == name {
-                return Err(format!("{key}.after: a service cannot start after itself"));
-            }
-        }
-        if s.restart_delay_ms == 0 || s.restart_max_delay_ms < s.restart_delay_ms {
-            return Err(format!(
-                "{key}: restart-delay-ms must be at least 1 and at most restart-max-delay-ms"
-            ));
-        }
-        let (uid, gid) = resolve(&key, &s.user, &s.group)?;
-        if let Some(u) = users.values().find(|u| u.uid == uid) {
-            if u.gid != gid {
-                return Err(format!("{key}.group: a service runs with its user's primary group ({}); give the user that group instead", u.gid));
-            }
-        }
-        let sig = s.stop_signal.clone().unwrap_or_else(|| "TERM".into());
-        let signum = SIGNALS
-            .iter()
-            .find(|(n, _)| *n == sig.trim_start_matches("SIG"))
-            .map(|(_, n)| *n)
-            .ok_or_else(|| format!("{key}.stop-signal: unknown signal '{sig}' (expected TERM, INT, HUP, QUIT, KILL, USR1 or USR2)"))?;
-        for k in s.environment.keys() {
-            if k.is_empty()
-                || k.contains('=')
-                || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-            {
-                return Err(format!("{key}.environment: '{k}' is not a variable name"));
-            }
-        }
-        if let Some(stop) = &s.stop_command {
-            if stop.is_empty() {
-                return Err(format!("{key}.stop-command: empty"));
-            }
-        }
-        let wd = s.working_directory.clone().unwrap_or_else(|| "/".into());
-        if !wd.starts_with('/') {
-            return Err(format!("{key}.working-directory: '{wd}' is not absolute"));
-        }
-        services.insert(
-            name.clone(),
-            Service {
-                name: name.clone(),
-                argv: s.command.clone(),
-                kind: s.kind,
-                after: s.after.clone(),
-                restart: s.restart,
-                restart_delay_ms: s.restart_delay_ms,
-                restart_max_delay_ms: s.restart_max_delay_ms,
-                uid,
-                gid,
-                environment: s
-                    .environment
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
-                working_directory: wd,
-                output: s.output,
-                stop_signal: (sig.trim_start_matches("SIG").to_string(), signum),
-                stop_command: s.stop_command.clone(),
-                stop_timeout_ms: s.stop_timeout_ms,
-            },
-        );
+/// One `[services.<name>]`, checked and resolved.
+fn service(
+    spec: &SystemSpec,
+    name: &str,
+    s: &ServiceSpec,
+    accounts: &Accounts,
+    program_exists: &dyn Fn(&str) -> bool,
+) -> Result<Service, String> {
+    check_name(name, "services")?;
+    let key = format!("services.{name}");
+    let program = s
+        .command
+        .first()
+        .ok_or_else(|| format!("{key}.command: empty"))?;
+    if !program_exists(program) {
+        return Err(format!(
+            "{key}.command: program '{program}' is not in the image"
+        ));
     }
-    let order = topo_order(&services)?;
+    for dep in &s.after {
+        if !spec.services.contains_key(dep) {
+            return Err(format!("{key}.after: unknown service '{dep}'"));
+        }
+        if dep == name {
+            return Err(format!("{key}.after: a service cannot start after itself"));
+        }
+    }
+    if s.restart_delay_ms == 0 || s.restart_max_delay_ms < s.restart_delay_ms {
+        return Err(format!(
+            "{key}: restart-delay-ms must be at least 1 and at most restart-max-delay-ms"
+        ));
+    }
+    let (uid, gid) = accounts.resolve(&key, &s.user, &s.group)?;
+    if let Some(u) = accounts.users.values().find(|u| u.uid == uid) {
+        if u.gid != gid {
+            return Err(format!("{key}.group: a service runs with its user's primary group ({}); give the user that group instead", u.gid));
+        }
+    }
+    let sig = s.stop_signal.clone().unwrap_or_else(|| "TERM".into());
+    let signum = SIGNALS
+        .iter()
+        .find(|(n, _)| *n == sig.trim_start_matches("SIG"))
+        .map(|(_, n)| *n)
+        .ok_or_else(|| format!("{key}.stop-signal: unknown signal '{sig}' (expected TERM, INT, HUP, QUIT, KILL, USR1 or USR2)"))?;
+    for k in s.environment.keys() {
+        if k.is_empty()
+            || k.contains('=')
+            || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            return Err(format!("{key}.environment: '{k}' is not a variable name"));
+        }
+    }
+    if let Some(stop) = &s.stop_command {
+        if stop.is_empty() {
+            return Err(format!("{key}.stop-command: empty"));
+        }
+    }
+    let wd = s.working_directory.clone().unwrap_or_else(|| "/".into());
+    if !wd.starts_with('/') {
+        return Err(format!("{key}.working-directory: '{wd}' is not absolute"));
+    }
+    Ok(Service {
+        name: name.to_string(),
+        argv: s.command.clone(),
+        kind: s.kind,
+        after: s.after.clone(),
+        restart: s.restart,
+        restart_delay_ms: s.restart_delay_ms,
+        restart_max_delay_ms: s.restart_max_delay_ms,
+        uid,
+        gid,
+        environment: s
+            .environment
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        working_directory: wd,
+        output: s.output,
+        stop_signal: (sig.trim_start_matches("SIG").to_string(), signum),
+        stop_command: s.stop_command.clone(),
+        stop_timeout_ms: s.stop_timeout_ms,
+    })
+}
 
-    // Setup steps.
+/// `[[setup.dirs]]`, `[[setup.files]]` and `[[setup.symlinks]]`, in that order.
+fn setup_steps(spec: &SystemSpec, accounts: &Accounts) -> Result<Vec<Step>, String> {
     let mut steps = Vec::new();
     for (i, d) in spec.setup.dirs.iter().enumerate() {
         let key = format!("setup.dirs[{i}]");
         check_abs(&d.path, &key)?;
-        let (uid, gid) = resolve(&key, &d.user, &d.group)?;
+        let (uid, gid) = accounts.resolve(&key, &d.user, &d.group)?;
         steps.push(Step::Dir {
             path: d.path.clone(),
             mode: parse_mode(&d.mode, &key)?,
@@ -499,7 +542,7 @@ pub fn validate(
     for (i, f) in spec.setup.files.iter().enumerate() {
         let key = format!("setup.files[{i}]");
         check_abs(&f.path, &key)?;
-        let (uid, gid) = resolve(&key, &f.user, &f.group)?;
+        let (uid, gid) = accounts.resolve(&key, &f.user, &f.group)?;
         steps.push(Step::File {
             path: f.path.clone(),
             content: f.content.clone(),
@@ -520,6 +563,11 @@ pub fn validate(
         });
     }
 
+    Ok(steps)
+}
+
+/// The `sysctl` and `ip` commands for `[[setup.interfaces]]`, in order.
+fn network(spec: &SystemSpec) -> Result<Vec<Vec<String>>, String> {
     let mut network = Vec::new();
     for (i, iface) in spec.setup.interfaces.iter().enumerate() {
         let key = format!("setup.interfaces[{i}]");
@@ -566,6 +614,10 @@ pub fn validate(
         }
     }
 
+    Ok(network)
+}
+
+fn hostname(spec: &SystemSpec, default_hostname: &str) -> Result<String, String> {
     let hostname = spec
         .setup
         .hostname
@@ -579,14 +631,7 @@ pub fn validate(
     {
         return Err(format!("setup.hostname: '{hostname}' is not a host name"));
     }
-    Ok(System {
-        hostname,
-        services: order.into_iter().map(|n| services[&n].clone()).collect(),
-        steps,
-        network,
-        users: users.into_values().collect(),
-        groups: groups.into_iter().collect(),
-    })
+    Ok(hostname)
 }
 
 fn check_name(name: &str, table: &str) -> Result<(), String> {

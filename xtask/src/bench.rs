@@ -814,6 +814,8 @@ fn bench_boots(board: &str, profile: &str, runs: u32) -> Result<Vec<BootRow>> {
         profile: profile.to_string(),
         inits: Vec::new(),
         repeat: runs,
+        timeout: None,
+        broken: None,
     };
     let (columns, skipped) = conformance.columns()?;
     let mut rows: Vec<BootRow> = columns

@@ -376,6 +376,27 @@ pub fn check_run(
         }
         Err(e) => (None, Some(e.to_string())),
     };
+    // Checks with a host-side judge: their guest part printed raw data, judged here.
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let mut report = report;
+    if let Some(r) = report.as_mut() {
+        // A report comes with no failure, or with ChecksFailed: the verdict is the checks'.
+        failure = None;
+        if let Err(e) = crate::judge::apply(&info.profile, &info.checks, r, &text, &nonce) {
+            failure = Some(e);
+        }
+        if failure.is_none() {
+            let failed: Vec<String> = r
+                .checks
+                .iter()
+                .filter(|c| !c.passed)
+                .map(|c| format!("{} ({})", c.name, c.reason.clone().unwrap_or_default()))
+                .collect();
+            if !failed.is_empty() {
+                failure = Some(format!("checks failed: {}", failed.join("; ")));
+            }
+        }
+    }
     let results = report
         .as_ref()
         .map(|r| {
@@ -388,7 +409,6 @@ pub fn check_run(
 
     // What the console shows besides the markers: service output, and the stop hooks that
     // run after DONE while the guest shuts down, in order.
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
     let mut console = Vec::new();
     for want in &info.console_expect {
         let ok = text.lines().any(|l| l.trim_end().ends_with(want.as_str()));

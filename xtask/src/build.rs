@@ -442,6 +442,7 @@ fn assemble(
         runit: find("runit"),
         s6: find("s6"),
         bonsai_init: pid1,
+        faults: crate::conformance::test_faults()?,
     };
     let bin_names: std::collections::BTreeSet<String> =
         bin_links.iter().map(|(n, _)| n.clone()).collect();
@@ -866,6 +867,8 @@ pub fn fingerprint(
     if init == rootfs::Backend::BonsaiInit.name() {
         add_bonsai_init_inputs(&mut h, root, board, &add_file)?;
     }
+    // The judge's negative tests build deliberately broken backends (BONSAI_TEST_BROKEN).
+    h.update(format!("faults={:?}\n", crate::conformance::test_faults()?).as_bytes());
     // Secrets come from outside the repository: a changed one is a changed input.
     for secret in secrets {
         h.update(format!("secret={} {:o}\n", secret.path, secret.mode).as_bytes());

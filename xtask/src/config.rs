@@ -139,6 +139,9 @@ pub struct CheckSpec {
     /// The expected exit status (default 0).
     #[serde(default)]
     pub exit: i32,
+    /// A host-side judge of the raw output (`xtask::judge`), such as `backoff crasher`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judge: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -619,6 +622,13 @@ impl Config {
         if packages.is_empty() {
             bail!("{shown}: key 'packages': the profile and its parents name no packages");
         }
+        for c in &checks {
+            if let Some(j) = &c.judge {
+                crate::judge::Judge::parse(j, &system).map_err(|e| {
+                    anyhow::anyhow!("{shown}: check '{}': key 'judge': {e}", c.name)
+                })?;
+            }
+        }
         Ok(Profile {
             name: name.to_string(),
             file: self.profiles_dir().join(format!("{name}.toml")),
@@ -762,6 +772,12 @@ fn validate_checks(checks: &[CheckSpec], shown: &str) -> Result<()> {
         }
         if c.run.trim().is_empty() {
             bail!("{shown}: check '{}': key 'run' is empty", c.name);
+        }
+        if c.judge.is_some() && (c.expect.is_some() || c.contains.is_some()) {
+            bail!(
+                "{shown}: check '{}': give judge or expect/contains, not both",
+                c.name
+            );
         }
     }
     Ok(())

@@ -22,15 +22,78 @@ pub struct Conformance {
     /// Backends to run (default: all four)
     #[arg(long = "init", value_parser = clap::builder::PossibleValuesParser::new(INITS))]
     pub inits: Vec<String>,
-    /// Boots per backend; times are the median
+    /// Boots per backend; times are the median, each cell the worst of the boots
     #[arg(long, default_value_t = 1)]
     pub repeat: u32,
+    /// Seconds to wait for each boot (default: the board's qemu.boot-timeout, at least 300:
+    /// the suite watches crash loops and a 10 s run, and TCG on a loaded host is slow)
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    /// Test only: render deliberately broken backends (comma-separated faults, or `all`),
+    /// so that the suite can be seen to fail them. Same as BONSAI_TEST_BROKEN.
+    #[arg(long, hide = true)]
+    pub broken: Option<String>,
+}
+
+/// The least default time a conformance boot gets, in seconds.
+pub const MIN_TIMEOUT_S: u64 = 300;
+
+/// The environment variable that asks a build for deliberately broken backends.
+pub const BROKEN_ENV: &str = "BONSAI_TEST_BROKEN";
+
+/// The faults `BONSAI_TEST_BROKEN` asks for (none when unset): for the judge's negative tests.
+pub fn test_faults() -> Result<Vec<rootfs::faults::Fault>> {
+    let list = std::env::var(BROKEN_ENV).unwrap_or_default();
+    rootfs::faults::parse(&list).map_err(|e| anyhow::anyhow!("{BROKEN_ENV}: {e}"))
+}
+
+/// One row of a column over every boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cell {
+    pub name: String,
+    /// Boots in which the check passed, and boots in which it was judged.
+    pub passed: u32,
+    pub runs: u32,
+}
+
+impl Cell {
+    /// The worst of the boots: `pass` only when every boot passed.
+    pub fn text(&self) -> String {
+        match (self.passed, self.runs) {
+            (p, r) if p == r => "pass".into(),
+            (_, 1) => "FAIL".into(),
+            (p, r) => format!("FAIL {}/{r}", r - p),
+        }
+    }
+}
+
+/// Adds one boot's results to the cells (a row first seen in a later boot failed before it).
+pub fn merge(cells: &mut Vec<Cell>, boot: &[(String, bool)], boots_before: u32) {
+    for (name, ok) in boot {
+        match cells.iter_mut().find(|c| &c.name == name) {
+            Some(c) => {
+                c.runs += 1;
+                c.passed += u32::from(*ok);
+            }
+            None => cells.push(Cell {
+                name: name.clone(),
+                passed: u32::from(*ok),
+                runs: boots_before + 1,
+            }),
+        }
+    }
+    // A row missing from this boot (it never ran) failed in it.
+    for c in cells.iter_mut() {
+        if !boot.iter().any(|(n, _)| *n == c.name) {
+            c.runs += 1;
+        }
+    }
 }
 
 /// One backend's column.
 pub struct Column {
     pub init: String,
-    pub rows: Vec<(String, bool)>,
+    pub rows: Vec<Cell>,
     pub failure: Option<String>,
     /// Guest uptime at the ready marker, one per boot (seconds).
     pub ready: Vec<f64>,
@@ -49,6 +112,11 @@ pub fn median(v: &[f64]) -> Option<f64> {
 
 impl Conformance {
     pub fn run(self) -> Result<()> {
+        if let Some(list) = &self.broken {
+            rootfs::faults::parse(list).map_err(|e| anyhow::anyhow!("--broken: {e}"))?;
+            // Read by every build below (and part of its fingerprint); set before any thread.
+            std::env::set_var(BROKEN_ENV, list);
+        }
         let (columns, skipped) = self.columns()?;
         print_matrix(&columns);
         let failed: Vec<String> = columns
@@ -83,13 +151,12 @@ impl Conformance {
         let mut skipped = Vec::new();
         for init in &inits {
             // bonsai-init needs a Rust target for the board; without one, the other backends
-            // still run and the skip is said plainly.
+            // still run and the skip is said plainly (and fails in CI: crate::skip).
             if init == "bonsai-init" {
                 if let Some(why) = crate::pid1::unavailable(&board) {
-                    ui::warn(format!(
-                        "skipping the bonsai-init backend on {}: {why}",
-                        board.name
-                    ));
+                    let what = format!("the bonsai-init backend on {}", board.name);
+                    let line = crate::skip::skip(&what, &why).map_err(|e| anyhow::anyhow!(e))?;
+                    ui::warn(line);
                     skipped.push(init.clone());
                     continue;
                 }
@@ -103,7 +170,10 @@ impl Conformance {
             }
             .run()?;
             let spec = qemu_spec(&board, &built.out, &built.info, None)?;
-            let timeout = Duration::from_secs(board.qemu.boot_timeout);
+            let timeout = Duration::from_secs(
+                self.timeout
+                    .unwrap_or(board.qemu.boot_timeout.max(MIN_TIMEOUT_S)),
+            );
             let mut col = Column {
                 init: init.clone(),
                 rows: Vec::new(),
@@ -119,24 +189,15 @@ impl Conformance {
                         col.init_to_up.push((up - start).max(0.0));
                     }
                 }
-                if i == 0 {
-                    col.rows = run
-                        .results
-                        .iter()
-                        .chain(run.console.iter())
-                        .cloned()
-                        .collect();
-                }
+                let boot: Vec<(String, bool)> = run
+                    .results
+                    .iter()
+                    .chain(run.console.iter())
+                    .cloned()
+                    .collect();
+                merge(&mut col.rows, &boot, i);
                 if run.failure.is_some() && col.failure.is_none() {
                     col.failure = run.failure.clone();
-                    if col.rows.is_empty() {
-                        col.rows = run
-                            .results
-                            .iter()
-                            .chain(run.console.iter())
-                            .cloned()
-                            .collect();
-                    }
                 }
             }
             columns.push(col);
@@ -148,9 +209,9 @@ impl Conformance {
 fn print_matrix(columns: &[Column]) {
     let mut names: Vec<String> = Vec::new();
     for c in columns {
-        for (n, _) in &c.rows {
-            if !names.contains(n) {
-                names.push(n.clone());
+        for cell in &c.rows {
+            if !names.contains(&cell.name) {
+                names.push(cell.name.clone());
             }
         }
     }
@@ -169,10 +230,9 @@ fn print_matrix(columns: &[Column]) {
     for n in &names {
         let mut line = format!("{:<width$}", truncate(n, width));
         for c in columns {
-            let cell = match c.rows.iter().find(|(m, _)| m == n) {
-                Some((_, true)) => "pass",
-                Some((_, false)) => "FAIL",
-                None => "-",
+            let cell = match c.rows.iter().find(|cell| &cell.name == n) {
+                Some(cell) => cell.text(),
+                None => "-".into(),
             };
             line.push_str(&format!(" | {cell:>11}"));
         }
@@ -205,5 +265,43 @@ fn truncate(s: &str, n: usize) -> String {
         s.to_string()
     } else {
         format!("{}…", &s[..n - 1])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn boot(rows: &[(&str, bool)]) -> Vec<(String, bool)> {
+        rows.iter().map(|(n, ok)| (n.to_string(), *ok)).collect()
+    }
+
+    /// With --repeat, a row that fails in a later boot shows FAIL (the old matrix showed only
+    /// the first boot's cells).
+    #[test]
+    fn repeat_shows_the_worst_boot() {
+        let mut cells = Vec::new();
+        merge(&mut cells, &boot(&[("a", true), ("b", true)]), 0);
+        merge(&mut cells, &boot(&[("a", false), ("b", true)]), 1);
+        merge(&mut cells, &boot(&[("a", true)]), 2);
+        merge(
+            &mut cells,
+            &boot(&[("a", true), ("b", true), ("c", true)]),
+            3,
+        );
+        let text: Vec<(String, String)> =
+            cells.iter().map(|c| (c.name.clone(), c.text())).collect();
+        assert_eq!(
+            text,
+            [
+                ("a".to_string(), "FAIL 1/4".to_string()),
+                ("b".to_string(), "FAIL 1/4".to_string()),
+                ("c".to_string(), "FAIL 3/4".to_string()),
+            ]
+        );
+        let mut one = Vec::new();
+        merge(&mut one, &boot(&[("a", false), ("b", true)]), 0);
+        assert_eq!(one[0].text(), "FAIL");
+        assert_eq!(one[1].text(), "pass");
     }
 }

@@ -85,6 +85,22 @@ impl Repro {
             )
             .is_ok();
         let unshare = is_root() && host::find_program("unshare").is_some();
+        // A variation that cannot be made is a skip: said plainly, and a failure in CI.
+        for (what, missing) in [
+            (
+                "repro's host-name variation",
+                (!unshare).then_some("needs root and unshare"),
+            ),
+            (
+                "repro's clock variation",
+                (!faketime).then_some("faketime is not available"),
+            ),
+        ] {
+            if let Some(why) = missing {
+                let line = crate::skip::skip(what, why).map_err(|e| anyhow::anyhow!(e))?;
+                ui::warn(line);
+            }
+        }
         let scratch = tempfile::Builder::new()
             .prefix("bonsai-repro-")
             .tempdir()
@@ -183,10 +199,10 @@ impl Repro {
             outs.push(out.join(format!("{}-repro", self.board)));
         }
         if !unshare {
-            ui::warn("not root: both builds ran with the same host name");
+            ui::warn("skipped: both builds ran with the same host name");
         }
         if !faketime {
-            ui::warn("faketime is not available: both builds ran at the real time");
+            ui::warn("skipped: both builds ran at the real time");
         }
         let result = compare(&outs[0], &outs[1]);
         if self.keep {

@@ -520,6 +520,8 @@ fn bonsai_init_is_static_and_small() {
     );
     let size = image.len();
     assert!(size <= 1024 * 1024, "bonsai-init is {size} bytes");
+    // Without readelf, or when it cannot read the file, there is nothing to judge: fail.
+    require("readelf", "binutils");
     let file = Command::new("readelf")
         .args(["-l", "-d"])
         .arg(&in_image)
