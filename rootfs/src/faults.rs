@@ -157,6 +157,13 @@ fn edit(path: &str, t: &str, fault: Fault) -> String {
             }
             out
         }
+        // bonsai-init stops services itself: it never KILLs one that outlives a stop timeout
+        // of an hour.
+        Fault::NoKill if json => edit_json(t, |v| {
+            for s in services(v) {
+                s["stop_timeout_ms"] = 3_600_000.into();
+            }
+        }),
         Fault::NoTmp if path == "etc/bonsai/setup" => drop_lines(t, |l| {
             l.contains(" /tmp && mount ") || l.ends_with(" tmpfs /tmp")
         }),

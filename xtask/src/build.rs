@@ -1172,7 +1172,14 @@ mod tests {
         let repo = project_root();
         let d = tempfile::tempdir().unwrap();
         let root = d.path();
-        for dir in ["boards", "profiles", "kernel-configs", "nix", "examples", "pid1/src"] {
+        for dir in [
+            "boards",
+            "profiles",
+            "kernel-configs",
+            "nix",
+            "examples",
+            "pid1/src",
+        ] {
             let mut files = Vec::new();
             collect_files(&repo.join(dir), &mut files).unwrap();
             for f in files {

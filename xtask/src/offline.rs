@@ -13,7 +13,6 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
-
 use crate::config::Arch;
 use crate::host;
 use crate::ui;
