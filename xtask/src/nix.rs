@@ -510,7 +510,7 @@ pub fn nix32_decode(s: &str) -> Option<Vec<u8>> {
 /// Standard base-64 with padding, as in SRI hashes.
 fn base64_decode(s: &str) -> Option<Vec<u8>> {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    if s.len() % 4 != 0 {
+    if !s.len().is_multiple_of(4) {
         return None;
     }
     let body = s.trim_end_matches('=');
