@@ -10,7 +10,8 @@ stdenv.mkDerivation {
   version = "1.0";
   src = ./src;
   # -g: kept unstripped in the store; bonsai strips it in the image (the tests check that).
-  buildPhase = "cc -g -O2 -o hello hello.c";
+  # Compiled from $src, so its debug info names the source's store path (which stripping drops).
+  buildPhase = "cc -g -O2 -o hello $src/hello.c";
   installPhase = "mkdir -p $out/bin && cp hello $out/bin/";
   dontStrip = true;
 }
