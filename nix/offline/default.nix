@@ -449,7 +449,10 @@ let
     for t in cc:gcc gcc:gcc c++:g++ g++:g++; do
       name=''${t%%:*}
       # the host's compiler by its full path: the wrapper's own name comes first on PATH
-      real=$(PATH=${hostTools} command -v ${crossPrefix}''${t#*:}) || { echo "no ${crossPrefix}''${t#*:} in ${hostTools}"; exit 1; }
+      # C++ is optional (a host may have only the C cross compiler); C is not.
+      real=$(PATH=${hostTools} command -v ${crossPrefix}''${t#*:}) || {
+        case $name in c++|g++) echo "no ${crossPrefix}''${t#*:} in ${hostTools}: $name is left out"; continue ;; esac
+        echo "no ${crossPrefix}''${t#*:} in ${hostTools}"; exit 1; }
       cat >$out/bin/$name <<EOS
     #!${hostShell}
     exec $real "\$@" \$NIX_CFLAGS_COMPILE \$NIX_CFLAGS_LINK -Wl,--dynamic-linker=${glibc}/lib/${target.ld} -Wl,-rpath,${glibc}/lib
