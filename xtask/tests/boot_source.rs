@@ -15,7 +15,7 @@ const BOARD: &str = "qemu-x86_64";
 /// A scratch copy of the data folders, built once from the offline set.
 fn scratch_with_offline_build() -> tempfile::TempDir {
     let scratch = tempfile::tempdir().unwrap();
-    for d in ["boards", "profiles", "kernel-configs", "nix"] {
+    for d in ["boards", "profiles", "kernel-configs", "nix", "examples"] {
         let status = Command::new("cp")
             .arg("-r")
             .arg(root().join(d))

@@ -222,7 +222,7 @@ fn boot_check_fails_when_the_ready_marker_never_comes() {
 /// binary pointed at it.
 fn scratch_project() -> tempfile::TempDir {
     let d = tempfile::tempdir().unwrap();
-    for dir in ["boards", "profiles", "kernel-configs", "nix"] {
+    for dir in ["boards", "profiles", "kernel-configs", "nix", "examples"] {
         let status = Command::new("cp")
             .arg("-r")
             .arg(root().join(dir))
