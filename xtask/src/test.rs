@@ -130,7 +130,11 @@ impl Test {
                 .map(|s| s.to_string())
                 .collect(),
             None if self.unit => unit_test_args(&test_targets(&root)?),
-            None => vec!["test".into(), "--workspace".into(), "--release".into()],
+            // Every target even after a failure, so one CI run reports every failing test.
+            None => ["test", "--workspace", "--release", "--no-fail-fast"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
         };
         let mut cmd = Command::new(cargo_program());
         cmd.current_dir(&root).args(&args).args(&self.rest);
