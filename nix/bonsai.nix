@@ -2,6 +2,7 @@
 #   nix-build nix/bonsai.nix --argstr request '<json>' ... -A packages.p0 -A kernelConfig -A kernel
 # request: { "packages": ["busybox", "hello", ...],
 #            "localPackages": { "hello": { "path": "examples/hello/default.nix", "profile": "profiles/minimal.toml" } },
+#            "overlays": [ { "path": "overlays/x.nix", "profile": "profiles/minimal.toml" } ],
 #            "kernel": { "package": "linux" } | { "base": "tinyconfig", "fragments": ["x.config"] } }
 # The package source is the offline set (nix/offline) or a Nixpkgs checkout or flake.
 { source ? "offline"
@@ -20,9 +21,23 @@
 let
   req = builtins.fromJSON request;
 
+  # The profile's overlays: { path (relative to the repository root), profile }, parents' first.
+  # Each file holds `final: prev: { ... }`; both package sets apply them as Nixpkgs does.
+  overlays = map (o:
+    let
+      f = import (../. + "/${o.path}");
+      bad = what: throw "bonsai: ${o.profile}: key 'overlays': ${o.path} ${what} (an overlay is `final: prev: { ... }`)";
+    in
+    if !builtins.isFunction f then bad "is not a function"
+    else final: prev:
+      let g = f final; in
+      if !builtins.isFunction g then bad "takes one argument, not two"
+      else let r = g prev; in if builtins.isAttrs r then r else bad "does not return an attribute set"
+  ) (req.overlays or [ ]);
+
   basePkgs =
-    if source == "offline" then import ./offline { inherit system hostSystem debs bootstrap hostTools toolchainId; }
-    else if source == "nixpkgs" then import ./nixpkgs.nix { inherit nixpkgs nixpkgsFlake system hostSystem; }
+    if source == "offline" then import ./offline { inherit system hostSystem debs bootstrap hostTools toolchainId overlays; }
+    else if source == "nixpkgs" then import ./nixpkgs.nix { inherit nixpkgs nixpkgsFlake system hostSystem overlays; }
     else throw "bonsai: unknown package source '${source}' (expected offline or nixpkgs)";
 
   # The profile's [local-packages]: name -> { path (relative to the repository root), profile }.

@@ -7,7 +7,7 @@
 , nixpkgsFlake ? null
 , system
 , hostSystem
-  # Overlays: a list of paths to files each holding `self: super: { ... }` (profiles add them).
+  # Overlays: `final: prev: { ... }` functions, or paths to files holding one (profiles add them).
 , overlays ? [ ]
 }:
 let
@@ -35,7 +35,7 @@ let
 
   args = {
     config = { };
-    overlays = map import overlays;
+    overlays = map (o: if builtins.isFunction o then o else import o) overlays;
     localSystem = hostSystem;
   } // (if system == hostSystem then { } else { crossSystem = system; });
   pkgs = builtins.seq gate (import src args);

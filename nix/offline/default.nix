@@ -13,6 +13,8 @@
 , hostTools ? "/usr/bin:/bin"
 , toolchainId ? "unknown"
 , hostShell ? "/bin/sh"
+  # Overlays (`final: prev: { ... }`, functions or files holding one), applied in order.
+, overlays ? [ ]
 }:
 let
   archOf = {
@@ -552,12 +554,10 @@ let
     let f = if builtins.isFunction fn then fn else import fn;
     in f (builtins.intersectAttrs (builtins.functionArgs f) set // overrides);
 
-  self = {
+  base = {
     inherit glibc busybox skalibs execline s6 runit zlib libxcrypt libtommath libtomcrypt gmp dropbear linux linuxManualConfig;
     inherit stdenv patchelf autoPatchelfHook runtimeShell;
     pkgsStatic = { busybox = busyboxStatic; };
-    callPackage = callPackageWith self;
-    newScope = extra: callPackageWith (self // extra);
   # Tools for bonsai's own glue (kernel configs): the bootstrap userland and the host toolchain.
   bonsai = {
     inherit tools patchelf;
@@ -571,5 +571,14 @@ let
       }) "sh ${script}";
   };
   };
+
+  # Overlays as Nixpkgs applies them: each is `final: prev: { ... }`, `prev` is the set before
+  # it and `final` the set after all of them. Unlike Nixpkgs, the set's own packages are plain
+  # bindings: an overlay that replaces zlib changes `final.zlib`, not the zlib dropbear links.
+  extended = builtins.foldl' (prev: o: prev // (if builtins.isFunction o then o else import o) final prev) base overlays;
+  final = extended // {
+    callPackage = callPackageWith final;
+    newScope = extra: callPackageWith (final // extra);
+  };
 in
-self
+final

@@ -192,8 +192,7 @@ impl Build {
                 crate::host::ensure(&[cc], &[libc])?;
             }
         }
-        let eval =
-            Eval::with_local_packages(&root, &board, &packages, &profile.local_packages, &source)?;
+        let eval = Eval::for_profile(&root, &board, &packages, &profile, &source)?;
 
         // The kernel's config first: a dropped option must stop the build before a long compile.
         if let KernelSource::Build { .. } = board.kernel.source {
@@ -850,9 +849,10 @@ pub fn fingerprint(
     }
     let mut nix_files = Vec::new();
     collect_files(&root.join("nix"), &mut nix_files)?;
-    // A local package's folder: its expression and the sources next to it.
-    for l in profile.local_packages.values() {
-        let file = root.join(&l.path);
+    // A local package's or an overlay's folder: its expression and the files beside it (its
+    // sources, files it imports).
+    for f in profile.local_packages.values().chain(&profile.overlays) {
+        let file = root.join(&f.path);
         match file.parent() {
             Some(dir) if dir != root => collect_files(dir, &mut nix_files)?,
             _ => nix_files.push(file),
@@ -1167,27 +1167,79 @@ mod tests {
 
     /// A changed bonsai-init source, Cargo.lock or workspace manifest is a changed input of a
     /// bonsai-init build (and only of one).
-    #[test]
-    fn fingerprint_covers_the_bonsai_init_sources() {
+    /// A scratch copy of the repository's data folders (and `extra` ones).
+    fn scratch_repo(extra: &[&str]) -> tempfile::TempDir {
         let repo = project_root();
         let d = tempfile::tempdir().unwrap();
-        let root = d.path();
-        for dir in [
-            "boards",
-            "profiles",
-            "kernel-configs",
-            "nix",
-            "examples",
-            "pid1/src",
-        ] {
+        let data = ["boards", "profiles", "kernel-configs", "nix", "examples"];
+        for dir in data.iter().chain(extra) {
             let mut files = Vec::new();
             collect_files(&repo.join(dir), &mut files).unwrap();
             for f in files {
-                let to = root.join(f.strip_prefix(&repo).unwrap());
+                let to = d.path().join(f.strip_prefix(&repo).unwrap());
                 fs::create_dir_all(to.parent().unwrap()).unwrap();
                 fs::copy(&f, to).unwrap();
             }
         }
+        d
+    }
+
+    fn append(path: &Path, text: &str) {
+        let mut f = fs::OpenOptions::new().append(true).open(path).unwrap();
+        std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
+    }
+
+    /// A profile's overlay, and the files beside it, are inputs of the build.
+    #[test]
+    fn fingerprint_covers_overlays_and_the_files_beside_them() {
+        let d = scratch_repo(&[]);
+        let root = d.path();
+        fs::create_dir_all(root.join("overlays")).unwrap();
+        fs::write(
+            root.join("overlays/team.nix"),
+            "final: prev: import ./extra.nix final prev\n",
+        )
+        .unwrap();
+        fs::write(root.join("overlays/extra.nix"), "final: prev: { }\n").unwrap();
+        fs::write(
+            root.join("profiles/ov.toml"),
+            "description = \"o\"\ninherit = [\"minimal\"]\noverlays = [\"overlays/team.nix\"]\n",
+        )
+        .unwrap();
+        let cfg = Config::new(root);
+        let board = cfg.load_board("qemu-x86_64").unwrap();
+        let profile = cfg.load_profile("ov").unwrap();
+        let fp = || {
+            fingerprint(
+                root,
+                &board,
+                &profile,
+                "busybox",
+                &PackageSource::Offline,
+                0,
+                &[],
+            )
+            .unwrap()
+            .unwrap()
+        };
+        let first = fp();
+        assert_eq!(fp(), first);
+        append(&root.join("overlays/team.nix"), "# changed\n");
+        let second = fp();
+        assert_ne!(second, first, "a changed overlay left the fingerprint");
+        append(&root.join("overlays/extra.nix"), "# changed\n");
+        assert_ne!(
+            fp(),
+            second,
+            "a changed file beside the overlay left the fingerprint"
+        );
+    }
+
+    #[test]
+    fn fingerprint_covers_the_bonsai_init_sources() {
+        let d = scratch_repo(&["pid1/src"]);
+        let root = d.path();
+        let repo = project_root();
         for f in ["Cargo.toml", "Cargo.lock", "pid1/Cargo.toml"] {
             fs::copy(repo.join(f), root.join(f)).unwrap();
         }
@@ -1208,13 +1260,7 @@ mod tests {
             .unwrap()
         };
         let (bonsai, busybox) = (fp("bonsai-init"), fp("busybox"));
-        let append = |rel: &str, text: &str| {
-            let mut f = fs::OpenOptions::new()
-                .append(true)
-                .open(root.join(rel))
-                .unwrap();
-            std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
-        };
+        let append = |rel: &str, text: &str| append(&root.join(rel), text);
         append("pid1/src/main.rs", "// a changed source\n");
         let changed = fp("bonsai-init");
         assert_ne!(changed, bonsai, "a pid1/src change left the fingerprint");

@@ -183,11 +183,16 @@ struct RawProfile {
     /// called with `callPackage` from the package set in use.
     #[serde(default)]
     local_packages: BTreeMap<String, String>,
+    /// Nixpkgs overlays: `.nix` files (relative to the repository root), each holding
+    /// `final: prev: { ... }`, applied to the package set in use, parents' first.
+    #[serde(default)]
+    overlays: Vec<String>,
 }
 
-/// A `[local-packages]` entry, validated: the file exists inside the repository.
+/// A `.nix` file a profile names (a `[local-packages]` entry or an overlay), validated: it
+/// exists inside the repository.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LocalPackage {
+pub struct ProfileNixFile {
     /// The `.nix` file, relative to the repository root (`/`-separated, no `..`).
     pub path: String,
     /// The profile that declares it (the file is `profiles/<origin>.toml`).
@@ -303,7 +308,9 @@ pub struct Profile {
     /// For each user in `system.users`, the profile that defines it last (whose table is used).
     pub user_origin: BTreeMap<String, String>,
     /// `[local-packages]` of the profile and its parents (the child wins by name).
-    pub local_packages: BTreeMap<String, LocalPackage>,
+    pub local_packages: BTreeMap<String, ProfileNixFile>,
+    /// `overlays` of the profile and its parents, parents' first, each file once.
+    pub overlays: Vec<ProfileNixFile>,
 }
 
 // ---------------------------------------------------------------- loading
@@ -548,12 +555,21 @@ impl Config {
         let mut secrets = Vec::new();
         let mut user_origin = BTreeMap::new();
         let mut local_packages = BTreeMap::new();
+        let mut overlays: Vec<ProfileNixFile> = Vec::new();
         for p in &order {
             let raw = &raws[p];
+            for o in &raw.overlays {
+                if !overlays.iter().any(|x| &x.path == o) {
+                    overlays.push(ProfileNixFile {
+                        path: o.clone(),
+                        origin: p.clone(),
+                    });
+                }
+            }
             for (k, v) in &raw.local_packages {
                 local_packages.insert(
                     k.clone(),
-                    LocalPackage {
+                    ProfileNixFile {
                         path: v.clone(),
                         origin: p.clone(),
                     },
@@ -646,6 +662,7 @@ impl Config {
             secrets,
             user_origin,
             local_packages,
+            overlays,
         })
     }
 
@@ -678,7 +695,14 @@ impl Config {
         let raw: RawProfile = read_toml(&file, &shown)?;
         validate_checks(&raw.check, &shown)?;
         for (name, path) in &raw.local_packages {
-            self.validate_local_package(&shown, name, path)?;
+            let key = format!("{shown}: key 'local-packages.{name}'");
+            if name.contains('.') || !valid_attr_path(name) {
+                bail!("{key}: '{name}' is not a plain Nix attribute name");
+            }
+            self.validate_nix_file(&key, path)?;
+        }
+        for path in &raw.overlays {
+            self.validate_nix_file(&format!("{shown}: key 'overlays'"), path)?;
         }
         for p in &raw.packages {
             if !valid_attr_path(p) {
@@ -695,13 +719,9 @@ impl Config {
         Ok(())
     }
 
-    /// A `[local-packages]` entry: a plain name, and a `.nix` file that exists inside the
-    /// repository (given relative to its root).
-    fn validate_local_package(&self, shown: &str, name: &str, path: &str) -> Result<()> {
-        let key = format!("{shown}: key 'local-packages.{name}'");
-        if name.contains('.') || !valid_attr_path(name) {
-            bail!("{key}: '{name}' is not a plain Nix attribute name");
-        }
+    /// A `.nix` file a profile names under `key` (a local package, an overlay): it exists
+    /// inside the repository and is given relative to its root.
+    fn validate_nix_file(&self, key: &str, path: &str) -> Result<()> {
         let rel = Path::new(path);
         if path.is_empty()
             || rel.is_absolute()
@@ -995,6 +1015,46 @@ memory = "256M"
         assert_eq!(p.packages, ["busybox", "hello", "s6"]);
         assert_eq!(p.init, "runit");
         assert_eq!(p.ancestors, ["base", "mid"]);
+    }
+
+    #[test]
+    fn overlays_come_parents_first_each_once_and_must_be_repository_nix_files() {
+        let d = project();
+        write(d.path(), "overlays/a.nix", "final: prev: { }\n");
+        write(d.path(), "overlays/b.nix", "final: prev: { }\n");
+        write(
+            d.path(),
+            "profiles/mid.toml",
+            "description = \"m\"\ninherit = [\"base\"]\noverlays = [\"overlays/b.nix\"]\n",
+        );
+        write(
+            d.path(),
+            "profiles/top.toml",
+            "description = \"t\"\ninherit = [\"mid\"]\noverlays = [\"overlays/a.nix\", \"overlays/b.nix\"]\n",
+        );
+        let p = Config::new(d.path()).load_profile("top").unwrap();
+        let got: Vec<(&str, &str)> = p
+            .overlays
+            .iter()
+            .map(|o| (o.path.as_str(), o.origin.as_str()))
+            .collect();
+        assert_eq!(got, [("overlays/b.nix", "mid"), ("overlays/a.nix", "top")]);
+        for (entry, want) in [
+            ("overlays/none.nix", "overlays/none.nix does not exist"),
+            ("../x.nix", "'../x.nix' is not a path inside the repository (give it relative to the repository root, without '..')"),
+            ("kernel-configs/k.config", "kernel-configs/k.config is not a .nix file"),
+        ] {
+            write(
+                d.path(),
+                "profiles/bad.toml",
+                &format!("description = \"b\"\noverlays = [\"{entry}\"]\n"),
+            );
+            let e = Config::new(d.path()).load_profile("bad").unwrap_err();
+            assert_eq!(
+                format!("{e:#}"),
+                format!("profiles/bad.toml: key 'overlays': {want}")
+            );
+        }
     }
 
     #[test]

@@ -122,13 +122,7 @@ impl Eval {
             source.describe()
         ));
         // The offline set's Debian inputs are downloaded here (a download, not a build).
-        let eval = nix::Eval::with_local_packages(
-            &root,
-            &board,
-            &packages,
-            &profile.local_packages,
-            &source,
-        )?;
+        let eval = nix::Eval::for_profile(&root, &board, &packages, &profile, &source)?;
 
         let mut wanted: Vec<(&'static str, String, String)> = packages
             .iter()

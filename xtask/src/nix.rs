@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-use crate::config::{Arch, Board, KernelSource, LocalPackage};
+use crate::config::{Arch, Board, KernelSource, Profile, ProfileNixFile};
 use crate::host;
 use crate::offline;
 use crate::ui;
@@ -77,15 +77,28 @@ impl Eval {
         packages: &[String],
         source: &PackageSource,
     ) -> Result<Eval> {
-        Eval::with_local_packages(root, board, packages, &BTreeMap::new(), source)
+        Eval::with_nix_files(root, board, packages, &BTreeMap::new(), &[], source)
     }
 
-    /// Like [`Eval::new`], with the profile's `[local-packages]` added to the package set.
-    pub fn with_local_packages(
+    /// Like [`Eval::new`], with the profile's `overlays` applied to the package set and its
+    /// `[local-packages]` added to it.
+    pub fn for_profile(
         root: &Path,
         board: &Board,
         packages: &[String],
-        local: &BTreeMap<String, LocalPackage>,
+        profile: &Profile,
+        source: &PackageSource,
+    ) -> Result<Eval> {
+        let (local, overlays) = (&profile.local_packages, &profile.overlays);
+        Eval::with_nix_files(root, board, packages, local, overlays, source)
+    }
+
+    fn with_nix_files(
+        root: &Path,
+        board: &Board,
+        packages: &[String],
+        local: &BTreeMap<String, ProfileNixFile>,
+        overlays: &[ProfileNixFile],
         source: &PackageSource,
     ) -> Result<Eval> {
         let kernel = match &board.kernel.source {
@@ -104,9 +117,17 @@ impl Eval {
                 )
             })
             .collect();
+        let overlays: Vec<serde_json::Value> = overlays
+            .iter()
+            .map(|o| {
+                let profile = format!("profiles/{}.toml", o.origin);
+                serde_json::json!({ "path": o.path, "profile": profile })
+            })
+            .collect();
         let request = serde_json::json!({
             "packages": packages,
             "localPackages": local,
+            "overlays": overlays,
             "kernel": kernel,
         })
         .to_string();

@@ -1,9 +1,10 @@
-//! A team's own software through a profile's `[local-packages]`: a C program compiled from a
-//! local source tree with the offline set's `stdenv.mkDerivation`, and a prebuilt, dynamically
-//! linked binary (made here with the host's compiler, so linked against the host's C library)
-//! turned into a store path against the set's glibc by `autoPatchelfHook`. Both go into an
-//! image of qemu-x86_64 that is booted; the guest console must show that both ran, as a check
-//! and as a service. Then the one-line errors for bad entries, which need no Nix.
+//! A team's own software through a profile's `[local-packages]` and `overlays`: a C program
+//! compiled from a local source tree with the offline set's `stdenv.mkDerivation`, and a
+//! prebuilt, dynamically linked binary (made here with the host's compiler, so linked against
+//! the host's C library) turned into a store path against the set's glibc by
+//! `autoPatchelfHook`. Both go into an image of qemu-x86_64 with a script an overlay adds, and
+//! it is booted; the guest console must show that all three ran (the C program also as a
+//! service). Then the one-line errors for bad entries, which need no Nix.
 //!
 //! Everything happens in a scratch copy of the repository's data folders (`BONSAI_ROOT`), with
 //! its own `out/`. Needs Nix, QEMU and gcc (`cargo xtask test` installs them); fails, never
@@ -130,9 +131,21 @@ const PREBUILT_C: &str = r#"#include <stdio.h>
 int main(void) { char b[32]; strcpy(b, "prebuilt-ok"); puts(b); return 0; }
 "#;
 
+/// An overlay that adds a package (a script) with the set's own stdenv, through `final`.
+const OVERLAY_NIX: &str = r#"final: prev: {
+  overlay-hi = final.stdenv.mkDerivation {
+    pname = "overlay-hi";
+    version = "1.0";
+    src = ./overlay-hi.sh;
+    installPhase = "mkdir -p $out/bin && cp $src $out/bin/overlay-hi && chmod 755 $out/bin/overlay-hi";
+  };
+}
+"#;
+
 const PROFILE: &str = r#"description = "local packages: a C program from source and a prebuilt binary"
 inherit = ["minimal"]
-packages = ["greeter", "prebuilt-hi"]
+packages = ["greeter", "prebuilt-hi", "overlay-hi"]
+overlays = ["pkgs/overlay/default.nix"]
 console-expect = ["[greet] greeter-ok from a local source tree as service"]
 
 [local-packages]
@@ -152,12 +165,19 @@ expect = "greeter-ok from a local source tree"
 name = "prebuilt binary runs"
 run = "prebuilt-hi"
 expect = "prebuilt-ok"
+
+[[check]]
+name = "a package from an overlay runs"
+run = "overlay-hi"
+expect = "overlay-ok"
 "#;
 
 fn make_packages(s: &Scratch) {
     s.write("pkgs/greeter/default.nix", GREETER_NIX);
     s.write("pkgs/greeter/src/greeting.h", GREETER_H);
     s.write("pkgs/greeter/src/main.c", GREETER_C);
+    s.write("pkgs/overlay/default.nix", OVERLAY_NIX);
+    s.write("pkgs/overlay/overlay-hi.sh", "#!/bin/sh\necho overlay-ok\n");
     s.write("pkgs/prebuilt/default.nix", PREBUILT_NIX);
     s.write("pkgs/prebuilt/prebuilt.c", PREBUILT_C);
     let bin = s.root().join("pkgs/prebuilt/prebuilt-hi");
@@ -259,6 +279,7 @@ fn local_source_and_prebuilt_binary_run_at_boot() {
     for want in [
         "greeter-ok from a local source tree",
         "prebuilt-ok",
+        "overlay-ok",
         "[greet] greeter-ok from a local source tree as service",
     ] {
         assert!(
@@ -367,4 +388,27 @@ fn local_package_clashing_with_the_set_is_an_error() {
         err,
         "error: kernel config: profiles/clash.toml: key 'local-packages.zlib': 'zlib' is already an attribute of the offline package set; choose another name"
     );
+}
+
+/// An `overlays` entry that is not a `.nix` file inside the repository: refused before Nix runs.
+#[test]
+fn bad_overlays_are_one_line_errors() {
+    let s = Scratch::new();
+    let out = s.root().join("out-bad-overlay");
+    let out_s = out.display().to_string();
+    for (entry, want) in [
+        ("overlays/none.nix", "overlays/none.nix does not exist"),
+        ("/etc/hostname", "'/etc/hostname' is not a path inside the repository (give it relative to the repository root, without '..')"),
+        ("examples/hello/src/hello.c", "examples/hello/src/hello.c is not a .nix file"),
+    ] {
+        s.write(
+            "profiles/bad.toml",
+            &format!("description = \"bad\"\ninherit = [\"minimal\"]\noverlays = [\"{entry}\"]\n"),
+        );
+        let err = s.error(
+            &["build", "--board", BOARD, "--profile", "bad", "--out", &out_s],
+            &out,
+        );
+        assert_eq!(err, format!("error: profiles/bad.toml: key 'overlays': {want}"));
+    }
 }

@@ -833,7 +833,10 @@ fn test_nixpkgs_that_cannot_be_fetched_is_one_line() {
         .filter(|l| !l.trim().is_empty() && !l.starts_with(notice))
         .collect();
     assert_eq!(lines.len(), 1, "{err}");
-    assert!(err.lines().filter(|l| l.starts_with(notice)).count() <= 1, "{err}");
+    assert!(
+        err.lines().filter(|l| l.starts_with(notice)).count() <= 1,
+        "{err}"
+    );
     assert!(
         lines[0].starts_with(&format!("error: --nixpkgs {r}: cannot fetch it ("))
             && lines[0].ends_with("testing against a real Nixpkgs needs the network, or a local checkout (--nixpkgs ~/src/nixpkgs)"),
@@ -960,4 +963,96 @@ fn call_package_and_new_scope_fill_arguments_from_the_set() {
     assert_eq!(String::from_utf8_lossy(&run.stdout), "tool-ok\n");
     let err = eval(&format!("({p}.callPackage {} {{ }}).name", file.display())).unwrap_err();
     assert!(err.contains("helper"), "{err}");
+}
+
+// ---- profile overlays ---------------------------------------------------------------------
+
+/// Two overlays and a local package: the second overlay's `prev` is the first's result, `final`
+/// is the set after both, and `callPackage` (of overlays and of local packages) sees `final`.
+const OVERLAY_ONE: &str = r#"final: prev: {
+  teamVersion = "1";
+  team-tool = final.stdenv.mkDerivation {
+    pname = "team-tool";
+    version = final.teamVersion;
+    installPhase = "mkdir -p $out/bin";
+  };
+}
+"#;
+const OVERLAY_TWO: &str = "final: prev: { teamVersion = prev.teamVersion + \".2\"; }\n";
+const OVERLAY_PROBE: &str = r#"{ stdenv, teamVersion }:
+stdenv.mkDerivation { pname = "probe"; version = teamVersion; installPhase = "mkdir -p $out/bin"; }
+"#;
+
+fn write_overlay_profile(root: &Path) {
+    let w = |rel: &str, text: &str| {
+        let p = root.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    };
+    w("overlays/one.nix", OVERLAY_ONE);
+    w("overlays/two.nix", OVERLAY_TWO);
+    w("pkgs/probe.nix", OVERLAY_PROBE);
+    w(
+        "profiles/team-base.toml",
+        "description = \"o\"\npackages = [\"busybox\"]\ninit = \"busybox\"\noverlays = [\"overlays/one.nix\"]\n",
+    );
+    w(
+        "profiles/team.toml",
+        "description = \"o\"\ninherit = [\"team-base\"]\npackages = [\"team-tool\", \"probe\"]\noverlays = [\"overlays/two.nix\"]\n[local-packages]\nprobe = \"pkgs/probe.nix\"\n",
+    );
+}
+
+#[test]
+fn profile_overlays_apply_in_order_to_the_offline_set_and_to_nixpkgs() {
+    let scratch = scratch_root();
+    write_overlay_profile(scratch.path());
+    let fixture = fixture().display().to_string();
+    for extra in [vec![], vec!["--nixpkgs", fixture.as_str()]] {
+        let mut args = vec!["eval", "--profile", "team", "--json"];
+        args.extend(&extra);
+        let out = xtask(scratch.path(), &args);
+        assert!(out.status.success(), "{args:?}: {}", last_line(&out));
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let drv = |a: &str| -> String {
+            r["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|i| i["attribute"] == a)
+                .unwrap_or_else(|| panic!("{args:?}: no {a} in {r}"))["drv_path"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        assert!(
+            drv("team-tool").ends_with("-team-tool-1.2.drv"),
+            "{args:?}: {r}"
+        );
+        assert!(drv("probe").ends_with("-probe-1.2.drv"), "{args:?}: {r}");
+    }
+}
+
+#[test]
+fn a_file_that_is_not_an_overlay_is_a_one_line_error() {
+    let scratch = scratch_root();
+    write_overlay_profile(scratch.path());
+    for (text, what) in [
+        ("{ teamVersion = \"3\"; }\n", "is not a function"),
+        (
+            "final: { teamVersion = \"3\"; }\n",
+            "takes one argument, not two",
+        ),
+        ("final: prev: [ ]\n", "does not return an attribute set"),
+    ] {
+        std::fs::write(scratch.path().join("overlays/two.nix"), text).unwrap();
+        let out = xtask(scratch.path(), &["eval", "--profile", "team"]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error")).collect();
+        assert_eq!(errors.len(), 1, "{err}");
+        let want = format!(
+            "profiles/team.toml: key 'overlays': overlays/two.nix {what} (an overlay is `final: prev: {{ ... }}`)"
+        );
+        assert!(errors[0].ends_with(&want), "{err}");
+    }
 }
