@@ -146,6 +146,25 @@ pub fn clean_line(raw: &str) -> &str {
     raw.trim_start_matches('\r').trim_end()
 }
 
+/// Whether a console line is a kernel log message (`[    2.345678] ...`, CONFIG_PRINTK_TIME):
+/// while checks run the console shows warnings and worse, which may land between a check's
+/// markers without being its output.
+pub fn is_kernel_message(line: &str) -> bool {
+    let Some(rest) = clean_line(line).strip_prefix('[') else {
+        return false;
+    };
+    let Some((stamp, _)) = rest.split_once(']') else {
+        return false;
+    };
+    let Some((secs, frac)) = stamp.trim_start().split_once('.') else {
+        return false;
+    };
+    !secs.is_empty()
+        && secs.bytes().all(|b| b.is_ascii_digit())
+        && frac.len() == 6
+        && frac.bytes().all(|b| b.is_ascii_digit())
+}
+
 /// The marker on `line` for this run's `nonce`, if the line is one.
 ///
 /// `line` may still carry its `\r` and line ending. Anything malformed, or with another

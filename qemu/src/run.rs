@@ -599,7 +599,15 @@ impl<'a> Judge<'a> {
             (true, Some(code)) if code != check.exit => {
                 Some(format!("exit code {code}, expected {}", check.exit))
             }
-            (true, Some(_)) => check.expect.as_ref().and_then(|e| e.mismatch(&output)),
+            // A kernel message between the markers is kept in the output (judges read the
+            // OOM killer's), but is not what the check printed.
+            (true, Some(_)) => check.expect.as_ref().and_then(|e| {
+                let printed: Vec<&str> = output
+                    .lines()
+                    .filter(|l| !protocol::is_kernel_message(l))
+                    .collect();
+                e.mismatch(&normalize_output(&printed.join("\n")))
+            }),
         };
         CheckResult {
             name: check.name.clone(),
@@ -742,6 +750,42 @@ BONSAI-DONE 00000000000000aa";
         assert_eq!(results[1].exit, Some(1));
         assert!(!results[2].passed);
         assert_eq!(results[2].reason.as_deref(), Some("never started"));
+    }
+
+    /// A kernel warning printed while a check runs stays in its output (judges read the OOM
+    /// killer's lines) but is not compared with what the check expects; a line that only
+    /// looks like one is.
+    #[test]
+    fn a_kernel_message_between_the_markers_is_not_the_checks_output() {
+        let checks = [
+            check("console", Some(Expect::Equals("ttyS0".into())), 0),
+            check("bracket", Some(Expect::Equals("ttyS0".into())), 0),
+        ];
+        let mut judge = Judge::new(N, &checks);
+        let console = "\
+BONSAI-CHECK-BEGIN 00000000000000aa 1
+[    7.123456] clocksource: timekeeping watchdog on CPU0: Marking clocksource 'tsc' as unstable\r
+ttyS0\r
+BONSAI-CHECK-END 00000000000000aa 1 0
+BONSAI-CHECK-BEGIN 00000000000000aa 2
+[greet] ttyS0
+ttyS0
+BONSAI-CHECK-END 00000000000000aa 2 0";
+        feed_all(&mut judge, console);
+        let results = judge.results();
+        assert!(results[0].passed, "{:?}", results[0]);
+        assert!(results[0].output.contains("Marking clocksource"));
+        assert!(!results[1].passed, "{:?}", results[1]);
+        for (line, kernel) in [
+            ("[    0.000000] Linux version 6.1", true),
+            ("\r[12345.678901] x", true),
+            ("[greet] hello", false),
+            ("[ 1.5] short", false),
+            ("[    a.123456] x", false),
+            ("no bracket", false),
+        ] {
+            assert_eq!(protocol::is_kernel_message(line), kernel, "{line:?}");
+        }
     }
 
     #[test]

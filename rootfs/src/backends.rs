@@ -585,16 +585,6 @@ fn service_dir(dir: &str, name: &str) -> Vec<(String, Node)> {
     .collect()
 }
 
-/// The path `/proc/1/exe` must show once the backend runs.
-pub fn expected_pid1(inputs: &InitInputs) -> String {
-    match inputs.backend {
-        Backend::Busybox => format!("{}/bin/busybox", inputs.busybox),
-        Backend::Runit => format!("{}/bin/runit", inputs.runit.as_deref().unwrap_or("")),
-        Backend::S6 => format!("{}/bin/s6-svscan", inputs.s6.as_deref().unwrap_or("")),
-        Backend::BonsaiInit => "/bin/bonsai-init".into(),
-    }
-}
-
 /// Adds the backend's files and the shared service files to `tree`.
 pub fn render(tree: &mut Tree, sys: &System, inputs: &InitInputs) -> Result<()> {
     let backend = inputs.backend;
@@ -606,7 +596,6 @@ pub fn render(tree: &mut Tree, sys: &System, inputs: &InitInputs) -> Result<()> 
         exe("etc/bonsai/shutdown", shutdown_script(sys, backend)),
         exe("etc/bonsai/final", FINAL.to_string()),
         ("etc/bonsai/init-name".into(), file(format!("{}\n", backend.name()), 0o644)),
-        ("etc/bonsai/expected-pid1".into(), file(format!("{}\n", expected_pid1(inputs)), 0o644)),
         exe(
             "etc/bonsai/stage1",
             "#!/bin/sh\n# stage 1 of the shell backends: setup, then oneshots in order\n/etc/bonsai/setup\n/etc/bonsai/oneshots\n".into(),

@@ -25,6 +25,8 @@ pub enum Fault {
     NoTmp,
     /// Oneshots run in reverse order.
     Unordered,
+    /// s6's `/init` runs `s6-svscan` as its child instead of exec'ing it: PID 1 stays the shell.
+    NoExecInit,
 }
 
 pub const FAULTS: &[(&str, Fault)] = &[
@@ -36,6 +38,7 @@ pub const FAULTS: &[(&str, Fault)] = &[
     ("no-kill", Fault::NoKill),
     ("no-tmp", Fault::NoTmp),
     ("unordered", Fault::Unordered),
+    ("no-exec-init", Fault::NoExecInit),
 ];
 
 /// Parses a comma-separated list (`all` for every fault).
@@ -191,6 +194,7 @@ fn edit(path: &str, t: &str, fault: Fault) -> String {
                 }
             }
         }),
+        Fault::NoExecInit if path == "init" => t.replace("exec s6-svscan ", "s6-svscan "),
         _ => t.to_string(),
     }
 }
@@ -258,6 +262,8 @@ mod tests {
                 Fault::NoReset | Fault::NoEnvClear => {
                     &[Backend::Busybox, Backend::Runit, Backend::S6]
                 }
+                // The other backends' /init is a link to the init program itself.
+                Fault::NoExecInit => &[Backend::S6],
                 _ => &[
                     Backend::Busybox,
                     Backend::Runit,

@@ -382,7 +382,7 @@ pub fn check_run(
     if let Some(r) = report.as_mut() {
         // A report comes with no failure, or with ChecksFailed: the verdict is the checks'.
         failure = None;
-        if let Err(e) = crate::judge::apply(&info.profile, &info.checks, r, &text, &nonce) {
+        if let Err(e) = crate::judge::apply(info, r, &text, &nonce) {
             failure = Some(e);
         }
         if failure.is_none() {
