@@ -12,4 +12,4 @@ pub mod run;
 pub mod spec;
 
 pub use run::{boot_check, boot_interactive, Check, CheckResult, Event, Expect, Failure, Report};
-pub use spec::{Accel, Mode, QemuSpec, UserNet};
+pub use spec::{Accel, Firmware, Mode, QemuSpec, UserNet};

@@ -266,9 +266,13 @@ pub fn boot_check(
         "nonce {nonce:?} is not alphanumeric"
     );
     let mut spec = spec.clone();
-    spec.append = format!("{} {}", spec.append, protocol::kernel_params(nonce))
-        .trim_start()
-        .to_string();
+    // Through firmware the disk's boot loader has the command line: the caller writes the
+    // protocol's parameters into the disk it boots.
+    if spec.firmware.is_none() {
+        spec.append = format!("{} {}", spec.append, protocol::kernel_params(nonce))
+            .trim_start()
+            .to_string();
+    }
 
     let log_failure = |error| Failure::Log {
         path: log_path.to_path_buf(),

@@ -32,8 +32,19 @@ pub struct QemuSpec {
     pub network: Option<UserNet>,
     /// Raw disk images attached as virtio block devices, in order (`vda`, `vdb`, …).
     pub drives: Vec<PathBuf>,
+    /// Boot through firmware from the first drive instead of QEMU's `-kernel`: then `kernel`,
+    /// `initrd`, `dtb` and `append` are not passed (the disk's boot loader has its own).
+    pub firmware: Option<Firmware>,
     /// Extra arguments from the board file, appended verbatim after everything else.
     pub extra_args: Vec<String>,
+}
+
+/// The firmware that boots a disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Firmware {
+    /// UEFI (OVMF, AAVMF): the code as read-only flash, and a writable copy of the variable
+    /// store that belongs to the disk being booted (it persists across the disk's boots).
+    Uefi { code: PathBuf, vars: PathBuf },
 }
 
 /// How the console is wired.
@@ -114,12 +125,32 @@ impl QemuSpec {
         push_pair(&mut args, "-m", &self.memory);
         push_pair(&mut args, "-smp", &self.smp.to_string());
         push_pair(&mut args, "-accel", self.accel.as_str());
-        push_pair(&mut args, "-kernel", &self.kernel.display().to_string());
-        push_pair(&mut args, "-initrd", &self.initrd.display().to_string());
-        if let Some(dtb) = &self.dtb {
-            push_pair(&mut args, "-dtb", &dtb.display().to_string());
+        match &self.firmware {
+            None => {
+                push_pair(&mut args, "-kernel", &self.kernel.display().to_string());
+                push_pair(&mut args, "-initrd", &self.initrd.display().to_string());
+                if let Some(dtb) = &self.dtb {
+                    push_pair(&mut args, "-dtb", &dtb.display().to_string());
+                }
+                push_pair(&mut args, "-append", &self.append);
+            }
+            Some(Firmware::Uefi { code, vars }) => {
+                let flash = |p: &PathBuf| p.display().to_string().replace(',', ",,");
+                push_pair(
+                    &mut args,
+                    "-drive",
+                    &format!(
+                        "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                        flash(code)
+                    ),
+                );
+                push_pair(
+                    &mut args,
+                    "-drive",
+                    &format!("if=pflash,format=raw,unit=1,file={}", flash(vars)),
+                );
+            }
         }
-        push_pair(&mut args, "-append", &self.append);
         match mode {
             Mode::Interactive => {
                 args.push("-nographic".to_string());
@@ -195,6 +226,7 @@ mod tests {
                 host_forwards: vec![(2222, 22), (8080, 80)],
             }),
             drives: vec!["/tmp/data.img".into()],
+            firmware: None,
             extra_args: vec!["-rtc".into(), "base=utc".into()],
         }
     }
@@ -214,6 +246,7 @@ mod tests {
             accel: Accel::Kvm,
             network: None,
             drives: vec![],
+            firmware: None,
             extra_args: vec![],
         }
     }
@@ -297,6 +330,32 @@ mod tests {
         );
     }
 
+    /// Through UEFI: code read-only, the disk's own variable store writable, the disk the first
+    /// virtio drive, and no `-kernel` (the disk's boot loader starts the kernel).
+    #[test]
+    fn a_firmware_boot_passes_no_kernel() {
+        let spec = QemuSpec {
+            firmware: Some(Firmware::Uefi {
+                code: "/usr/share/OVMF/OVMF_CODE_4M.fd".into(),
+                vars: "/out/q35/disk,vars.fd".into(),
+            }),
+            drives: vec!["/out/q35/disk.img".into()],
+            ..q35()
+        };
+        let args = spec.args(Mode::Headless);
+        for absent in ["-kernel", "-initrd", "-append", "-dtb"] {
+            assert!(!args.contains(&absent.to_string()), "{absent} in {args:?}");
+        }
+        let line = spec.command_line(Mode::Headless);
+        assert!(line.contains(
+            "-drive if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd -drive if=pflash,format=raw,unit=1,file=/out/q35/disk,,vars.fd"
+        ), "{line}");
+        assert!(
+            line.contains("-drive file=/out/q35/disk.img,if=virtio,format=raw"),
+            "{line}"
+        );
+    }
+
     #[test]
     fn cpu_is_optional() {
         let spec = QemuSpec {
@@ -330,6 +389,7 @@ mod tests {
     fn drive_commas_are_escaped() {
         let spec = QemuSpec {
             drives: vec!["/tmp/a,b.img".into()],
+            firmware: None,
             ..virt()
         };
         let args = spec.args(Mode::Headless);

@@ -72,6 +72,7 @@ fn spec(binary: String) -> QemuSpec {
         accel: Accel::Tcg,
         network: None,
         drives: vec![],
+        firmware: None,
         extra_args: vec![],
     }
 }

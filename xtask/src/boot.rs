@@ -48,6 +48,10 @@ pub struct Boot {
     /// With --ssh: run this command instead of an interactive session, print its output
     #[arg(long, requires = "ssh")]
     pub ssh_command: Option<String>,
+    /// Boot out/<board>/disk.img through the board's firmware (UEFI and systemd-boot) instead
+    /// of QEMU's -kernel; the disk is written first when missing or older than the build
+    #[arg(long, conflicts_with = "ssh")]
+    pub disk: bool,
     /// Boot the image in this folder instead of out/<board> (never rebuilt)
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -84,7 +88,12 @@ impl Boot {
                 (out, info)
             }
         };
-        let spec = qemu_spec(&board, &out, &info, None)?;
+        let mut spec = qemu_spec(&board, &out, &info, None)?;
+        if self.disk {
+            crate::image::ensure_disk(&root, &board, &out, &info)?;
+            let run = crate::image::RunDisk::fresh(&board, &out)?;
+            run.apply(&mut spec);
+        }
         if self.print {
             println!("{}", spec.command_line(qemu::Mode::Interactive));
             return Ok(());
@@ -266,6 +275,7 @@ pub fn qemu_spec(
             host_forwards: host_forward.into_iter().collect(),
         }),
         drives: Vec::new(),
+        firmware: None,
         extra_args: board.qemu.extra_args.clone(),
     })
 }
@@ -334,6 +344,26 @@ pub fn check_run(
         .collect();
     let nonce = qemu::protocol::new_nonce();
     let log = out.join("serial.log");
+    // Through firmware, the disk's entries carry the command line: this boot's parameters go
+    // into the disk it boots (a copy of the image, never disk.img itself).
+    if spec.firmware.is_some() {
+        let params = qemu::protocol::kernel_params(&nonce);
+        if let Err(e) = spec
+            .drives
+            .first()
+            .context("a firmware boot has no disk")
+            .and_then(|d| crate::image::set_boot_options(d, &params, info.source_date_epoch))
+        {
+            return CheckRun {
+                report: None,
+                failure: Some(format!("{e:#}")),
+                results: Vec::new(),
+                console: Vec::new(),
+                log,
+                init_started: None,
+            };
+        }
+    }
     ui::step(format!(
         "boot {} ({}, init {}) headless under {} and run {} checks (timeout {} s)",
         board.name,

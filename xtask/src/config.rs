@@ -77,7 +77,30 @@ struct RawBoard {
     budget: RawBudget,
     qemu: RawQemu,
     #[serde(default)]
+    disk: Option<RawDisk>,
+    #[serde(default)]
     check: Vec<CheckSpec>,
+}
+
+/// `[disk]`: how `cargo xtask image` lays out the board's disk and which firmware boots it.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct RawDisk {
+    layout: String,
+    #[serde(default)]
+    esp: Option<String>,
+    #[serde(default)]
+    data: Option<String>,
+    #[serde(default = "default_tries")]
+    tries: u32,
+    firmware_code: String,
+    #[serde(default)]
+    firmware_vars: Option<String>,
+    firmware_package: String,
+}
+
+fn default_tries() -> u32 {
+    3
 }
 
 #[derive(Debug, Deserialize)]
@@ -241,7 +264,33 @@ pub struct Board {
     pub kernel: KernelSpec,
     pub budget: Budget,
     pub qemu: QemuConfig,
+    /// `[disk]`; `None` for a board without a disk image.
+    pub disk: Option<DiskConfig>,
     pub checks: Vec<CheckSpec>,
+}
+
+/// The disk layouts `cargo xtask image` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskLayout {
+    /// GPT: an EFI system partition with systemd-boot, the slots as boot-counted entries,
+    /// and a data partition; booted by UEFI firmware.
+    Efi,
+}
+
+/// A board's `[disk]` table.
+#[derive(Debug, Clone)]
+pub struct DiskConfig {
+    pub layout: DiskLayout,
+    /// Sizes of the EFI system partition (both slots live in it) and the data partition.
+    pub esp_mib: u64,
+    pub data_mib: u64,
+    /// Boot tries of a trial slot before the boot loader gives up on it.
+    pub tries: u32,
+    /// The firmware image QEMU runs (read-only), its variable store (copied per boot), and the
+    /// Debian package that has them.
+    pub firmware_code: PathBuf,
+    pub firmware_vars: Option<PathBuf>,
+    pub firmware_package: String,
 }
 
 #[derive(Debug, Clone)]
@@ -528,6 +577,7 @@ impl Config {
                 boot_timeout: raw.qemu.boot_timeout,
                 known_good: raw.qemu.known_good,
             },
+            disk: raw.disk.map(|d| disk_config(d, &shown)).transpose()?,
             checks: raw.check,
         })
     }
@@ -769,6 +819,40 @@ impl Config {
         order.push(name.to_string());
         Ok(())
     }
+}
+
+fn disk_config(raw: RawDisk, shown: &str) -> Result<DiskConfig> {
+    let layout = match raw.layout.as_str() {
+        "efi" => DiskLayout::Efi,
+        other => bail!("{shown}: key 'disk.layout': unknown layout '{other}' (expected efi)"),
+    };
+    let mib = |v: &Option<String>, key: &str, default: u64, min: u64| -> Result<u64> {
+        let bytes = parse_budget(v, key, shown)?.unwrap_or(default << 20);
+        if bytes % (1 << 20) != 0 || bytes >> 20 < min {
+            bail!("{shown}: key '{key}': must be a whole number of MiB, at least {min} MiB");
+        }
+        Ok(bytes >> 20)
+    };
+    if raw.tries == 0 {
+        bail!("{shown}: key 'disk.tries': a trial needs at least 1 try");
+    }
+    for (key, p) in [
+        ("disk.firmware-code", Some(&raw.firmware_code)),
+        ("disk.firmware-vars", raw.firmware_vars.as_ref()),
+    ] {
+        if p.is_some_and(|p| !p.starts_with('/')) {
+            bail!("{shown}: key '{key}': give the firmware file's absolute path on the host");
+        }
+    }
+    Ok(DiskConfig {
+        layout,
+        esp_mib: mib(&raw.esp, "disk.esp", 64, 34)?,
+        data_mib: mib(&raw.data, "disk.data", 32, 1)?,
+        tries: raw.tries,
+        firmware_code: PathBuf::from(raw.firmware_code),
+        firmware_vars: raw.firmware_vars.map(PathBuf::from),
+        firmware_package: raw.firmware_package,
+    })
 }
 
 fn parse_budget(v: &Option<String>, key: &str, shown: &str) -> Result<Option<u64>> {

@@ -13,6 +13,7 @@ pub mod digest;
 pub mod eval;
 pub mod host;
 pub mod hygiene;
+pub mod image;
 pub mod judge;
 pub mod kernel_config;
 pub mod list;
@@ -63,6 +64,8 @@ pub enum Command {
     Eval(eval::Eval),
     /// Boot a built board in QEMU (interactive, or headless with --check)
     Boot(boot::Boot),
+    /// Write out/<board>/disk.img (and disk.json): the build on a disk the board's firmware boots
+    Image(image::Image),
     /// List boards and profiles, one line each
     List(list::List),
     /// Where the bytes are: closure, kept, stripped and compressed size per store path or file
@@ -140,6 +143,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Build(c) => c.run().map(|_| ()),
         Command::Boot(c) => c.run(),
+        Command::Image(c) => c.run(),
         Command::Eval(c) => c.run(),
         Command::List(c) => c.run(),
         Command::Conformance(c) => c.run(),

@@ -182,6 +182,32 @@ pub fn prepare(root: &Path, target: Arch) -> Result<Inputs> {
     })
 }
 
+/// A pinned Debian package of `arch` (see `nix/offline/<arch>.lock.json`) as a verified file in
+/// the cache, downloaded first when missing: for what bonsai puts on a disk beside the Nix-built
+/// image (systemd-boot's EFI binary).
+pub fn pinned_deb(root: &Path, arch: Arch, package: &str) -> Result<PathBuf> {
+    let lock = load_lock(root, arch.debian())?;
+    let deb = lock.packages.get(package).with_context(|| {
+        format!(
+            "Debian package {package} is not pinned in nix/offline/{}.lock.json (cargo xtask pin {package})",
+            arch.debian()
+        )
+    })?;
+    let cache = cache_dir();
+    fetch_missing(&cache, arch.debian(), &lock)?;
+    let file = cache.join("debs").join(arch.debian()).join(&deb.file);
+    let got = crate::digest::sha256_file(&file)?;
+    if got != deb.sha256 {
+        bail!(
+            "{}: SHA-256 {got}, but nix/offline/{}.lock.json pins {} (delete the file to download it again)",
+            file.display(),
+            arch.debian(),
+            deb.sha256
+        );
+    }
+    Ok(file)
+}
+
 fn fetch_missing(cache: &Path, arch: &str, lock: &Lock) -> Result<()> {
     let dir = cache.join("debs").join(arch);
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -29,7 +29,8 @@ pub struct Release {
     pub out_dir: Option<PathBuf>,
 }
 
-fn git_version(root: &Path) -> String {
+/// `git describe --tags --always` of the checkout, or `dev` outside git.
+pub fn git_version(root: &Path) -> String {
     std::process::Command::new("git")
         .args(["describe", "--tags", "--always"])
         .current_dir(root)

@@ -17,6 +17,7 @@ pub const SLOW_TEST_TARGETS: &[(&str, &str)] = &[
     ("xtask", "aarch64"),
     ("xtask", "errors"),
     ("xtask", "nix_glue"),
+    ("xtask", "disk"),
 ];
 
 /// The clippy runs of the test command: every crate, and bonsai-init on its own (its
@@ -75,6 +76,11 @@ impl Test {
                 ("/usr/bin/qemu-system-x86_64", "qemu-system-x86"),
                 // xtask/tests/aarch64.rs: the qemu-aarch64 board, cross-built on this host
                 ("/usr/bin/qemu-system-aarch64", "qemu-system-arm"),
+                // xtask/tests/disk.rs: UEFI firmware, and mtools and sfdisk as oracles
+                ("/usr/share/OVMF/OVMF_CODE_4M.fd", "ovmf"),
+                ("/usr/share/AAVMF/AAVMF_CODE.fd", "qemu-efi-aarch64"),
+                ("/usr/bin/mdir", "mtools"),
+                ("/usr/sbin/sfdisk", "fdisk"),
             ];
             if let Some((cc, libc)) =
                 host::cross_tools(crate::config::Arch::Aarch64, crate::host::host_arch()?)

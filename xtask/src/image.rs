@@ -1,0 +1,429 @@
+//! `cargo xtask image --board <b>`: the board's disk image, `out/<b>/disk.img`, and what is in
+//! it, `out/<b>/disk.json`. It builds the board first (as `build` does), then lays the build out
+//! as the board's `[disk]` table says: for `layout = "efi"`, GPT with an EFI system partition
+//! holding systemd-boot and the build as slot A (a boot-counted trial entry), and an empty data
+//! partition. Pure writing, through the `disk` crate: no root, no loop device, no mount.
+//!
+//! The image is a function of its inputs: GUIDs and FAT serial numbers derive from the hash of
+//! the loader, the slot's files and its command line; FAT timestamps are the build's
+//! `SOURCE_DATE_EPOCH`.
+
+use std::fs;
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::build::{Build, BuildInfo};
+use crate::config::{Arch, Board, Config, DiskConfig, DiskLayout};
+use crate::{project_root, ui};
+
+#[derive(Args, Debug, Default)]
+pub struct Image {
+    /// What to build, as for `cargo xtask build` (disk.img and disk.json go beside the build)
+    #[command(flatten)]
+    pub build: Build,
+    /// The release in slot A, the entry's `version` (default: `git describe --tags --always`)
+    #[arg(long)]
+    pub version: Option<String>,
+}
+
+/// The file names in the output folder.
+pub const DISK_IMG: &str = "disk.img";
+pub const DISK_JSON: &str = "disk.json";
+
+/// `disk.json`: the partition table, each partition's place and SHA-256, the boot loader, and
+/// which release is in which slot.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskInfo {
+    pub board: String,
+    pub layout: String,
+    pub file: String,
+    pub size: u64,
+    pub sha256: String,
+    pub disk_guid: String,
+    pub source_date_epoch: u64,
+    pub loader: LoaderInfo,
+    pub partitions: Vec<PartitionInfo>,
+    pub slots: Vec<SlotInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoaderInfo {
+    /// The Debian package and version it comes from (pinned in nix/offline/<arch>.lock.json).
+    pub package: String,
+    pub version: String,
+    /// Where it is on the ESP.
+    pub path: String,
+    pub sha256: String,
+}
+
+/// A partition as written, and the SHA-256 of its bytes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PartitionInfo {
+    #[serde(flatten)]
+    pub partition: disk::efi::Partition,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SlotInfo {
+    pub slot: String,
+    pub version: String,
+    /// The entry file under `loader/entries/` as written (its counter: the tries left).
+    pub entry: String,
+    pub profile: String,
+    pub init: String,
+    pub cmdline: String,
+    pub kernel_sha256: String,
+    pub initrd_sha256: String,
+    pub dtb_sha256: Option<String>,
+}
+
+/// systemd-boot's EFI binary for `arch`: in the pinned `systemd-boot-efi` package, and where
+/// UEFI firmware looks on removable media.
+fn loader_names(arch: Arch) -> (&'static str, &'static str) {
+    match arch {
+        Arch::X86_64 => (
+            "usr/lib/systemd/boot/efi/systemd-bootx64.efi",
+            "EFI/BOOT/BOOTX64.EFI",
+        ),
+        Arch::Aarch64 => (
+            "usr/lib/systemd/boot/efi/systemd-bootaa64.efi",
+            "EFI/BOOT/BOOTAA64.EFI",
+        ),
+    }
+}
+
+/// The pinned systemd-boot for `arch`, and where it goes on the ESP.
+pub fn efi_loader(root: &Path, arch: Arch) -> Result<(Vec<u8>, LoaderInfo)> {
+    const PACKAGE: &str = "systemd-boot-efi";
+    let deb = crate::offline::pinned_deb(root, arch, PACKAGE)?;
+    let lock = crate::offline::load_lock(root, arch.debian())?;
+    let version = lock.packages[PACKAGE].version.clone();
+    let (inside, esp_path) = loader_names(arch);
+    let tmp = tempfile::tempdir().context("making a temporary folder")?;
+    let st = std::process::Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(tmp.path())
+        .status()
+        .context("running dpkg-deb (apt-get install dpkg)")?;
+    if !st.success() {
+        bail!("dpkg-deb -x {} failed", deb.display());
+    }
+    let file = tmp.path().join(inside);
+    let bytes = fs::read(&file).with_context(|| format!("{}: no {inside} in it", deb.display()))?;
+    let sha256 = crate::digest::hex(&Sha256::digest(&bytes));
+    Ok((
+        bytes,
+        LoaderInfo {
+            package: PACKAGE.into(),
+            version,
+            path: esp_path.into(),
+            sha256,
+        },
+    ))
+}
+
+/// The kernel command line of a slot on a disk: the board's console and command line, and the
+/// slot's name (`bonsai.slot=`), which the running system shows in `/run/bonsai/slot`.
+pub fn slot_cmdline(board: &Board, slot: &str) -> String {
+    let mut c = format!("console={}", board.console);
+    if !board.kernel.cmdline.trim().is_empty() {
+        c.push(' ');
+        c.push_str(board.kernel.cmdline.trim());
+    }
+    c.push_str(&format!(" bonsai.slot={slot}"));
+    c
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    crate::digest::hex(&Sha256::digest(data))
+}
+
+/// The files of one build, as a slot boots them.
+pub struct SlotFiles {
+    pub kernel: Vec<u8>,
+    pub initrd: Vec<u8>,
+    pub dtb: Option<Vec<u8>>,
+}
+
+impl SlotFiles {
+    pub fn read(out: &Path, info: &BuildInfo) -> Result<SlotFiles> {
+        let read = |f: &str| {
+            let p = out.join(f);
+            fs::read(&p).with_context(|| format!("reading {}", p.display()))
+        };
+        Ok(SlotFiles {
+            kernel: read(&info.kernel)?,
+            initrd: read(&info.initramfs)?,
+            dtb: info.dtb.as_deref().map(read).transpose()?,
+        })
+    }
+}
+
+impl Image {
+    pub fn run(self) -> Result<()> {
+        let root = project_root();
+        let board = Config::new(&root).load_board(&self.build.board)?;
+        let disk = disk_config(&board)?;
+        let built = self.build.run()?;
+        let version = self
+            .version
+            .clone()
+            .unwrap_or_else(|| crate::release::git_version(&root));
+        if version.is_empty() || version.contains(|c: char| c.is_whitespace() || c == '/') {
+            bail!("--version '{version}': must be a non-empty word without '/' or spaces");
+        }
+        let timer = ui::Timer::start();
+        ui::step(format!(
+            "write the disk image of {} ({} layout)",
+            board.name,
+            layout_name(disk.layout)
+        ));
+        let info = write_disk(&root, &board, &disk, &built.out, &built.info, &version)?;
+        let esp = &info.partitions[0].partition;
+        println!(
+            "wrote {}: {} MiB, GPT: {} {} MiB (systemd-boot {}, slot a: {} as {}), {} {} MiB in {:.1} s",
+            built.out.join(DISK_IMG).display(),
+            info.size >> 20,
+            esp.name,
+            esp.size >> 20,
+            info.loader.version,
+            version,
+            info.slots[0].entry,
+            info.partitions[1].partition.name,
+            info.partitions[1].partition.size >> 20,
+            timer.secs()
+        );
+        Ok(())
+    }
+}
+
+pub fn layout_name(l: DiskLayout) -> &'static str {
+    match l {
+        DiskLayout::Efi => "efi",
+    }
+}
+
+/// The board's `[disk]` table, or the one-line error for a board without one.
+pub fn disk_config(board: &Board) -> Result<DiskConfig> {
+    board.disk.clone().with_context(|| {
+        format!(
+            "boards/{}.toml has no [disk] table: this board has no disk image yet (boards with one: see cargo xtask list)",
+            board.name
+        )
+    })
+}
+
+/// Writes `disk.img` and `disk.json` into `out` for the build there: into temporary files
+/// first, renamed into place once whole (the image, then its description).
+pub fn write_disk(
+    root: &Path,
+    board: &Board,
+    disk: &DiskConfig,
+    out: &Path,
+    build: &BuildInfo,
+    version: &str,
+) -> Result<DiskInfo> {
+    let (loader, loader_info) = efi_loader(root, board.arch)?;
+    let files = SlotFiles::read(out, build)?;
+    let cmdline = slot_cmdline(board, "a");
+    let mut seed = Sha256::new();
+    for part in [
+        loader.as_slice(),
+        &files.kernel,
+        &files.initrd,
+        files.dtb.as_deref().unwrap_or_default(),
+        cmdline.as_bytes(),
+        version.as_bytes(),
+    ] {
+        seed.update(Sha256::digest(part));
+    }
+    let seed = seed.finalize();
+    let slot = disk::efi::Slot {
+        name: "a",
+        version,
+        generation: 1,
+        kernel: &files.kernel,
+        initrd: &files.initrd,
+        dtb: files.dtb.as_deref(),
+        cmdline: &cmdline,
+        tries: Some(disk.tries),
+    };
+    let spec = disk::efi::Spec {
+        loader: &loader,
+        loader_path: &loader_info.path,
+        slots: vec![slot.clone()],
+        esp_mib: disk.esp_mib,
+        data_mib: disk.data_mib,
+        epoch: build.source_date_epoch,
+        seed: &seed,
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".disk.img.tmp-")
+        .tempfile_in(out)
+        .with_context(|| format!("creating a temporary file in {}", out.display()))?;
+    let layout = disk::efi::write(tmp.as_file_mut(), &spec)
+        .with_context(|| format!("writing the disk image of {}", board.name))?;
+    let f = tmp.as_file_mut();
+    let mut partitions = Vec::new();
+    for p in &layout.partitions {
+        partitions.push(PartitionInfo {
+            partition: p.clone(),
+            sha256: disk::efi::partition_sha256(f, p)?,
+        });
+    }
+    f.flush()?;
+    f.seek(SeekFrom::Start(0))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = std::io::Read::read(f, &mut buf).context("hashing the disk image")?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    f.sync_all().context("writing the disk image")?;
+    let info = DiskInfo {
+        board: board.name.clone(),
+        layout: layout_name(disk.layout).into(),
+        file: DISK_IMG.into(),
+        size: layout.size,
+        sha256: crate::digest::hex(&h.finalize()),
+        disk_guid: layout.disk_guid.clone(),
+        source_date_epoch: build.source_date_epoch,
+        loader: loader_info,
+        partitions,
+        slots: vec![SlotInfo {
+            slot: "a".into(),
+            version: version.into(),
+            entry: disk::efi::entry_name(&slot).file(),
+            profile: build.profile.clone(),
+            init: build.init.clone(),
+            cmdline: cmdline.clone(),
+            kernel_sha256: sha256_hex(&files.kernel),
+            initrd_sha256: sha256_hex(&files.initrd),
+            dtb_sha256: files.dtb.as_deref().map(sha256_hex),
+        }],
+    };
+    let mut json = serde_json::to_string_pretty(&info)?;
+    json.push('\n');
+    tmp.persist(out.join(DISK_IMG))
+        .with_context(|| format!("writing {}", out.join(DISK_IMG).display()))?;
+    let mut tmp_json = tempfile::Builder::new()
+        .prefix(".disk.json.tmp-")
+        .tempfile_in(out)
+        .with_context(|| format!("creating a temporary file in {}", out.display()))?;
+    tmp_json.write_all(json.as_bytes())?;
+    tmp_json
+        .persist(out.join(DISK_JSON))
+        .with_context(|| format!("writing {}", out.join(DISK_JSON).display()))?;
+    Ok(info)
+}
+
+/// Reads `disk.json` of the output folder `out`.
+pub fn read_info(out: &Path) -> Result<DiskInfo> {
+    let p = out.join(DISK_JSON);
+    let text = fs::read_to_string(&p)
+        .with_context(|| format!("{} is missing; run cargo xtask image first", p.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not a disk description", p.display()))
+}
+
+/// `disk.json` of `out` if it describes the build there (slot A holds its kernel and
+/// initramfs), else the disk written anew for it.
+pub fn ensure_disk(root: &Path, board: &Board, out: &Path, build: &BuildInfo) -> Result<DiskInfo> {
+    let disk = disk_config(board)?;
+    let files = SlotFiles::read(out, build)?;
+    let current = read_info(out).ok().filter(|d| {
+        out.join(DISK_IMG).is_file()
+            && d.slots.first().is_some_and(|s| {
+                s.kernel_sha256 == sha256_hex(&files.kernel)
+                    && s.initrd_sha256 == sha256_hex(&files.initrd)
+            })
+    });
+    if let Some(d) = current {
+        return Ok(d);
+    }
+    ui::step(format!(
+        "write the disk image of {} first ({} does not hold this build)",
+        board.name,
+        out.join(DISK_IMG).display()
+    ));
+    write_disk(
+        root,
+        board,
+        &disk,
+        out,
+        build,
+        &crate::release::git_version(root),
+    )
+}
+
+/// The disk a boot runs on: a copy of `disk.img` and of the firmware's variable store, both
+/// kept in the output folder (`disk-run.img`, `disk-run-vars.fd`) for a look afterwards; the
+/// firmware and boot loader write to them, never to `disk.img`.
+pub struct RunDisk {
+    pub disk: PathBuf,
+    pub vars: PathBuf,
+    pub code: PathBuf,
+}
+
+impl RunDisk {
+    /// Fresh copies of the image and the variable store, as a new device would have them.
+    pub fn fresh(board: &Board, out: &Path) -> Result<RunDisk> {
+        let cfg = disk_config(board)?;
+        let code = cfg.firmware_code.display().to_string();
+        let mut extra: Vec<(&str, &str)> = vec![(&code, &cfg.firmware_package)];
+        let vars_src = cfg.firmware_vars.as_ref().map(|v| v.display().to_string());
+        if let Some(v) = &vars_src {
+            extra.push((v, &cfg.firmware_package));
+        }
+        crate::host::ensure(&[], &extra)?;
+        let run = RunDisk {
+            disk: out.join("disk-run.img"),
+            vars: out.join("disk-run-vars.fd"),
+            code: cfg.firmware_code.clone(),
+        };
+        copy(&out.join(DISK_IMG), &run.disk)?;
+        match &cfg.firmware_vars {
+            Some(v) => copy(v, &run.vars)?,
+            None => fs::write(&run.vars, vec![0u8; 64 << 20])
+                .with_context(|| format!("writing {}", run.vars.display()))?,
+        }
+        Ok(run)
+    }
+
+    /// Boot `spec` from this disk through the firmware.
+    pub fn apply(&self, spec: &mut qemu::QemuSpec) {
+        spec.firmware = Some(qemu::Firmware::Uefi {
+            code: self.code.clone(),
+            vars: self.vars.clone(),
+        });
+        spec.drives.insert(0, self.disk.clone());
+    }
+}
+
+fn copy(from: &Path, to: &Path) -> Result<()> {
+    fs::copy(from, to)
+        .map(|_| ())
+        .with_context(|| format!("copying {} to {}", from.display(), to.display()))
+}
+
+/// Sets this boot's kernel parameters in every bonsai entry of the disk at `path`.
+pub fn set_boot_options(path: &Path, params: &str, epoch: u64) -> Result<()> {
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    disk::efi::set_options(&mut f, params, epoch)
+        .with_context(|| format!("{}: setting the boot's kernel parameters", path.display()))?;
+    f.sync_all()
+        .with_context(|| format!("writing {}", path.display()))
+}
