@@ -280,23 +280,25 @@ impl Build {
             &board, &profile, &packages, &paths, &closure, backend, pid1, &extra, &secrets,
         )?;
 
-        let info = write_output(
-            &board,
-            &profile,
-            &init,
-            &source,
-            &kernel_image,
-            dtb.as_deref(),
-            &tree,
-            &closure,
+        let plan = Plan {
+            board,
+            profile,
+            init,
+            source,
+            secrets,
             epoch,
-            &out,
-            fp.unwrap_or_default(),
+            out,
+        };
+        let image = Image {
+            kernel: kernel_image,
+            dtb,
+            tree,
+            closure,
+            assembly,
             ssh_key,
-            &assembly,
-            &secrets,
-            record,
-        )?;
+        };
+        let info = write_output(&plan, &image, fp.unwrap_or_default(), record)?;
+        let (board, out) = (&plan.board, plan.out);
         summary(self.nested, format!(
             "built {}: kernel {}, initramfs {} ({} uncompressed, {} files from {} store paths) in {:.1} s -> {}",
             board.name,
@@ -579,24 +581,91 @@ pub fn source_date_epoch(root: &Path) -> Result<u64> {
         .unwrap_or(0))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn write_output(
-    board: &Board,
-    profile: &Profile,
-    init: &str,
-    source: &PackageSource,
-    kernel_image: &Path,
-    dtb: Option<&Path>,
-    tree: &Tree,
-    closure: &std::collections::BTreeMap<String, nix::PathInfo>,
+/// What a build is for: the board, profile and init it was resolved to, where its packages
+/// come from, the secrets it holds, its time stamp and its output folder.
+struct Plan {
+    board: Board,
+    profile: Profile,
+    /// The init backend's name (`--init`, else the profile's).
+    init: String,
+    source: PackageSource,
+    secrets: Vec<crate::hygiene::Secret>,
+    /// SOURCE_DATE_EPOCH: the time of every file in the archive, and build.json's.
     epoch: u64,
-    out: &Path,
-    fingerprint: String,
+    out: PathBuf,
+}
+
+/// What a build made, ready to be written out: Nix's kernel image (and device tree), the
+/// image tree, the closure it was selected from and the record of that selection.
+struct Image {
+    kernel: PathBuf,
+    dtb: Option<PathBuf>,
+    tree: Tree,
+    closure: std::collections::BTreeMap<String, nix::PathInfo>,
+    assembly: Assembly,
+    /// The private key that logs in as root, when bonsai made it.
     ssh_key: Option<PathBuf>,
-    assembly: &Assembly,
-    secrets: &[crate::hygiene::Secret],
+}
+
+/// The folder an output is written into before it is swapped in, and which of its files is
+/// being written (a disk-full error names it).
+struct Stage<'a> {
+    dir: &'a Path,
+    writing: String,
+}
+
+impl Stage<'_> {
+    /// The path of `file` in the folder, noted as the file being written.
+    fn start(&mut self, file: &str) -> PathBuf {
+        self.writing = file.to_string();
+        self.dir.join(file)
+    }
+}
+
+/// What the files written into a stage measure, for build.json.
+struct Written {
+    kernel_bytes: u64,
+    /// The device tree's file name, when the board names one.
+    dtb: Option<String>,
+    pack: rootfs::PackReport,
+    /// The image's file count (the manifest's).
+    files: u64,
+    /// SHA-256 of each output file.
+    outputs: std::collections::BTreeMap<String, String>,
+}
+
+/// Writes `out/<board>/`: every file goes into a fresh folder beside it, which then replaces
+/// the previous output atomically, so an interrupted or failed build leaves that one as it was.
+fn write_output(
+    plan: &Plan,
+    image: &Image,
+    fingerprint: String,
     record: NixRecord,
 ) -> Result<BuildInfo> {
+    let stage = stage_folder(&plan.out)?;
+    // Removed on SIGINT/SIGTERM/SIGHUP too, which run no destructors.
+    let staged = crate::outdir::track_stage(stage.path());
+    let mut files = Stage {
+        dir: stage.path(),
+        writing: "kernel".into(),
+    };
+    let info = write_staged(plan, image, &mut files, fingerprint, record).map_err(|e| {
+        if crate::outdir::is_disk_full(&e) {
+            disk_full(&plan.out, &files.writing, &image.kernel, &image.tree)
+        } else {
+            e
+        }
+    })?;
+
+    // Swap the new folder in, atomically; the previous one is removed afterwards.
+    let _ = stage.keep();
+    crate::outdir::swap_in(staged, &plan.out)?;
+    Ok(info)
+}
+
+/// A fresh folder beside `out` (creating `out`'s parent), where the output is written before
+/// it is swapped in.
+fn stage_folder(out: &Path) -> Result<tempfile::TempDir> {
     let parent = out.parent().context("output folder has no parent")?;
     fs::create_dir_all(parent)
         .with_context(|| format!("cannot create output folder {}", parent.display()))?;
@@ -605,180 +674,218 @@ fn write_output(
         .context("output folder has no name")?
         .to_string_lossy()
         .to_string();
-    // Everything is written into a fresh folder beside the output, then swapped in.
-    let stage = tempfile::Builder::new()
+    tempfile::Builder::new()
         .prefix(&format!(".{name}.tmp-"))
         .tempdir_in(parent)
-        .with_context(|| format!("cannot write to output folder {}", parent.display()))?;
-    // Removed on SIGINT/SIGTERM/SIGHUP too, which run no destructors.
-    let staged = crate::outdir::track_stage(stage.path());
+        .with_context(|| format!("cannot write to output folder {}", parent.display()))
+}
 
-    // Which output file is being written, for a disk-full error.
-    let writing = std::cell::RefCell::new(String::from("kernel"));
-    let staged_result = (|| -> Result<BuildInfo> {
-        let kernel_bytes = fs::metadata(kernel_image)?.len();
-        if let Some(max) = board.budget.kernel {
-            if kernel_bytes > max {
-                bail!("boards/{}.toml: budget.kernel: kernel is {} ({kernel_bytes} B), over the budget of {} ({max} B)", board.name, ui::size(kernel_bytes), ui::size(max));
-            }
-        }
-        writing.replace("kernel".into());
-        fs::copy(kernel_image, stage.path().join("kernel")).context("copying the kernel")?;
-        let mut perms = fs::metadata(stage.path().join("kernel"))?.permissions();
-        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o644);
-        fs::set_permissions(stage.path().join("kernel"), perms)?;
-        let dtb_name = match dtb {
-            Some(d) => {
-                let name = d
-                    .file_name()
-                    .context("device tree path has no file name")?
-                    .to_string_lossy()
-                    .to_string();
-                writing.replace(name.clone());
-                fs::write(stage.path().join(&name), fs::read(d)?)
-                    .context("copying the device tree")?;
-                Some(name)
-            }
-            None => None,
-        };
+/// Writes every output file into the stage, build.json last: the kernel and device tree,
+/// the packed initramfs (within the board's budgets), manifest.json and selection.json.
+fn write_staged(
+    plan: &Plan,
+    image: &Image,
+    stage: &mut Stage<'_>,
+    fingerprint: String,
+    record: NixRecord,
+) -> Result<BuildInfo> {
+    let kernel_bytes = write_kernel(&plan.board, &image.kernel, stage)?;
+    let dtb = match &image.dtb {
+        Some(d) => Some(write_dtb(d, stage)?),
+        None => None,
+    };
+    let initramfs = plan.board.compression.file_name();
+    let pack = pack_initramfs(plan, &image.tree, stage)?;
+    check_initramfs_budget(&plan.board, &image.assembly, pack.compressed_bytes)?;
+    let files = write_manifest_and_selection(plan, image, stage)?;
+    let outputs = ["kernel", initramfs, "manifest.json"]
+        .iter()
+        .copied()
+        .chain(dtb.as_deref())
+        .map(|f| {
+            Ok((
+                f.to_string(),
+                crate::digest::sha256_file(&stage.dir.join(f))?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let written = Written {
+        kernel_bytes,
+        dtb,
+        pack,
+        files,
+        outputs,
+    };
+    let info = build_info(plan, image, written, fingerprint, record);
+    fs::write(
+        stage.start("build.json"),
+        serde_json::to_string_pretty(&info)? + "\n",
+    )?;
+    Ok(info)
+}
 
-        ui::step(format!(
-            "pack initramfs ({}, {} entries)",
-            board.compression.name(),
-            tree.len()
-        ));
-        let initramfs_name = board.compression.file_name();
-        let mtime = u32::try_from(epoch).context("SOURCE_DATE_EPOCH does not fit a cpio mtime")?;
-        writing.replace(initramfs_name.into());
-        // A secret's bytes must not land in a shared cache: such images are packed without it.
-        let cache = if secrets.is_empty() {
-            pack_cache(board.compression)?
-        } else {
-            ui::detail("pack cache: not used (the image holds secrets)");
-            None
-        };
-        let report = rootfs::pack_cached(
-            tree,
-            &PackOptions {
-                compression: board.compression,
-                level: None,
-                mtime,
-            },
-            &stage.path().join(initramfs_name),
-            cache.clone(),
-        )?;
-        if let Some(cache) = &cache {
-            report_pack_cache(cache);
-            prune_pack_cache(cache);
+/// Copies the kernel image into the stage as `kernel` (mode 0644, whatever the store's), after
+/// checking it against the board's `budget.kernel`; returns its size.
+fn write_kernel(board: &Board, kernel_image: &Path, stage: &mut Stage<'_>) -> Result<u64> {
+    let kernel_bytes = fs::metadata(kernel_image)?.len();
+    if let Some(max) = board.budget.kernel {
+        if kernel_bytes > max {
+            bail!("boards/{}.toml: budget.kernel: kernel is {} ({kernel_bytes} B), over the budget of {} ({max} B)", board.name, ui::size(kernel_bytes), ui::size(max));
         }
-        if !secrets.is_empty() {
-            // Readable by the owner only, like the secrets' own sources should be.
-            fs::set_permissions(
-                stage.path().join(initramfs_name),
-                std::os::unix::fs::PermissionsExt::from_mode(0o600),
-            )?;
-        }
-        crate::outdir::test_delay("BONSAI_TEST_PACK_DELAY_MS");
-        if let Some(max) = board.budget.initramfs {
-            if report.compressed_bytes > max {
-                let mut top: Vec<(u64, String)> = assembly
-                    .sizes
-                    .get("store_paths")
-                    .and_then(|v| v.as_array())
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|sp| {
-                                Some((
-                                    sp.get("image_bytes")?.as_u64()?,
-                                    sp.get("store_path")?.as_str()?.to_string(),
-                                ))
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                top.sort_by(|a, b| b.cmp(a));
-                let offenders: Vec<String> = top
-                    .iter()
-                    .take(3)
-                    .map(|(b, p)| format!("{p} {}", ui::size(*b)))
-                    .collect();
-                bail!(
-                    "boards/{}.toml: budget.initramfs: initramfs is {}, over the budget of {}; largest: {}",
-                    board.name,
-                    ui::size(report.compressed_bytes),
-                    ui::size(max),
-                    offenders.join(", ")
-                );
-            }
-        }
-        let mut manifest = rootfs::manifest(tree)?;
-        manifest.development = profile.development;
-        manifest.secrets = crate::hygiene::secret_paths(secrets);
-        manifest.holds_secrets = !manifest.secrets.is_empty();
-        writing.replace("manifest.json".into());
-        fs::write(stage.path().join("manifest.json"), manifest.to_json())?;
-        writing.replace("selection.json".into());
-        fs::write(
-            stage.path().join("selection.json"),
-            serde_json::to_string_pretty(assembly)? + "\n",
-        )?;
-        let info = BuildInfo {
-            board: board.name.clone(),
-            profile: profile.name.clone(),
-            init: init.to_string(),
-            source: source.describe(),
-            kernel: "kernel".into(),
-            initramfs: initramfs_name.into(),
-            dtb: dtb_name.clone(),
-            kernel_bytes,
-            initramfs_bytes: report.compressed_bytes,
-            initramfs_uncompressed_bytes: report.cpio.archive_bytes,
-            files: manifest.totals.files,
-            store_paths: closure
-                .keys()
-                .filter(|k| !assembly.vanished.contains(k))
-                .cloned()
-                .collect(),
-            source_date_epoch: epoch,
-            checks: all_checks(board, profile),
-            shutdown_expect: profile.shutdown_expect.clone(),
-            console_expect: profile.console_expect.clone(),
-            fingerprint,
-            ssh_key: ssh_key.clone(),
-            outputs: ["kernel", initramfs_name, "manifest.json"]
-                .iter()
-                .copied()
-                .chain(dtb_name.as_deref())
-                .map(|f| {
-                    Ok((
-                        f.to_string(),
-                        crate::digest::sha256_file(&stage.path().join(f))?,
+    }
+    let kernel = stage.start("kernel");
+    fs::copy(kernel_image, &kernel).context("copying the kernel")?;
+    let mut perms = fs::metadata(&kernel)?.permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o644);
+    fs::set_permissions(&kernel, perms)?;
+    Ok(kernel_bytes)
+}
+
+/// Copies the device tree into the stage under its own file name, which it returns.
+fn write_dtb(dtb: &Path, stage: &mut Stage<'_>) -> Result<String> {
+    let name = dtb
+        .file_name()
+        .context("device tree path has no file name")?
+        .to_string_lossy()
+        .to_string();
+    fs::write(stage.start(&name), fs::read(dtb)?).context("copying the device tree")?;
+    Ok(name)
+}
+
+/// Packs the tree into the stage's initramfs with the board's compression, through the pack
+/// cache unless the image holds secrets (their bytes must not land in a shared cache; such an
+/// initramfs is readable by its owner only).
+fn pack_initramfs(plan: &Plan, tree: &Tree, stage: &mut Stage<'_>) -> Result<rootfs::PackReport> {
+    let compression = plan.board.compression;
+    ui::step(format!(
+        "pack initramfs ({}, {} entries)",
+        compression.name(),
+        tree.len()
+    ));
+    let mtime = u32::try_from(plan.epoch).context("SOURCE_DATE_EPOCH does not fit a cpio mtime")?;
+    let path = stage.start(compression.file_name());
+    let cache = if plan.secrets.is_empty() {
+        pack_cache(compression)?
+    } else {
+        ui::detail("pack cache: not used (the image holds secrets)");
+        None
+    };
+    let options = PackOptions {
+        compression,
+        level: None,
+        mtime,
+    };
+    let report = rootfs::pack_cached(tree, &options, &path, cache.clone())?;
+    if let Some(cache) = &cache {
+        report_pack_cache(cache);
+        prune_pack_cache(cache);
+    }
+    if !plan.secrets.is_empty() {
+        // Readable by the owner only, like the secrets' own sources should be.
+        fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    }
+    crate::outdir::test_delay("BONSAI_TEST_PACK_DELAY_MS");
+    Ok(report)
+}
+
+/// Fails when the packed initramfs is over the board's `budget.initramfs`, naming the three
+/// largest store paths in the image.
+fn check_initramfs_budget(board: &Board, assembly: &Assembly, bytes: u64) -> Result<()> {
+    let Some(max) = board.budget.initramfs else {
+        return Ok(());
+    };
+    if bytes <= max {
+        return Ok(());
+    }
+    let offenders: Vec<String> = largest_store_paths(assembly, 3)
+        .iter()
+        .map(|(b, p)| format!("{p} {}", ui::size(*b)))
+        .collect();
+    bail!(
+        "boards/{}.toml: budget.initramfs: initramfs is {}, over the budget of {}; largest: {}",
+        board.name,
+        ui::size(bytes),
+        ui::size(max),
+        offenders.join(", ")
+    );
+}
+
+/// The `n` store paths that take the most image bytes (size report), largest first.
+fn largest_store_paths(assembly: &Assembly, n: usize) -> Vec<(u64, String)> {
+    let mut top: Vec<(u64, String)> = assembly
+        .sizes
+        .get("store_paths")
+        .and_then(|v| v.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|sp| {
+                    Some((
+                        sp.get("image_bytes")?.as_u64()?,
+                        sp.get("store_path")?.as_str()?.to_string(),
                     ))
                 })
-                .collect::<Result<_>>()?,
-            development: profile.development,
-            secrets: crate::hygiene::secret_paths(secrets),
-            nix: record,
-        };
-        writing.replace("build.json".into());
-        fs::write(
-            stage.path().join("build.json"),
-            serde_json::to_string_pretty(&info)? + "\n",
-        )?;
-        Ok(info)
-    })();
-    let info = staged_result.map_err(|e| {
-        if crate::outdir::is_disk_full(&e) {
-            disk_full(out, &writing.borrow(), kernel_image, tree)
-        } else {
-            e
-        }
-    })?;
+                .collect()
+        })
+        .unwrap_or_default();
+    top.sort_by(|a, b| b.cmp(a));
+    top.truncate(n);
+    top
+}
 
-    // Swap the new folder in, atomically; the previous one is removed afterwards.
-    let _ = stage.keep();
-    crate::outdir::swap_in(staged, out)?;
-    Ok(info)
+/// Writes manifest.json (with the development and secrets flags) and selection.json into
+/// the stage; returns the image's file count.
+fn write_manifest_and_selection(plan: &Plan, image: &Image, stage: &mut Stage<'_>) -> Result<u64> {
+    let mut manifest = rootfs::manifest(&image.tree)?;
+    manifest.development = plan.profile.development;
+    manifest.secrets = crate::hygiene::secret_paths(&plan.secrets);
+    manifest.holds_secrets = !manifest.secrets.is_empty();
+    fs::write(stage.start("manifest.json"), manifest.to_json())?;
+    fs::write(
+        stage.start("selection.json"),
+        serde_json::to_string_pretty(&image.assembly)? + "\n",
+    )?;
+    Ok(manifest.totals.files)
+}
+
+/// The build.json of an output: what was built from what, the files written and their sizes,
+/// what `boot --check` judges, and the fingerprint that makes the next build a no-op.
+fn build_info(
+    plan: &Plan,
+    image: &Image,
+    written: Written,
+    fingerprint: String,
+    record: NixRecord,
+) -> BuildInfo {
+    let (board, profile) = (&plan.board, &plan.profile);
+    BuildInfo {
+        board: board.name.clone(),
+        profile: profile.name.clone(),
+        init: plan.init.clone(),
+        source: plan.source.describe(),
+        kernel: "kernel".into(),
+        initramfs: board.compression.file_name().into(),
+        dtb: written.dtb,
+        kernel_bytes: written.kernel_bytes,
+        initramfs_bytes: written.pack.compressed_bytes,
+        initramfs_uncompressed_bytes: written.pack.cpio.archive_bytes,
+        files: written.files,
+        store_paths: image
+            .closure
+            .keys()
+            .filter(|k| !image.assembly.vanished.contains(k))
+            .cloned()
+            .collect(),
+        source_date_epoch: plan.epoch,
+        checks: all_checks(board, profile),
+        shutdown_expect: profile.shutdown_expect.clone(),
+        console_expect: profile.console_expect.clone(),
+        fingerprint,
+        ssh_key: image.ssh_key.clone(),
+        outputs: written.outputs,
+        development: profile.development,
+        secrets: crate::hygiene::secret_paths(&plan.secrets),
+        nix: record,
+    }
 }
 
 /// The error of a build that filled its output's file system (the stage folder is removed
