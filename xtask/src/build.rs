@@ -109,10 +109,80 @@ pub struct Built {
 }
 
 impl Build {
+    /// Builds the board's image: resolves the plan, and unless its output is up to date,
+    /// realises the packages and the kernel with Nix, selects the image's files and writes
+    /// `out/<board>/`.
     pub fn run(self) -> Result<Built> {
         let timer = ui::Timer::start();
         // An interrupt at any step (Nix, selection, packing) ends the build the same way.
         crate::outdir::install_handler();
+        let (plan, _lock) = self.plan()?;
+        let (root, board) = (&plan.root, &plan.board);
+        let fp = fingerprint(
+            root,
+            board,
+            &plan.profile,
+            &plan.init,
+            &plan.source,
+            plan.epoch,
+            &plan.secrets,
+        )?;
+        if let Some(info) = plan.up_to_date(fp.as_deref()) {
+            summary(
+                self.nested,
+                format!(
+                    "{} is up to date: kernel {}, initramfs {} ({:.2} s)",
+                    display_rel(root, &plan.out),
+                    ui::size(info.kernel_bytes),
+                    ui::size(info.initramfs_bytes),
+                    timer.secs()
+                ),
+            );
+            return Ok(Built {
+                out: plan.out,
+                info,
+            });
+        }
+        ui::step(format!(
+            "build {} (profile {}, init {}, packages from {})",
+            board.name,
+            plan.profile.name,
+            plan.init,
+            plan.source.describe()
+        ));
+        let mut record = plan.nix_record()?;
+        plan.ensure_host_tools()?;
+        let eval = Eval::for_profile(root, board, &plan.packages, &plan.profile, &plan.source)?;
+        // The kernel's config first: a dropped option must stop the build before a long compile.
+        if let KernelSource::Build { fragments, .. } = &board.kernel.source {
+            realise_kernel_config(&eval, fragments, &mut record)?;
+        }
+        let realised = plan.realise(&eval, &mut record)?;
+        let image = plan.select(realised)?;
+
+        let info = write_output(&plan, &image, fp.unwrap_or_default(), record)?;
+        summary(self.nested, format!(
+            "built {}: kernel {}, initramfs {} ({} uncompressed, {} files from {} store paths) in {:.1} s -> {}",
+            board.name,
+            ui::size(info.kernel_bytes),
+            ui::size(info.initramfs_bytes),
+            ui::size(info.initramfs_uncompressed_bytes),
+            info.files,
+            info.store_paths.len(),
+            timer.secs(),
+            display_rel(root, &plan.out)
+        ));
+        Ok(Built {
+            out: plan.out,
+            info,
+        })
+    }
+
+    /// Resolves what to build from the command line: the board, the profile (`--profile`,
+    /// else the board's) and its secrets (warning about them and about development images),
+    /// the init and the packages it needs, the package source and the output folder, which
+    /// it locks (one build per folder); then SOURCE_DATE_EPOCH.
+    fn plan(&self) -> Result<(Plan, crate::outdir::OutLock)> {
         let root = project_root();
         let cfg = Config::new(&root);
         let board = cfg.load_board(&self.board)?;
@@ -133,42 +203,78 @@ impl Build {
             .clone()
             .unwrap_or_else(|| crate::out_root().join(&board.name));
         // One build per output folder; fails at once when another one holds it.
-        let _lock = crate::outdir::lock(&root, &board.name, &out)?;
+        let lock = crate::outdir::lock(&root, &board.name, &out)?;
         let epoch = source_date_epoch(&root)?;
-        let fp = fingerprint(&root, &board, &profile, &init, &source, epoch, &secrets)?;
-        if let Some(info) = read_info(&out) {
-            // A Nixpkgs checkout or flake may change under us: only Nix can say it is current.
-            if matches!(source, PackageSource::Offline)
-                && fp.as_deref() == Some(info.fingerprint.as_str())
-                && outputs_intact(&out, &info)
-            {
-                summary(
-                    self.nested,
-                    format!(
-                        "{} is up to date: kernel {}, initramfs {} ({:.2} s)",
-                        display_rel(&root, &out),
-                        ui::size(info.kernel_bytes),
-                        ui::size(info.initramfs_bytes),
-                        timer.secs()
-                    ),
-                );
-                return Ok(Built { out, info });
-            }
-        }
-        ui::step(format!(
-            "build {} (profile {}, init {init}, packages from {})",
-            board.name,
-            profile.name,
-            source.describe()
-        ));
-        let nix_used = crate::nixbin::select(matches!(source, PackageSource::Nixpkgs(_)))?;
+        let plan = Plan {
+            root,
+            board,
+            profile,
+            init,
+            backend,
+            packages,
+            source,
+            secrets,
+            epoch,
+            out,
+        };
+        Ok((plan, lock))
+    }
+}
+
+/// What a build is for: the board, profile and init it was resolved to, the packages it
+/// realises and where they come from, the secrets it holds, its time stamp and its output
+/// folder.
+struct Plan {
+    /// The project root (`project_root()`).
+    root: PathBuf,
+    board: Board,
+    profile: Profile,
+    /// The init backend's name (`--init`, else the profile's).
+    init: String,
+    backend: rootfs::Backend,
+    /// The package attributes to realise ([`packages_for`]).
+    packages: Vec<String>,
+    source: PackageSource,
+    secrets: Vec<crate::hygiene::Secret>,
+    /// SOURCE_DATE_EPOCH: the time of every file in the archive, and build.json's.
+    epoch: u64,
+    out: PathBuf,
+}
+
+/// A file or folder the profile adds to the image, by its path there (no leading `/`).
+type ExtraFile = (String, rootfs::Node);
+
+/// What Nix realised for a build: the packages' store paths (in the plan's order), and the
+/// kernel's image and the board's device tree in the kernel package.
+struct Realised {
+    packages: Vec<PathBuf>,
+    kernel_image: PathBuf,
+    dtb: Option<PathBuf>,
+}
+
+impl Plan {
+    /// The output's build.json when there is nothing to do: the same fingerprint and every
+    /// output file intact, for the offline set only (a Nixpkgs checkout or flake may change
+    /// under us: only Nix can say it is current).
+    fn up_to_date(&self, fp: Option<&str>) -> Option<BuildInfo> {
+        let info = read_info(&self.out)?;
+        let current = matches!(self.source, PackageSource::Offline)
+            && fp == Some(info.fingerprint.as_str())
+            && outputs_intact(&self.out, &info);
+        current.then_some(info)
+    }
+
+    /// Chooses the Nix that builds ([`crate::nixbin::select`]: real Nixpkgs needs Nix >= 2.18)
+    /// and starts build.json's record of it, with how the kernel is configured.
+    fn nix_record(&self) -> Result<NixRecord> {
+        let nix_used = crate::nixbin::select(matches!(self.source, PackageSource::Nixpkgs(_)))?;
         ui::step(format!("nix: {} ({})", nix_used.version, nix_used.kind));
-        let mut record = NixRecord {
+        Ok(NixRecord {
             version: nix_used.version.clone(),
             kind: nix_used.kind.into(),
-            nixpkgs: source.nixpkgs_ref(),
+            nixpkgs: self.source.nixpkgs_ref(),
             kernel: None,
-            kernel_config: match &board.kernel.source {
+            kernel_config: match &self.board.kernel.source {
                 KernelSource::Build { base, fragments } => std::iter::once(base.clone())
                     .chain(fragments.iter().map(|f| format!("kernel-configs/{f}")))
                     .collect::<Vec<_>>()
@@ -177,70 +283,41 @@ impl Build {
             },
             kernel_config_path: None,
             kernel_config_sha256: None,
-        };
+        })
+    }
 
-        if let (PackageSource::Offline, KernelSource::Build { .. }) =
-            (&source, &board.kernel.source)
-        {
+    /// Makes sure the host has what the offline set builds with: the kernel's build tools
+    /// when it builds the kernel, and the cross compiler for a board of another architecture
+    /// (its kernel and C programs need it).
+    fn ensure_host_tools(&self) -> Result<()> {
+        let PackageSource::Offline = &self.source else {
+            return Ok(());
+        };
+        if let KernelSource::Build { .. } = &self.board.kernel.source {
             crate::host::ensure(crate::host::KERNEL_TOOLS, &[crate::host::LIBELF_HEADER])?;
         }
-        // A board of another architecture: its kernel and C programs need the cross compiler.
-        if let PackageSource::Offline = &source {
-            if let Some((cc, libc)) =
-                crate::host::cross_tools(board.arch, crate::host::host_arch()?)
-            {
-                crate::host::ensure(&[cc], &[libc])?;
-            }
+        if let Some((cc, libc)) =
+            crate::host::cross_tools(self.board.arch, crate::host::host_arch()?)
+        {
+            crate::host::ensure(&[cc], &[libc])?;
         }
-        let eval = Eval::for_profile(&root, &board, &packages, &profile, &source)?;
+        Ok(())
+    }
 
-        // The kernel's config first: a dropped option must stop the build before a long compile.
-        if let KernelSource::Build { .. } = board.kernel.source {
-            ui::step("realise kernel config");
-            let cfg_dir = eval
-                .build(&["kernelConfig".into()], "kernel config")?
-                .remove(0);
-            record.kernel_config_path = Some(cfg_dir.display().to_string());
-            record.kernel_config_sha256 =
-                Some(crate::digest::sha256_file(&cfg_dir.join("config"))?);
-            let mut report = nix::read_config_report(&cfg_dir)?;
-            if let KernelSource::Build { fragments, .. } = &board.kernel.source {
-                for o in &mut report {
-                    if let Some(name) = o
-                        .fragment
-                        .parse::<usize>()
-                        .ok()
-                        .and_then(|i| fragments.get(i.wrapping_sub(1)))
-                    {
-                        o.fragment = name.clone();
-                    }
-                }
-            }
-            if let Some(bad) = report.iter().find(|o| !o.survived) {
-                let why = if bad.reason.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (Kconfig: {})", bad.reason)
-                };
-                bail!(
-                    "kernel option {}={} from kernel-configs/{} was dropped by olddefconfig (it became {}); check its dependencies{why}",
-                    bad.option,
-                    bad.wanted,
-                    bad.fragment,
-                    bad.got
-                );
-            }
-        }
+    /// Realises the packages and the kernel in one Nix build, records the kernel's store
+    /// path, and finds the kernel image and the board's device tree in it.
+    fn realise(&self, eval: &Eval, record: &mut NixRecord) -> Result<Realised> {
+        let board = &self.board;
         ui::step(format!(
             "realise {} packages and the kernel",
-            packages.len()
+            self.packages.len()
         ));
-        let mut attrs: Vec<String> = (0..packages.len())
+        let mut attrs: Vec<String> = (0..self.packages.len())
             .map(|i| format!("packages.p{i}"))
             .collect();
         attrs.push("kernel".into());
-        let mut paths = eval.build(&attrs, "realising packages")?;
-        let kernel_pkg = paths.pop().unwrap();
+        let mut packages = eval.build(&attrs, "realising packages")?;
+        let kernel_pkg = packages.pop().unwrap();
         record.kernel = Some(kernel_pkg.display().to_string());
         let kernel_image = nix::kernel_image(&kernel_pkg, board.arch)?;
         let dtb = match &board.kernel.dtb {
@@ -250,18 +327,42 @@ impl Build {
             ),
             None => None,
         };
+        Ok(Realised {
+            packages,
+            kernel_image,
+            dtb,
+        })
+    }
 
+    /// Reads the packages' closure, builds bonsai-init when it is the init, and assembles the
+    /// image tree with root's login key and the secrets in it.
+    fn select(&self, realised: Realised) -> Result<Image> {
         ui::step("read closure");
-        let closure = nix::closure(&paths)?;
-        let pid1 = match backend {
-            rootfs::Backend::BonsaiInit => Some(crate::pid1::build(&root, &board)?),
+        let closure = nix::closure(&realised.packages)?;
+        let pid1 = match self.backend {
+            rootfs::Backend::BonsaiInit => Some(crate::pid1::build(&self.root, &self.board)?),
             _ => None,
         };
+        let (extra, ssh_key) = self.extra_files()?;
+        let (tree, assembly) = assemble(self, &realised.packages, &closure, pid1, &extra)?;
+        Ok(Image {
+            kernel: realised.kernel_image,
+            dtb: realised.dtb,
+            tree,
+            closure,
+            assembly,
+            ssh_key,
+        })
+    }
+
+    /// The files the profile adds to the image: root's `authorized_keys` (with the private key
+    /// that logs in, when bonsai made it) and the secrets.
+    fn extra_files(&self) -> Result<(Vec<ExtraFile>, Option<PathBuf>)> {
         let mut extra = Vec::new();
-        let ssh_key = match &profile.authorized_keys {
+        let ssh_key = match &self.profile.authorized_keys {
             None => None,
             Some(v) => {
-                let (public, key) = crate::ssh::authorized_keys(&root, v)?;
+                let (public, key) = crate::ssh::authorized_keys(&self.root, v)?;
                 extra.push(("root/.ssh".to_string(), rootfs::Node::dir(0o700)));
                 extra.push((
                     "root/.ssh/authorized_keys".to_string(),
@@ -270,48 +371,41 @@ impl Build {
                 key
             }
         };
-        for s in &secrets {
+        for s in &self.secrets {
             extra.push((
                 s.path.trim_start_matches('/').to_string(),
                 rootfs::Node::file(rootfs::Source::Bytes(s.data.clone()), s.mode),
             ));
         }
-        let (tree, assembly) = assemble(
-            &board, &profile, &packages, &paths, &closure, backend, pid1, &extra, &secrets,
-        )?;
-
-        let plan = Plan {
-            board,
-            profile,
-            init,
-            source,
-            secrets,
-            epoch,
-            out,
-        };
-        let image = Image {
-            kernel: kernel_image,
-            dtb,
-            tree,
-            closure,
-            assembly,
-            ssh_key,
-        };
-        let info = write_output(&plan, &image, fp.unwrap_or_default(), record)?;
-        let (board, out) = (&plan.board, plan.out);
-        summary(self.nested, format!(
-            "built {}: kernel {}, initramfs {} ({} uncompressed, {} files from {} store paths) in {:.1} s -> {}",
-            board.name,
-            ui::size(info.kernel_bytes),
-            ui::size(info.initramfs_bytes),
-            ui::size(info.initramfs_uncompressed_bytes),
-            info.files,
-            info.store_paths.len(),
-            timer.secs(),
-            display_rel(&root, &out)
-        ));
-        Ok(Built { out, info })
+        Ok((extra, ssh_key))
     }
+}
+
+/// Realises the kernel's merged config and records its store path and hash; fails when
+/// olddefconfig dropped an option a fragment set, naming the fragment.
+fn realise_kernel_config(eval: &Eval, fragments: &[String], record: &mut NixRecord) -> Result<()> {
+    ui::step("realise kernel config");
+    let cfg_dir = eval
+        .build(&["kernelConfig".into()], "kernel config")?
+        .remove(0);
+    record.kernel_config_path = Some(cfg_dir.display().to_string());
+    record.kernel_config_sha256 = Some(crate::digest::sha256_file(&cfg_dir.join("config"))?);
+    let report = nix::read_config_report(&cfg_dir, fragments)?;
+    if let Some(bad) = report.iter().find(|o| !o.survived) {
+        let why = if bad.reason.is_empty() {
+            String::new()
+        } else {
+            format!(" (Kconfig: {})", bad.reason)
+        };
+        bail!(
+            "kernel option {}={} from kernel-configs/{} was dropped by olddefconfig (it became {}); check its dependencies{why}",
+            bad.option,
+            bad.wanted,
+            bad.fragment,
+            bad.got
+        );
+    }
+    Ok(())
 }
 
 /// The package attributes a build realises: the profile's, then busybox (every backend's
@@ -412,18 +506,15 @@ pub struct Assembly {
 /// Compose bonsai's files, then walk from the roots (the packages' programs, the init, the
 /// services, `keep` globs) through ELF dependencies, symlinks and store references; prune,
 /// strip and verify.
-#[allow(clippy::too_many_arguments)]
 fn assemble(
-    board: &Board,
-    profile: &Profile,
-    packages: &[String],
+    plan: &Plan,
     package_paths: &[PathBuf],
     closure: &std::collections::BTreeMap<String, nix::PathInfo>,
-    backend: rootfs::Backend,
     pid1: Option<PathBuf>,
-    extra: &[(String, rootfs::Node)],
-    secrets: &[crate::hygiene::Secret],
+    extra: &[ExtraFile],
 ) -> Result<(Tree, Assembly)> {
+    let (board, profile, packages) = (&plan.board, &plan.profile, &plan.packages);
+    let (backend, secrets) = (plan.backend, &plan.secrets);
     let mut tree = Tree::new();
     let find = |attr: &str| {
         packages
@@ -579,20 +670,6 @@ pub fn source_date_epoch(root: &Path) -> Result<u64> {
         .filter(|o| o.status.success())
         .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
         .unwrap_or(0))
-}
-
-/// What a build is for: the board, profile and init it was resolved to, where its packages
-/// come from, the secrets it holds, its time stamp and its output folder.
-struct Plan {
-    board: Board,
-    profile: Profile,
-    /// The init backend's name (`--init`, else the profile's).
-    init: String,
-    source: PackageSource,
-    secrets: Vec<crate::hygiene::Secret>,
-    /// SOURCE_DATE_EPOCH: the time of every file in the archive, and build.json's.
-    epoch: u64,
-    out: PathBuf,
 }
 
 /// What a build made, ready to be written out: Nix's kernel image (and device tree), the
