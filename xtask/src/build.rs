@@ -513,49 +513,34 @@ fn assemble(
     pid1: Option<PathBuf>,
     extra: &[ExtraFile],
 ) -> Result<(Tree, Assembly)> {
-    let (board, profile, packages) = (&plan.board, &plan.profile, &plan.packages);
-    let (backend, secrets) = (plan.backend, &plan.secrets);
     let mut tree = Tree::new();
-    let find = |attr: &str| {
-        packages
-            .iter()
-            .position(|p| p == attr)
-            .map(|i| package_paths[i].display().to_string())
-    };
-    let busybox_index = packages
+    let system = compose_tree(plan, &mut tree, package_paths, closure, pid1)?;
+    for (path, node) in extra {
+        tree.insert(path, node.clone())?;
+    }
+    let assembly = select_files(plan, &mut tree, package_paths, closure, &system)?;
+    Ok((tree, assembly))
+}
+
+/// Composes bonsai's own files into `tree` (`/bin` links, `/etc`, the init backend, the
+/// checks) from the profile's service description, validated against the programs the image
+/// will have; returns that description.
+fn compose_tree(
+    plan: &Plan,
+    tree: &mut Tree,
+    package_paths: &[PathBuf],
+    closure: &std::collections::BTreeMap<String, nix::PathInfo>,
+    pid1: Option<PathBuf>,
+) -> Result<rootfs::system::System> {
+    let (board, profile) = (&plan.board, &plan.profile);
+    let busybox_index = plan
+        .packages
         .iter()
         .rposition(|p| is_busybox(p))
         .context("the busybox package is missing")?;
     let bin_links = program_links(package_paths, busybox_index);
-    let busybox = package_paths[busybox_index].display().to_string();
-    let init = rootfs::InitInputs {
-        backend,
-        busybox,
-        runit: find("runit"),
-        s6: find("s6"),
-        bonsai_init: pid1,
-        faults: crate::conformance::test_faults()?,
-    };
-    let bin_names: std::collections::BTreeSet<String> =
-        bin_links.iter().map(|(n, _)| n.clone()).collect();
-    let program_exists = |p: &str| -> bool {
-        if let Some(name) = p.strip_prefix("/bin/").or_else(|| p.strip_prefix("/sbin/")) {
-            bin_names.contains(name)
-                || (name == "bonsai-init" && backend == rootfs::Backend::BonsaiInit)
-        } else if p.starts_with("/nix/store/") {
-            closure.keys().any(|c| p.starts_with(c.as_str())) && Path::new(p).exists()
-        } else if p.starts_with('/') {
-            p.starts_with("/etc/bonsai/")
-        } else {
-            bin_names.contains(p)
-        }
-    };
-    let system = rootfs::system::validate(
-        &profile.system,
-        &board.name.replace('_', "-"),
-        &program_exists,
-    )
-    .map_err(|e| anyhow::anyhow!("profiles/{}.toml: {e}", profile.name))?;
+    let init = init_inputs(plan, package_paths, busybox_index, pid1)?;
+    let system = validate_system(plan, &bin_links, closure)?;
     let checks = all_checks(board, profile)
         .into_iter()
         .map(|c| (c.name, c.run))
@@ -568,14 +553,78 @@ fn assemble(
         system,
         init,
     };
-    rootfs::compose(&mut tree, &spec)?;
-    for (path, node) in extra {
-        tree.insert(path, node.clone())?;
-    }
+    rootfs::compose(tree, &spec)?;
+    Ok(spec.system)
+}
 
+/// What the init backend renders against: the busybox at `busybox_index`, the runit and s6
+/// packages when the plan has them, bonsai-init when it was built, and the judge's test faults.
+fn init_inputs(
+    plan: &Plan,
+    package_paths: &[PathBuf],
+    busybox_index: usize,
+    pid1: Option<PathBuf>,
+) -> Result<rootfs::InitInputs> {
+    let find = |attr: &str| {
+        plan.packages
+            .iter()
+            .position(|p| p == attr)
+            .map(|i| package_paths[i].display().to_string())
+    };
+    Ok(rootfs::InitInputs {
+        backend: plan.backend,
+        busybox: package_paths[busybox_index].display().to_string(),
+        runit: find("runit"),
+        s6: find("s6"),
+        bonsai_init: pid1,
+        faults: crate::conformance::test_faults()?,
+    })
+}
+
+/// The profile's service description, validated against the programs the image will have: a
+/// `/bin` or `/sbin` link (bonsai-init as the init), a file of the closure, or bonsai's own
+/// `/etc/bonsai/` scripts.
+fn validate_system(
+    plan: &Plan,
+    bin_links: &[(String, String)],
+    closure: &std::collections::BTreeMap<String, nix::PathInfo>,
+) -> Result<rootfs::system::System> {
+    let bin_names: std::collections::BTreeSet<&str> =
+        bin_links.iter().map(|(n, _)| n.as_str()).collect();
+    let program_exists = |p: &str| -> bool {
+        if let Some(name) = p.strip_prefix("/bin/").or_else(|| p.strip_prefix("/sbin/")) {
+            bin_names.contains(name)
+                || (name == "bonsai-init" && plan.backend == rootfs::Backend::BonsaiInit)
+        } else if p.starts_with("/nix/store/") {
+            closure.keys().any(|c| p.starts_with(c.as_str())) && Path::new(p).exists()
+        } else if p.starts_with('/') {
+            p.starts_with("/etc/bonsai/")
+        } else {
+            bin_names.contains(p)
+        }
+    };
+    rootfs::system::validate(
+        &plan.profile.system,
+        &plan.board.name.replace('_', "-"),
+        &program_exists,
+    )
+    .map_err(|e| anyhow::anyhow!("profiles/{}.toml: {e}", plan.profile.name))
+}
+
+/// Selects the image's files from the closure, walking from the packages' programs and the
+/// composed tree's roots; populates `tree` with them (pruned, stripped), verifies it and runs
+/// the image's hygiene checks; returns the selection's record.
+fn select_files(
+    plan: &Plan,
+    tree: &mut Tree,
+    package_paths: &[PathBuf],
+    closure: &std::collections::BTreeMap<String, nix::PathInfo>,
+    system: &rootfs::system::System,
+) -> Result<Assembly> {
+    let profile = &plan.profile;
     ui::step(format!("select files from {} store paths", closure.len()));
     let mut roots = Vec::new();
-    for (attr, pkg) in packages.iter().zip(package_paths) {
+    for (attr, pkg) in plan.packages.iter().zip(package_paths) {
         for root in package_roots(pkg) {
             roots.push(rootfs::Root::new(
                 root.display().to_string(),
@@ -583,24 +632,10 @@ fn assemble(
             ));
         }
     }
-    roots.extend(rootfs::roots_from_tree(&tree)?);
+    roots.extend(rootfs::roots_from_tree(tree)?);
     let closure_paths: Vec<String> = closure.keys().cloned().collect();
     let policy = &profile.policy;
-    let problems = |e: rootfs::Error| -> anyhow::Error {
-        match e {
-            rootfs::Error::Problems { step, problems } => {
-                let lines: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
-                let plural = if problems.len() == 1 { "" } else { "s" };
-                anyhow::anyhow!(
-                    "{step} found {} problem{plural} in profile {}:\n{}",
-                    problems.len(),
-                    profile.name,
-                    lines.join("\n")
-                )
-            }
-            other => other.into(),
-        }
-    };
+    let problems = |e| selection_problems(&profile.name, e);
     let selection = rootfs::select(&rootfs::SelectSpec {
         store_root: Path::new("/"),
         closure: &closure_paths,
@@ -611,12 +646,35 @@ fn assemble(
     for w in &selection.warnings {
         ui::warn(w.to_string());
     }
-    let report = rootfs::populate(&mut tree, &selection, policy)?;
+    let report = rootfs::populate(tree, &selection, policy)?;
     for w in &report.warnings {
         ui::warn(w.to_string());
     }
-    rootfs::verify(&tree, policy).map_err(problems)?;
-    crate::hygiene::check(&tree, profile, &spec.system, secrets)?;
+    rootfs::verify(tree, policy).map_err(problems)?;
+    crate::hygiene::check(tree, profile, system, &plan.secrets)?;
+    assembly_of(&selection, &report)
+}
+
+/// A selection or verification error: every problem on a line of its own, under a line that
+/// counts them and names the profile.
+fn selection_problems(profile: &str, e: rootfs::Error) -> anyhow::Error {
+    match e {
+        rootfs::Error::Problems { step, problems } => {
+            let lines: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
+            let plural = if problems.len() == 1 { "" } else { "s" };
+            anyhow::anyhow!(
+                "{step} found {} problem{plural} in profile {profile}:\n{}",
+                problems.len(),
+                lines.join("\n")
+            )
+        }
+        other => other.into(),
+    }
+}
+
+/// The record of what went into the image and why (selection.json), noting how many store
+/// paths of the closure vanished.
+fn assembly_of(selection: &rootfs::Selection, report: &rootfs::PopulateReport) -> Result<Assembly> {
     let vanished: Vec<String> = selection
         .vanished_store_paths()
         .into_iter()
@@ -633,14 +691,13 @@ fn assemble(
         .iter()
         .map(|(p, k)| (p.clone(), (k.reason.from.clone(), k.reason.how.to_string())))
         .collect();
-    let assembly = Assembly {
+    Ok(Assembly {
         sizes: serde_json::to_value(&report.sizes)?,
         vanished,
         rewritten: report.rewritten.clone(),
         pruned: serde_json::to_value(&selection.pruned)?,
         reasons,
-    };
-    Ok((tree, assembly))
+    })
 }
 
 /// The board's checks, then the profile's.
