@@ -660,14 +660,7 @@ impl<'a> Walker<'a> {
                 continue;
             };
             if self.dropped.contains_key(&sp) {
-                self.error(
-                    &path,
-                    ProblemKind::DroppedReference {
-                        how: format!("root ({}) is in", root.reason),
-                        store_path: sp,
-                        rewritable: false,
-                    },
-                );
+                self.dropped_reference(&path, format!("root ({}) is in", root.reason), sp);
                 continue;
             }
             let reason = Reason {
@@ -684,14 +677,7 @@ impl<'a> Walker<'a> {
                 ),
                 Visit::Loop => self.error(&path, ProblemKind::SymlinkLoop { path: path.clone() }),
                 Visit::Pruned(_) => {}
-                Visit::Dropped(sp) => self.error(
-                    &path,
-                    ProblemKind::DroppedReference {
-                        how: "root resolves into".into(),
-                        store_path: sp,
-                        rewritable: false,
-                    },
-                ),
+                Visit::Dropped(sp) => self.dropped_reference(&path, "root resolves into", sp),
             }
         }
         loop {
@@ -830,12 +816,26 @@ impl<'a> Walker<'a> {
             Found::Outside => return Ok(Visit::Outside),
             Found::Loop => return Ok(Visit::Loop),
         };
-        let real = found.path;
-        let sp = store_path_of(&real).expect("lookup returns store paths");
+        let sp = store_path_of(&found.path).expect("lookup returns store paths");
         if self.dropped.contains_key(&sp) {
             return Ok(Visit::Dropped(sp));
         }
-        for link in &found.via {
+        self.keep_links_on_the_way(path, &reason, &found.via)?;
+        if self.entries.contains_key(&found.path) {
+            self.revisit(&found.path, ask, subtree, lib)?;
+            return Ok(Visit::Kept);
+        }
+        if let Some(rule) = self.prune_rule(&found.path, found.kind == Kind::Dir, ask)? {
+            return Ok(Visit::Pruned(rule));
+        }
+        self.keep_new(found, sp, reason, ask, subtree, lib)?;
+        Ok(Visit::Kept)
+    }
+
+    /// Keeps the symlinks a lookup of `path` passed through (`via`), those in dropped store
+    /// paths excepted, as symlinks only.
+    fn keep_links_on_the_way(&mut self, path: &str, reason: &Reason, via: &[String]) -> Result<()> {
+        for link in via {
             let via_reason = Reason {
                 from: reason.from.clone().or_else(|| Some(path.to_owned())),
                 how: How::SymlinkInPath,
@@ -846,56 +846,90 @@ impl<'a> Walker<'a> {
                 }
             }
         }
+        Ok(())
+    }
 
-        if let Some(existing) = self.entries.get(&real).map(|k| k.kind.clone()) {
-            match existing {
-                KeptKind::Dir if subtree && !self.expanded.contains(&real) => {
-                    if ask != Ask::Member {
-                        self.implicit_dirs.remove(&real);
-                    }
-                    self.expand(&real)?;
+    /// Visits an entry kept already: a directory reached with `subtree` is expanded once, and
+    /// is no longer implicit when asked for as more than a member; a file is scheduled again
+    /// (a new RPATH chain, or now as something that runs); a symlink reached again as a library
+    /// has its target visited with this chain.
+    fn revisit(
+        &mut self,
+        real: &str,
+        ask: Ask,
+        subtree: bool,
+        lib: Option<&[String]>,
+    ) -> Result<()> {
+        let Some(existing) = self.entries.get(real).map(|k| k.kind.clone()) else {
+            return Ok(());
+        };
+        match existing {
+            KeptKind::Dir if subtree && !self.expanded.contains(real) => {
+                if ask != Ask::Member {
+                    self.implicit_dirs.remove(real);
                 }
-                KeptKind::Dir if ask != Ask::Member => {
-                    self.implicit_dirs.remove(&real);
-                }
-                KeptKind::File { .. } => {
-                    self.schedule(&real, lib.unwrap_or(&[]), lib.is_some());
-                }
-                KeptKind::Symlink { target } if lib.is_some() => {
-                    // Reached again as a library: its target may need a new RPATH chain.
-                    let target = symlink_target_path(&real, &target);
-                    if store_path_of(&target).is_some() {
-                        let reason = Reason {
-                            from: Some(real.clone()),
-                            how: How::SymlinkTarget,
-                        };
-                        self.visit(&target, reason, Ask::Structural, false, lib)?;
-                    }
-                }
-                _ => {}
+                self.expand(real)?;
             }
-            return Ok(Visit::Kept);
-        }
-
-        let is_dir = found.kind == Kind::Dir;
-        if ask != Ask::Root {
-            if let Some(rule) = self.pruner.check(&real, is_dir) {
-                // gconv configuration stays next to kept modules.
-                let gconv_config_needed = rule
-                    == PruneRule::Class(crate::policy::PruneClass::Gconv)
-                    && Pruner::is_gconv_config(&real)
-                    && prune::gconv_dir(&real).is_some_and(|d| self.gconv_done.contains(d));
-                let applies = !gconv_config_needed
-                    && (ask != Ask::Structural || matches!(rule, PruneRule::Glob(_)));
-                if applies {
-                    if ask == Ask::Member {
-                        self.count_pruned(&real, &rule)?;
-                    }
-                    return Ok(Visit::Pruned(rule));
+            KeptKind::Dir if ask != Ask::Member => {
+                self.implicit_dirs.remove(real);
+            }
+            KeptKind::File { .. } => {
+                self.schedule(real, lib.unwrap_or(&[]), lib.is_some());
+            }
+            KeptKind::Symlink { target } if lib.is_some() => {
+                // Reached again as a library: its target may need a new RPATH chain.
+                let target = symlink_target_path(real, &target);
+                if store_path_of(&target).is_some() {
+                    let reason = Reason {
+                        from: Some(real.to_owned()),
+                        how: How::SymlinkTarget,
+                    };
+                    self.visit(&target, reason, Ask::Structural, false, lib)?;
                 }
             }
+            _ => {}
         }
+        Ok(())
+    }
 
+    /// The prune rule that removes `real` when asked for this way: never for a root, only a
+    /// prune glob for a structural need, and not a gconv configuration next to kept modules.
+    /// Counts what a member's rule removes.
+    fn prune_rule(&mut self, real: &str, is_dir: bool, ask: Ask) -> Result<Option<PruneRule>> {
+        if ask == Ask::Root {
+            return Ok(None);
+        }
+        let Some(rule) = self.pruner.check(real, is_dir) else {
+            return Ok(None);
+        };
+        // gconv configuration stays next to kept modules.
+        let gconv_config_needed = rule == PruneRule::Class(crate::policy::PruneClass::Gconv)
+            && Pruner::is_gconv_config(real)
+            && prune::gconv_dir(real).is_some_and(|d| self.gconv_done.contains(d));
+        let applies =
+            !gconv_config_needed && (ask != Ask::Structural || matches!(rule, PruneRule::Glob(_)));
+        if !applies {
+            return Ok(None);
+        }
+        if ask == Ask::Member {
+            self.count_pruned(real, &rule)?;
+        }
+        Ok(Some(rule))
+    }
+
+    /// Keeps an entry met for the first time, in store path `sp`: a symlink, and its target
+    /// followed; a directory, expanded with `subtree` (implicit when only a member and not
+    /// empty); a file, scheduled for analysis.
+    fn keep_new(
+        &mut self,
+        found: Lookup,
+        sp: String,
+        reason: Reason,
+        ask: Ask,
+        subtree: bool,
+        lib: Option<&[String]>,
+    ) -> Result<()> {
+        let real = found.path;
         let host = self.host(&real);
         let meta =
             fs::symlink_metadata(&host).map_err(|e| Error::io("reading metadata of", &host, e))?;
@@ -914,59 +948,7 @@ impl<'a> Walker<'a> {
                         reason,
                     },
                 );
-                let target_path = symlink_target_path(&real, &target);
-                if store_path_of(&target_path).is_none() {
-                    return Ok(Visit::Kept); // outside the store: /etc/…, /run/…
-                }
-                if let Found::Loop = self.lookup(&real, true)? {
-                    self.error(&real, ProblemKind::SymlinkLoop { path: real.clone() });
-                    return Ok(Visit::Kept);
-                }
-                let next_ask = match ask {
-                    Ask::Member => Ask::Reference,
-                    other => other,
-                };
-                let next_subtree = subtree && ask != Ask::Member;
-                let target_reason = Reason {
-                    from: Some(real.clone()),
-                    how: How::SymlinkTarget,
-                };
-                match self.visit(&target_path, target_reason, next_ask, next_subtree, lib)? {
-                    Visit::Kept | Visit::Outside => {}
-                    Visit::Missing => {
-                        if !self.dangling_allowed(&real, &target_path) {
-                            self.error(
-                                &real,
-                                ProblemKind::DanglingSymlink {
-                                    target: target_path,
-                                },
-                            );
-                        }
-                    }
-                    Visit::Loop => {
-                        self.error(&real, ProblemKind::SymlinkLoop { path: target_path })
-                    }
-                    Visit::Pruned(rule) => {
-                        if !self.dangling_allowed(&real, &target_path) {
-                            self.error(
-                                &real,
-                                ProblemKind::PrunedReference {
-                                    how: "symlink to".into(),
-                                    target: target_path,
-                                    rule: rule.to_string(),
-                                },
-                            );
-                        }
-                    }
-                    Visit::Dropped(sp) => self.error(
-                        &real,
-                        ProblemKind::DroppedReference {
-                            how: "symlink into".into(),
-                            store_path: sp,
-                            rewritable: false,
-                        },
-                    ),
-                }
+                self.follow_symlink(&real, &target, ask, subtree, lib)?;
             }
             Kind::Dir => {
                 let empty = read_dir_sorted(&host)?.is_empty();
@@ -999,7 +981,94 @@ impl<'a> Walker<'a> {
                 self.schedule(&real, lib.unwrap_or(&[]), lib.is_some());
             }
         }
-        Ok(Visit::Kept)
+        Ok(())
+    }
+
+    /// Follows a newly kept symlink `link` to `target` when that is in the store: a member's
+    /// target is asked for as a reference and without its subtree. A loop, or a target that
+    /// is missing, pruned or dropped, is an error on the link.
+    fn follow_symlink(
+        &mut self,
+        link: &str,
+        target: &str,
+        ask: Ask,
+        subtree: bool,
+        lib: Option<&[String]>,
+    ) -> Result<()> {
+        let target_path = symlink_target_path(link, target);
+        if store_path_of(&target_path).is_none() {
+            return Ok(()); // outside the store: /etc/…, /run/…
+        }
+        if let Found::Loop = self.lookup(link, true)? {
+            self.error(
+                link,
+                ProblemKind::SymlinkLoop {
+                    path: link.to_owned(),
+                },
+            );
+            return Ok(());
+        }
+        let next_ask = match ask {
+            Ask::Member => Ask::Reference,
+            other => other,
+        };
+        let next_subtree = subtree && ask != Ask::Member;
+        let target_reason = Reason {
+            from: Some(link.to_owned()),
+            how: How::SymlinkTarget,
+        };
+        let visit = self.visit(&target_path, target_reason, next_ask, next_subtree, lib)?;
+        self.symlink_target_problem(link, target_path, visit);
+        Ok(())
+    }
+
+    /// Records what is wrong with a symlink whose target was visited as `visit`: a loop, or
+    /// (unless `allow-dangling` covers it) a missing or pruned target; a dropped one always.
+    fn symlink_target_problem(&mut self, link: &str, target_path: String, visit: Visit) {
+        match visit {
+            Visit::Kept | Visit::Outside => {}
+            Visit::Missing => {
+                if !self.dangling_allowed(link, &target_path) {
+                    self.error(
+                        link,
+                        ProblemKind::DanglingSymlink {
+                            target: target_path,
+                        },
+                    );
+                }
+            }
+            Visit::Loop => self.error(link, ProblemKind::SymlinkLoop { path: target_path }),
+            Visit::Pruned(rule) => self.pruned_reference(link, "symlink to", target_path, &rule),
+            Visit::Dropped(sp) => self.dropped_reference(link, "symlink into", sp),
+        }
+    }
+
+    /// A reference from `from` to `target` that `rule` pruned away: an error unless
+    /// `allow-dangling` covers either end.
+    fn pruned_reference(&mut self, from: &str, how: &str, target: String, rule: &PruneRule) {
+        if !self.dangling_allowed(from, &target) {
+            self.error(
+                from,
+                ProblemKind::PrunedReference {
+                    how: how.into(),
+                    target,
+                    rule: rule.to_string(),
+                },
+            );
+        }
+    }
+
+    /// A reference from `from` into `store_path`, which the policy drops: an error that
+    /// `rewrite = true` cannot mend (it is no text reference).
+    fn dropped_reference(&mut self, from: &str, how: impl Into<String>, store_path: String) {
+        self.error(
+            from,
+            ProblemKind::DroppedReference {
+                how: how.into(),
+                store_path,
+                rewritable: false,
+            },
+        );
     }
 
     /// Keeps a symlink met on the way to something else, without following its target
@@ -1125,14 +1194,7 @@ impl<'a> Walker<'a> {
                     rule: rule.to_string(),
                 },
             ),
-            Visit::Dropped(sp) => self.error(
-                from,
-                ProblemKind::DroppedReference {
-                    how: format!("{what} is in"),
-                    store_path: sp,
-                    rewritable: false,
-                },
-            ),
+            Visit::Dropped(sp) => self.dropped_reference(from, format!("{what} is in"), sp),
         }
         Ok(())
     }
@@ -1549,26 +1611,8 @@ impl<'a> Walker<'a> {
         match self.visit(&target, reason, Ask::Reference, true, None)? {
             Visit::Kept | Visit::Outside | Visit::Missing => {}
             Visit::Loop => self.error(from, ProblemKind::SymlinkLoop { path: target }),
-            Visit::Pruned(rule) => {
-                if !self.dangling_allowed(from, &target) {
-                    self.error(
-                        from,
-                        ProblemKind::PrunedReference {
-                            how: "text reference to".into(),
-                            target,
-                            rule: rule.to_string(),
-                        },
-                    );
-                }
-            }
-            Visit::Dropped(sp) => self.error(
-                from,
-                ProblemKind::DroppedReference {
-                    how: "text reference resolves into".into(),
-                    store_path: sp,
-                    rewritable: false,
-                },
-            ),
+            Visit::Pruned(rule) => self.pruned_reference(from, "text reference to", target, &rule),
+            Visit::Dropped(sp) => self.dropped_reference(from, "text reference resolves into", sp),
         }
         Ok(())
     }

@@ -109,10 +109,80 @@ pub struct Built {
 }
 
 impl Build {
+    /// Builds the board's image: resolves the plan, and unless its output is up to date,
+    /// realises the packages and the kernel with Nix, selects the image's files and writes
+    /// `out/<board>/`.
     pub fn run(self) -> Result<Built> {
         let timer = ui::Timer::start();
         // An interrupt at any step (Nix, selection, packing) ends the build the same way.
         crate::outdir::install_handler();
+        let (plan, _lock) = self.plan()?;
+        let (root, board) = (&plan.root, &plan.board);
+        let fp = fingerprint(
+            root,
+            board,
+            &plan.profile,
+            &plan.init,
+            &plan.source,
+            plan.epoch,
+            &plan.secrets,
+        )?;
+        if let Some(info) = plan.up_to_date(fp.as_deref()) {
+            summary(
+                self.nested,
+                format!(
+                    "{} is up to date: kernel {}, initramfs {} ({:.2} s)",
+                    display_rel(root, &plan.out),
+                    ui::size(info.kernel_bytes),
+                    ui::size(info.initramfs_bytes),
+                    timer.secs()
+                ),
+            );
+            return Ok(Built {
+                out: plan.out,
+                info,
+            });
+        }
+        ui::step(format!(
+            "build {} (profile {}, init {}, packages from {})",
+            board.name,
+            plan.profile.name,
+            plan.init,
+            plan.source.describe()
+        ));
+        let mut record = plan.nix_record()?;
+        plan.ensure_host_tools()?;
+        let eval = Eval::for_profile(root, board, &plan.packages, &plan.profile, &plan.source)?;
+        // The kernel's config first: a dropped option must stop the build before a long compile.
+        if let KernelSource::Build { fragments, .. } = &board.kernel.source {
+            realise_kernel_config(&eval, fragments, &mut record)?;
+        }
+        let realised = plan.realise(&eval, &mut record)?;
+        let image = plan.select(realised)?;
+
+        let info = write_output(&plan, &image, fp.unwrap_or_default(), record)?;
+        summary(self.nested, format!(
+            "built {}: kernel {}, initramfs {} ({} uncompressed, {} files from {} store paths) in {:.1} s -> {}",
+            board.name,
+            ui::size(info.kernel_bytes),
+            ui::size(info.initramfs_bytes),
+            ui::size(info.initramfs_uncompressed_bytes),
+            info.files,
+            info.store_paths.len(),
+            timer.secs(),
+            display_rel(root, &plan.out)
+        ));
+        Ok(Built {
+            out: plan.out,
+            info,
+        })
+    }
+
+    /// Resolves what to build from the command line: the board, the profile (`--profile`,
+    /// else the board's) and its secrets (warning about them and about development images),
+    /// the init and the packages it needs, the package source and the output folder, which
+    /// it locks (one build per folder); then SOURCE_DATE_EPOCH.
+    fn plan(&self) -> Result<(Plan, crate::outdir::OutLock)> {
         let root = project_root();
         let cfg = Config::new(&root);
         let board = cfg.load_board(&self.board)?;
@@ -133,42 +203,78 @@ impl Build {
             .clone()
             .unwrap_or_else(|| crate::out_root().join(&board.name));
         // One build per output folder; fails at once when another one holds it.
-        let _lock = crate::outdir::lock(&root, &board.name, &out)?;
+        let lock = crate::outdir::lock(&root, &board.name, &out)?;
         let epoch = source_date_epoch(&root)?;
-        let fp = fingerprint(&root, &board, &profile, &init, &source, epoch, &secrets)?;
-        if let Some(info) = read_info(&out) {
-            // A Nixpkgs checkout or flake may change under us: only Nix can say it is current.
-            if matches!(source, PackageSource::Offline)
-                && fp.as_deref() == Some(info.fingerprint.as_str())
-                && outputs_intact(&out, &info)
-            {
-                summary(
-                    self.nested,
-                    format!(
-                        "{} is up to date: kernel {}, initramfs {} ({:.2} s)",
-                        display_rel(&root, &out),
-                        ui::size(info.kernel_bytes),
-                        ui::size(info.initramfs_bytes),
-                        timer.secs()
-                    ),
-                );
-                return Ok(Built { out, info });
-            }
-        }
-        ui::step(format!(
-            "build {} (profile {}, init {init}, packages from {})",
-            board.name,
-            profile.name,
-            source.describe()
-        ));
-        let nix_used = crate::nixbin::select(matches!(source, PackageSource::Nixpkgs(_)))?;
+        let plan = Plan {
+            root,
+            board,
+            profile,
+            init,
+            backend,
+            packages,
+            source,
+            secrets,
+            epoch,
+            out,
+        };
+        Ok((plan, lock))
+    }
+}
+
+/// What a build is for: the board, profile and init it was resolved to, the packages it
+/// realises and where they come from, the secrets it holds, its time stamp and its output
+/// folder.
+struct Plan {
+    /// The project root (`project_root()`).
+    root: PathBuf,
+    board: Board,
+    profile: Profile,
+    /// The init backend's name (`--init`, else the profile's).
+    init: String,
+    backend: rootfs::Backend,
+    /// The package attributes to realise ([`packages_for`]).
+    packages: Vec<String>,
+    source: PackageSource,
+    secrets: Vec<crate::hygiene::Secret>,
+    /// SOURCE_DATE_EPOCH: the time of every file in the archive, and build.json's.
+    epoch: u64,
+    out: PathBuf,
+}
+
+/// A file or folder the profile adds to the image, by its path there (no leading `/`).
+type ExtraFile = (String, rootfs::Node);
+
+/// What Nix realised for a build: the packages' store paths (in the plan's order), and the
+/// kernel's image and the board's device tree in the kernel package.
+struct Realised {
+    packages: Vec<PathBuf>,
+    kernel_image: PathBuf,
+    dtb: Option<PathBuf>,
+}
+
+impl Plan {
+    /// The output's build.json when there is nothing to do: the same fingerprint and every
+    /// output file intact, for the offline set only (a Nixpkgs checkout or flake may change
+    /// under us: only Nix can say it is current).
+    fn up_to_date(&self, fp: Option<&str>) -> Option<BuildInfo> {
+        let info = read_info(&self.out)?;
+        let current = matches!(self.source, PackageSource::Offline)
+            && fp == Some(info.fingerprint.as_str())
+            && outputs_intact(&self.out, &info);
+        current.then_some(info)
+    }
+
+    /// Chooses the Nix that builds ([`crate::nixbin::select`]: real Nixpkgs needs Nix >= 2.18)
+    /// and starts build.json's record of it, with how the kernel is configured.
+    fn nix_record(&self) -> Result<NixRecord> {
+        let nix_used = crate::nixbin::select(matches!(self.source, PackageSource::Nixpkgs(_)))?;
         ui::step(format!("nix: {} ({})", nix_used.version, nix_used.kind));
-        let mut record = NixRecord {
+        Ok(NixRecord {
             version: nix_used.version.clone(),
             kind: nix_used.kind.into(),
-            nixpkgs: source.nixpkgs_ref(),
+            nixpkgs: self.source.nixpkgs_ref(),
             kernel: None,
-            kernel_config: match &board.kernel.source {
+            kernel_config: match &self.board.kernel.source {
                 KernelSource::Build { base, fragments } => std::iter::once(base.clone())
                     .chain(fragments.iter().map(|f| format!("kernel-configs/{f}")))
                     .collect::<Vec<_>>()
@@ -177,70 +283,41 @@ impl Build {
             },
             kernel_config_path: None,
             kernel_config_sha256: None,
-        };
+        })
+    }
 
-        if let (PackageSource::Offline, KernelSource::Build { .. }) =
-            (&source, &board.kernel.source)
-        {
+    /// Makes sure the host has what the offline set builds with: the kernel's build tools
+    /// when it builds the kernel, and the cross compiler for a board of another architecture
+    /// (its kernel and C programs need it).
+    fn ensure_host_tools(&self) -> Result<()> {
+        let PackageSource::Offline = &self.source else {
+            return Ok(());
+        };
+        if let KernelSource::Build { .. } = &self.board.kernel.source {
             crate::host::ensure(crate::host::KERNEL_TOOLS, &[crate::host::LIBELF_HEADER])?;
         }
-        // A board of another architecture: its kernel and C programs need the cross compiler.
-        if let PackageSource::Offline = &source {
-            if let Some((cc, libc)) =
-                crate::host::cross_tools(board.arch, crate::host::host_arch()?)
-            {
-                crate::host::ensure(&[cc], &[libc])?;
-            }
+        if let Some((cc, libc)) =
+            crate::host::cross_tools(self.board.arch, crate::host::host_arch()?)
+        {
+            crate::host::ensure(&[cc], &[libc])?;
         }
-        let eval = Eval::for_profile(&root, &board, &packages, &profile, &source)?;
+        Ok(())
+    }
 
-        // The kernel's config first: a dropped option must stop the build before a long compile.
-        if let KernelSource::Build { .. } = board.kernel.source {
-            ui::step("realise kernel config");
-            let cfg_dir = eval
-                .build(&["kernelConfig".into()], "kernel config")?
-                .remove(0);
-            record.kernel_config_path = Some(cfg_dir.display().to_string());
-            record.kernel_config_sha256 =
-                Some(crate::digest::sha256_file(&cfg_dir.join("config"))?);
-            let mut report = nix::read_config_report(&cfg_dir)?;
-            if let KernelSource::Build { fragments, .. } = &board.kernel.source {
-                for o in &mut report {
-                    if let Some(name) = o
-                        .fragment
-                        .parse::<usize>()
-                        .ok()
-                        .and_then(|i| fragments.get(i.wrapping_sub(1)))
-                    {
-                        o.fragment = name.clone();
-                    }
-                }
-            }
-            if let Some(bad) = report.iter().find(|o| !o.survived) {
-                let why = if bad.reason.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (Kconfig: {})", bad.reason)
-                };
-                bail!(
-                    "kernel option {}={} from kernel-configs/{} was dropped by olddefconfig (it became {}); check its dependencies{why}",
-                    bad.option,
-                    bad.wanted,
-                    bad.fragment,
-                    bad.got
-                );
-            }
-        }
+    /// Realises the packages and the kernel in one Nix build, records the kernel's store
+    /// path, and finds the kernel image and the board's device tree in it.
+    fn realise(&self, eval: &Eval, record: &mut NixRecord) -> Result<Realised> {
+        let board = &self.board;
         ui::step(format!(
             "realise {} packages and the kernel",
-            packages.len()
+            self.packages.len()
         ));
-        let mut attrs: Vec<String> = (0..packages.len())
+        let mut attrs: Vec<String> = (0..self.packages.len())
             .map(|i| format!("packages.p{i}"))
             .collect();
         attrs.push("kernel".into());
-        let mut paths = eval.build(&attrs, "realising packages")?;
-        let kernel_pkg = paths.pop().unwrap();
+        let mut packages = eval.build(&attrs, "realising packages")?;
+        let kernel_pkg = packages.pop().unwrap();
         record.kernel = Some(kernel_pkg.display().to_string());
         let kernel_image = nix::kernel_image(&kernel_pkg, board.arch)?;
         let dtb = match &board.kernel.dtb {
@@ -250,18 +327,42 @@ impl Build {
             ),
             None => None,
         };
+        Ok(Realised {
+            packages,
+            kernel_image,
+            dtb,
+        })
+    }
 
+    /// Reads the packages' closure, builds bonsai-init when it is the init, and assembles the
+    /// image tree with root's login key and the secrets in it.
+    fn select(&self, realised: Realised) -> Result<Image> {
         ui::step("read closure");
-        let closure = nix::closure(&paths)?;
-        let pid1 = match backend {
-            rootfs::Backend::BonsaiInit => Some(crate::pid1::build(&root, &board)?),
+        let closure = nix::closure(&realised.packages)?;
+        let pid1 = match self.backend {
+            rootfs::Backend::BonsaiInit => Some(crate::pid1::build(&self.root, &self.board)?),
             _ => None,
         };
+        let (extra, ssh_key) = self.extra_files()?;
+        let (tree, assembly) = assemble(self, &realised.packages, &closure, pid1, &extra)?;
+        Ok(Image {
+            kernel: realised.kernel_image,
+            dtb: realised.dtb,
+            tree,
+            closure,
+            assembly,
+            ssh_key,
+        })
+    }
+
+    /// The files the profile adds to the image: root's `authorized_keys` (with the private key
+    /// that logs in, when bonsai made it) and the secrets.
+    fn extra_files(&self) -> Result<(Vec<ExtraFile>, Option<PathBuf>)> {
         let mut extra = Vec::new();
-        let ssh_key = match &profile.authorized_keys {
+        let ssh_key = match &self.profile.authorized_keys {
             None => None,
             Some(v) => {
-                let (public, key) = crate::ssh::authorized_keys(&root, v)?;
+                let (public, key) = crate::ssh::authorized_keys(&self.root, v)?;
                 extra.push(("root/.ssh".to_string(), rootfs::Node::dir(0o700)));
                 extra.push((
                     "root/.ssh/authorized_keys".to_string(),
@@ -270,46 +371,41 @@ impl Build {
                 key
             }
         };
-        for s in &secrets {
+        for s in &self.secrets {
             extra.push((
                 s.path.trim_start_matches('/').to_string(),
                 rootfs::Node::file(rootfs::Source::Bytes(s.data.clone()), s.mode),
             ));
         }
-        let (tree, assembly) = assemble(
-            &board, &profile, &packages, &paths, &closure, backend, pid1, &extra, &secrets,
-        )?;
-
-        let info = write_output(
-            &board,
-            &profile,
-            &init,
-            &source,
-            &kernel_image,
-            dtb.as_deref(),
-            &tree,
-            &closure,
-            epoch,
-            &out,
-            fp.unwrap_or_default(),
-            ssh_key,
-            &assembly,
-            &secrets,
-            record,
-        )?;
-        summary(self.nested, format!(
-            "built {}: kernel {}, initramfs {} ({} uncompressed, {} files from {} store paths) in {:.1} s -> {}",
-            board.name,
-            ui::size(info.kernel_bytes),
-            ui::size(info.initramfs_bytes),
-            ui::size(info.initramfs_uncompressed_bytes),
-            info.files,
-            info.store_paths.len(),
-            timer.secs(),
-            display_rel(&root, &out)
-        ));
-        Ok(Built { out, info })
+        Ok((extra, ssh_key))
     }
+}
+
+/// Realises the kernel's merged config and records its store path and hash; fails when
+/// olddefconfig dropped an option a fragment set, naming the fragment.
+fn realise_kernel_config(eval: &Eval, fragments: &[String], record: &mut NixRecord) -> Result<()> {
+    ui::step("realise kernel config");
+    let cfg_dir = eval
+        .build(&["kernelConfig".into()], "kernel config")?
+        .remove(0);
+    record.kernel_config_path = Some(cfg_dir.display().to_string());
+    record.kernel_config_sha256 = Some(crate::digest::sha256_file(&cfg_dir.join("config"))?);
+    let report = nix::read_config_report(&cfg_dir, fragments)?;
+    if let Some(bad) = report.iter().find(|o| !o.survived) {
+        let why = if bad.reason.is_empty() {
+            String::new()
+        } else {
+            format!(" (Kconfig: {})", bad.reason)
+        };
+        bail!(
+            "kernel option {}={} from kernel-configs/{} was dropped by olddefconfig (it became {}); check its dependencies{why}",
+            bad.option,
+            bad.wanted,
+            bad.fragment,
+            bad.got
+        );
+    }
+    Ok(())
 }
 
 /// The package attributes a build realises: the profile's, then busybox (every backend's
@@ -410,59 +506,41 @@ pub struct Assembly {
 /// Compose bonsai's files, then walk from the roots (the packages' programs, the init, the
 /// services, `keep` globs) through ELF dependencies, symlinks and store references; prune,
 /// strip and verify.
-#[allow(clippy::too_many_arguments)]
 fn assemble(
-    board: &Board,
-    profile: &Profile,
-    packages: &[String],
+    plan: &Plan,
     package_paths: &[PathBuf],
     closure: &std::collections::BTreeMap<String, nix::PathInfo>,
-    backend: rootfs::Backend,
     pid1: Option<PathBuf>,
-    extra: &[(String, rootfs::Node)],
-    secrets: &[crate::hygiene::Secret],
+    extra: &[ExtraFile],
 ) -> Result<(Tree, Assembly)> {
     let mut tree = Tree::new();
-    let find = |attr: &str| {
-        packages
-            .iter()
-            .position(|p| p == attr)
-            .map(|i| package_paths[i].display().to_string())
-    };
-    let busybox_index = packages
+    let system = compose_tree(plan, &mut tree, package_paths, closure, pid1)?;
+    for (path, node) in extra {
+        tree.insert(path, node.clone())?;
+    }
+    let assembly = select_files(plan, &mut tree, package_paths, closure, &system)?;
+    Ok((tree, assembly))
+}
+
+/// Composes bonsai's own files into `tree` (`/bin` links, `/etc`, the init backend, the
+/// checks) from the profile's service description, validated against the programs the image
+/// will have; returns that description.
+fn compose_tree(
+    plan: &Plan,
+    tree: &mut Tree,
+    package_paths: &[PathBuf],
+    closure: &std::collections::BTreeMap<String, nix::PathInfo>,
+    pid1: Option<PathBuf>,
+) -> Result<rootfs::system::System> {
+    let (board, profile) = (&plan.board, &plan.profile);
+    let busybox_index = plan
+        .packages
         .iter()
         .rposition(|p| is_busybox(p))
         .context("the busybox package is missing")?;
     let bin_links = program_links(package_paths, busybox_index);
-    let busybox = package_paths[busybox_index].display().to_string();
-    let init = rootfs::InitInputs {
-        backend,
-        busybox,
-        runit: find("runit"),
-        s6: find("s6"),
-        bonsai_init: pid1,
-        faults: crate::conformance::test_faults()?,
-    };
-    let bin_names: std::collections::BTreeSet<String> =
-        bin_links.iter().map(|(n, _)| n.clone()).collect();
-    let program_exists = |p: &str| -> bool {
-        if let Some(name) = p.strip_prefix("/bin/").or_else(|| p.strip_prefix("/sbin/")) {
-            bin_names.contains(name)
-                || (name == "bonsai-init" && backend == rootfs::Backend::BonsaiInit)
-        } else if p.starts_with("/nix/store/") {
-            closure.keys().any(|c| p.starts_with(c.as_str())) && Path::new(p).exists()
-        } else if p.starts_with('/') {
-            p.starts_with("/etc/bonsai/")
-        } else {
-            bin_names.contains(p)
-        }
-    };
-    let system = rootfs::system::validate(
-        &profile.system,
-        &board.name.replace('_', "-"),
-        &program_exists,
-    )
-    .map_err(|e| anyhow::anyhow!("profiles/{}.toml: {e}", profile.name))?;
+    let init = init_inputs(plan, package_paths, busybox_index, pid1)?;
+    let system = validate_system(plan, &bin_links, closure)?;
     let checks = all_checks(board, profile)
         .into_iter()
         .map(|c| (c.name, c.run))
@@ -475,14 +553,78 @@ fn assemble(
         system,
         init,
     };
-    rootfs::compose(&mut tree, &spec)?;
-    for (path, node) in extra {
-        tree.insert(path, node.clone())?;
-    }
+    rootfs::compose(tree, &spec)?;
+    Ok(spec.system)
+}
 
+/// What the init backend renders against: the busybox at `busybox_index`, the runit and s6
+/// packages when the plan has them, bonsai-init when it was built, and the judge's test faults.
+fn init_inputs(
+    plan: &Plan,
+    package_paths: &[PathBuf],
+    busybox_index: usize,
+    pid1: Option<PathBuf>,
+) -> Result<rootfs::InitInputs> {
+    let find = |attr: &str| {
+        plan.packages
+            .iter()
+            .position(|p| p == attr)
+            .map(|i| package_paths[i].display().to_string())
+    };
+    Ok(rootfs::InitInputs {
+        backend: plan.backend,
+        busybox: package_paths[busybox_index].display().to_string(),
+        runit: find("runit"),
+        s6: find("s6"),
+        bonsai_init: pid1,
+        faults: crate::conformance::test_faults()?,
+    })
+}
+
+/// The profile's service description, validated against the programs the image will have: a
+/// `/bin` or `/sbin` link (bonsai-init as the init), a file of the closure, or bonsai's own
+/// `/etc/bonsai/` scripts.
+fn validate_system(
+    plan: &Plan,
+    bin_links: &[(String, String)],
+    closure: &std::collections::BTreeMap<String, nix::PathInfo>,
+) -> Result<rootfs::system::System> {
+    let bin_names: std::collections::BTreeSet<&str> =
+        bin_links.iter().map(|(n, _)| n.as_str()).collect();
+    let program_exists = |p: &str| -> bool {
+        if let Some(name) = p.strip_prefix("/bin/").or_else(|| p.strip_prefix("/sbin/")) {
+            bin_names.contains(name)
+                || (name == "bonsai-init" && plan.backend == rootfs::Backend::BonsaiInit)
+        } else if p.starts_with("/nix/store/") {
+            closure.keys().any(|c| p.starts_with(c.as_str())) && Path::new(p).exists()
+        } else if p.starts_with('/') {
+            p.starts_with("/etc/bonsai/")
+        } else {
+            bin_names.contains(p)
+        }
+    };
+    rootfs::system::validate(
+        &plan.profile.system,
+        &plan.board.name.replace('_', "-"),
+        &program_exists,
+    )
+    .map_err(|e| anyhow::anyhow!("profiles/{}.toml: {e}", plan.profile.name))
+}
+
+/// Selects the image's files from the closure, walking from the packages' programs and the
+/// composed tree's roots; populates `tree` with them (pruned, stripped), verifies it and runs
+/// the image's hygiene checks; returns the selection's record.
+fn select_files(
+    plan: &Plan,
+    tree: &mut Tree,
+    package_paths: &[PathBuf],
+    closure: &std::collections::BTreeMap<String, nix::PathInfo>,
+    system: &rootfs::system::System,
+) -> Result<Assembly> {
+    let profile = &plan.profile;
     ui::step(format!("select files from {} store paths", closure.len()));
     let mut roots = Vec::new();
-    for (attr, pkg) in packages.iter().zip(package_paths) {
+    for (attr, pkg) in plan.packages.iter().zip(package_paths) {
         for root in package_roots(pkg) {
             roots.push(rootfs::Root::new(
                 root.display().to_string(),
@@ -490,24 +632,10 @@ fn assemble(
             ));
         }
     }
-    roots.extend(rootfs::roots_from_tree(&tree)?);
+    roots.extend(rootfs::roots_from_tree(tree)?);
     let closure_paths: Vec<String> = closure.keys().cloned().collect();
     let policy = &profile.policy;
-    let problems = |e: rootfs::Error| -> anyhow::Error {
-        match e {
-            rootfs::Error::Problems { step, problems } => {
-                let lines: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
-                let plural = if problems.len() == 1 { "" } else { "s" };
-                anyhow::anyhow!(
-                    "{step} found {} problem{plural} in profile {}:\n{}",
-                    problems.len(),
-                    profile.name,
-                    lines.join("\n")
-                )
-            }
-            other => other.into(),
-        }
-    };
+    let problems = |e| selection_problems(&profile.name, e);
     let selection = rootfs::select(&rootfs::SelectSpec {
         store_root: Path::new("/"),
         closure: &closure_paths,
@@ -518,12 +646,35 @@ fn assemble(
     for w in &selection.warnings {
         ui::warn(w.to_string());
     }
-    let report = rootfs::populate(&mut tree, &selection, policy)?;
+    let report = rootfs::populate(tree, &selection, policy)?;
     for w in &report.warnings {
         ui::warn(w.to_string());
     }
-    rootfs::verify(&tree, policy).map_err(problems)?;
-    crate::hygiene::check(&tree, profile, &spec.system, secrets)?;
+    rootfs::verify(tree, policy).map_err(problems)?;
+    crate::hygiene::check(tree, profile, system, &plan.secrets)?;
+    assembly_of(&selection, &report)
+}
+
+/// A selection or verification error: every problem on a line of its own, under a line that
+/// counts them and names the profile.
+fn selection_problems(profile: &str, e: rootfs::Error) -> anyhow::Error {
+    match e {
+        rootfs::Error::Problems { step, problems } => {
+            let lines: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
+            let plural = if problems.len() == 1 { "" } else { "s" };
+            anyhow::anyhow!(
+                "{step} found {} problem{plural} in profile {profile}:\n{}",
+                problems.len(),
+                lines.join("\n")
+            )
+        }
+        other => other.into(),
+    }
+}
+
+/// The record of what went into the image and why (selection.json), noting how many store
+/// paths of the closure vanished.
+fn assembly_of(selection: &rootfs::Selection, report: &rootfs::PopulateReport) -> Result<Assembly> {
     let vanished: Vec<String> = selection
         .vanished_store_paths()
         .into_iter()
@@ -540,14 +691,13 @@ fn assemble(
         .iter()
         .map(|(p, k)| (p.clone(), (k.reason.from.clone(), k.reason.how.to_string())))
         .collect();
-    let assembly = Assembly {
+    Ok(Assembly {
         sizes: serde_json::to_value(&report.sizes)?,
         vanished,
         rewritten: report.rewritten.clone(),
         pruned: serde_json::to_value(&selection.pruned)?,
         reasons,
-    };
-    Ok((tree, assembly))
+    })
 }
 
 /// The board's checks, then the profile's.
@@ -579,24 +729,77 @@ pub fn source_date_epoch(root: &Path) -> Result<u64> {
         .unwrap_or(0))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn write_output(
-    board: &Board,
-    profile: &Profile,
-    init: &str,
-    source: &PackageSource,
-    kernel_image: &Path,
-    dtb: Option<&Path>,
-    tree: &Tree,
-    closure: &std::collections::BTreeMap<String, nix::PathInfo>,
-    epoch: u64,
-    out: &Path,
-    fingerprint: String,
+/// What a build made, ready to be written out: Nix's kernel image (and device tree), the
+/// image tree, the closure it was selected from and the record of that selection.
+struct Image {
+    kernel: PathBuf,
+    dtb: Option<PathBuf>,
+    tree: Tree,
+    closure: std::collections::BTreeMap<String, nix::PathInfo>,
+    assembly: Assembly,
+    /// The private key that logs in as root, when bonsai made it.
     ssh_key: Option<PathBuf>,
-    assembly: &Assembly,
-    secrets: &[crate::hygiene::Secret],
+}
+
+/// The folder an output is written into before it is swapped in, and which of its files is
+/// being written (a disk-full error names it).
+struct Stage<'a> {
+    dir: &'a Path,
+    writing: String,
+}
+
+impl Stage<'_> {
+    /// The path of `file` in the folder, noted as the file being written.
+    fn start(&mut self, file: &str) -> PathBuf {
+        self.writing = file.to_string();
+        self.dir.join(file)
+    }
+}
+
+/// What the files written into a stage measure, for build.json.
+struct Written {
+    kernel_bytes: u64,
+    /// The device tree's file name, when the board names one.
+    dtb: Option<String>,
+    pack: rootfs::PackReport,
+    /// The image's file count (the manifest's).
+    files: u64,
+    /// SHA-256 of each output file.
+    outputs: std::collections::BTreeMap<String, String>,
+}
+
+/// Writes `out/<board>/`: every file goes into a fresh folder beside it, which then replaces
+/// the previous output atomically, so an interrupted or failed build leaves that one as it was.
+fn write_output(
+    plan: &Plan,
+    image: &Image,
+    fingerprint: String,
     record: NixRecord,
 ) -> Result<BuildInfo> {
+    let stage = stage_folder(&plan.out)?;
+    // Removed on SIGINT/SIGTERM/SIGHUP too, which run no destructors.
+    let staged = crate::outdir::track_stage(stage.path());
+    let mut files = Stage {
+        dir: stage.path(),
+        writing: "kernel".into(),
+    };
+    let info = write_staged(plan, image, &mut files, fingerprint, record).map_err(|e| {
+        if crate::outdir::is_disk_full(&e) {
+            disk_full(&plan.out, &files.writing, &image.kernel, &image.tree)
+        } else {
+            e
+        }
+    })?;
+
+    // Swap the new folder in, atomically; the previous one is removed afterwards.
+    let _ = stage.keep();
+    crate::outdir::swap_in(staged, &plan.out)?;
+    Ok(info)
+}
+
+/// A fresh folder beside `out` (creating `out`'s parent), where the output is written before
+/// it is swapped in.
+fn stage_folder(out: &Path) -> Result<tempfile::TempDir> {
     let parent = out.parent().context("output folder has no parent")?;
     fs::create_dir_all(parent)
         .with_context(|| format!("cannot create output folder {}", parent.display()))?;
@@ -605,180 +808,218 @@ fn write_output(
         .context("output folder has no name")?
         .to_string_lossy()
         .to_string();
-    // Everything is written into a fresh folder beside the output, then swapped in.
-    let stage = tempfile::Builder::new()
+    tempfile::Builder::new()
         .prefix(&format!(".{name}.tmp-"))
         .tempdir_in(parent)
-        .with_context(|| format!("cannot write to output folder {}", parent.display()))?;
-    // Removed on SIGINT/SIGTERM/SIGHUP too, which run no destructors.
-    let staged = crate::outdir::track_stage(stage.path());
+        .with_context(|| format!("cannot write to output folder {}", parent.display()))
+}
 
-    // Which output file is being written, for a disk-full error.
-    let writing = std::cell::RefCell::new(String::from("kernel"));
-    let staged_result = (|| -> Result<BuildInfo> {
-        let kernel_bytes = fs::metadata(kernel_image)?.len();
-        if let Some(max) = board.budget.kernel {
-            if kernel_bytes > max {
-                bail!("boards/{}.toml: budget.kernel: kernel is {} ({kernel_bytes} B), over the budget of {} ({max} B)", board.name, ui::size(kernel_bytes), ui::size(max));
-            }
-        }
-        writing.replace("kernel".into());
-        fs::copy(kernel_image, stage.path().join("kernel")).context("copying the kernel")?;
-        let mut perms = fs::metadata(stage.path().join("kernel"))?.permissions();
-        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o644);
-        fs::set_permissions(stage.path().join("kernel"), perms)?;
-        let dtb_name = match dtb {
-            Some(d) => {
-                let name = d
-                    .file_name()
-                    .context("device tree path has no file name")?
-                    .to_string_lossy()
-                    .to_string();
-                writing.replace(name.clone());
-                fs::write(stage.path().join(&name), fs::read(d)?)
-                    .context("copying the device tree")?;
-                Some(name)
-            }
-            None => None,
-        };
+/// Writes every output file into the stage, build.json last: the kernel and device tree,
+/// the packed initramfs (within the board's budgets), manifest.json and selection.json.
+fn write_staged(
+    plan: &Plan,
+    image: &Image,
+    stage: &mut Stage<'_>,
+    fingerprint: String,
+    record: NixRecord,
+) -> Result<BuildInfo> {
+    let kernel_bytes = write_kernel(&plan.board, &image.kernel, stage)?;
+    let dtb = match &image.dtb {
+        Some(d) => Some(write_dtb(d, stage)?),
+        None => None,
+    };
+    let initramfs = plan.board.compression.file_name();
+    let pack = pack_initramfs(plan, &image.tree, stage)?;
+    check_initramfs_budget(&plan.board, &image.assembly, pack.compressed_bytes)?;
+    let files = write_manifest_and_selection(plan, image, stage)?;
+    let outputs = ["kernel", initramfs, "manifest.json"]
+        .iter()
+        .copied()
+        .chain(dtb.as_deref())
+        .map(|f| {
+            Ok((
+                f.to_string(),
+                crate::digest::sha256_file(&stage.dir.join(f))?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let written = Written {
+        kernel_bytes,
+        dtb,
+        pack,
+        files,
+        outputs,
+    };
+    let info = build_info(plan, image, written, fingerprint, record);
+    fs::write(
+        stage.start("build.json"),
+        serde_json::to_string_pretty(&info)? + "\n",
+    )?;
+    Ok(info)
+}
 
-        ui::step(format!(
-            "pack initramfs ({}, {} entries)",
-            board.compression.name(),
-            tree.len()
-        ));
-        let initramfs_name = board.compression.file_name();
-        let mtime = u32::try_from(epoch).context("SOURCE_DATE_EPOCH does not fit a cpio mtime")?;
-        writing.replace(initramfs_name.into());
-        // A secret's bytes must not land in a shared cache: such images are packed without it.
-        let cache = if secrets.is_empty() {
-            pack_cache(board.compression)?
-        } else {
-            ui::detail("pack cache: not used (the image holds secrets)");
-            None
-        };
-        let report = rootfs::pack_cached(
-            tree,
-            &PackOptions {
-                compression: board.compression,
-                level: None,
-                mtime,
-            },
-            &stage.path().join(initramfs_name),
-            cache.clone(),
-        )?;
-        if let Some(cache) = &cache {
-            report_pack_cache(cache);
-            prune_pack_cache(cache);
+/// Copies the kernel image into the stage as `kernel` (mode 0644, whatever the store's), after
+/// checking it against the board's `budget.kernel`; returns its size.
+fn write_kernel(board: &Board, kernel_image: &Path, stage: &mut Stage<'_>) -> Result<u64> {
+    let kernel_bytes = fs::metadata(kernel_image)?.len();
+    if let Some(max) = board.budget.kernel {
+        if kernel_bytes > max {
+            bail!("boards/{}.toml: budget.kernel: kernel is {} ({kernel_bytes} B), over the budget of {} ({max} B)", board.name, ui::size(kernel_bytes), ui::size(max));
         }
-        if !secrets.is_empty() {
-            // Readable by the owner only, like the secrets' own sources should be.
-            fs::set_permissions(
-                stage.path().join(initramfs_name),
-                std::os::unix::fs::PermissionsExt::from_mode(0o600),
-            )?;
-        }
-        crate::outdir::test_delay("BONSAI_TEST_PACK_DELAY_MS");
-        if let Some(max) = board.budget.initramfs {
-            if report.compressed_bytes > max {
-                let mut top: Vec<(u64, String)> = assembly
-                    .sizes
-                    .get("store_paths")
-                    .and_then(|v| v.as_array())
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|sp| {
-                                Some((
-                                    sp.get("image_bytes")?.as_u64()?,
-                                    sp.get("store_path")?.as_str()?.to_string(),
-                                ))
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                top.sort_by(|a, b| b.cmp(a));
-                let offenders: Vec<String> = top
-                    .iter()
-                    .take(3)
-                    .map(|(b, p)| format!("{p} {}", ui::size(*b)))
-                    .collect();
-                bail!(
-                    "boards/{}.toml: budget.initramfs: initramfs is {}, over the budget of {}; largest: {}",
-                    board.name,
-                    ui::size(report.compressed_bytes),
-                    ui::size(max),
-                    offenders.join(", ")
-                );
-            }
-        }
-        let mut manifest = rootfs::manifest(tree)?;
-        manifest.development = profile.development;
-        manifest.secrets = crate::hygiene::secret_paths(secrets);
-        manifest.holds_secrets = !manifest.secrets.is_empty();
-        writing.replace("manifest.json".into());
-        fs::write(stage.path().join("manifest.json"), manifest.to_json())?;
-        writing.replace("selection.json".into());
-        fs::write(
-            stage.path().join("selection.json"),
-            serde_json::to_string_pretty(assembly)? + "\n",
-        )?;
-        let info = BuildInfo {
-            board: board.name.clone(),
-            profile: profile.name.clone(),
-            init: init.to_string(),
-            source: source.describe(),
-            kernel: "kernel".into(),
-            initramfs: initramfs_name.into(),
-            dtb: dtb_name.clone(),
-            kernel_bytes,
-            initramfs_bytes: report.compressed_bytes,
-            initramfs_uncompressed_bytes: report.cpio.archive_bytes,
-            files: manifest.totals.files,
-            store_paths: closure
-                .keys()
-                .filter(|k| !assembly.vanished.contains(k))
-                .cloned()
-                .collect(),
-            source_date_epoch: epoch,
-            checks: all_checks(board, profile),
-            shutdown_expect: profile.shutdown_expect.clone(),
-            console_expect: profile.console_expect.clone(),
-            fingerprint,
-            ssh_key: ssh_key.clone(),
-            outputs: ["kernel", initramfs_name, "manifest.json"]
-                .iter()
-                .copied()
-                .chain(dtb_name.as_deref())
-                .map(|f| {
-                    Ok((
-                        f.to_string(),
-                        crate::digest::sha256_file(&stage.path().join(f))?,
+    }
+    let kernel = stage.start("kernel");
+    fs::copy(kernel_image, &kernel).context("copying the kernel")?;
+    let mut perms = fs::metadata(&kernel)?.permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o644);
+    fs::set_permissions(&kernel, perms)?;
+    Ok(kernel_bytes)
+}
+
+/// Copies the device tree into the stage under its own file name, which it returns.
+fn write_dtb(dtb: &Path, stage: &mut Stage<'_>) -> Result<String> {
+    let name = dtb
+        .file_name()
+        .context("device tree path has no file name")?
+        .to_string_lossy()
+        .to_string();
+    fs::write(stage.start(&name), fs::read(dtb)?).context("copying the device tree")?;
+    Ok(name)
+}
+
+/// Packs the tree into the stage's initramfs with the board's compression, through the pack
+/// cache unless the image holds secrets (their bytes must not land in a shared cache; such an
+/// initramfs is readable by its owner only).
+fn pack_initramfs(plan: &Plan, tree: &Tree, stage: &mut Stage<'_>) -> Result<rootfs::PackReport> {
+    let compression = plan.board.compression;
+    ui::step(format!(
+        "pack initramfs ({}, {} entries)",
+        compression.name(),
+        tree.len()
+    ));
+    let mtime = u32::try_from(plan.epoch).context("SOURCE_DATE_EPOCH does not fit a cpio mtime")?;
+    let path = stage.start(compression.file_name());
+    let cache = if plan.secrets.is_empty() {
+        pack_cache(compression)?
+    } else {
+        ui::detail("pack cache: not used (the image holds secrets)");
+        None
+    };
+    let options = PackOptions {
+        compression,
+        level: None,
+        mtime,
+    };
+    let report = rootfs::pack_cached(tree, &options, &path, cache.clone())?;
+    if let Some(cache) = &cache {
+        report_pack_cache(cache);
+        prune_pack_cache(cache);
+    }
+    if !plan.secrets.is_empty() {
+        // Readable by the owner only, like the secrets' own sources should be.
+        fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    }
+    crate::outdir::test_delay("BONSAI_TEST_PACK_DELAY_MS");
+    Ok(report)
+}
+
+/// Fails when the packed initramfs is over the board's `budget.initramfs`, naming the three
+/// largest store paths in the image.
+fn check_initramfs_budget(board: &Board, assembly: &Assembly, bytes: u64) -> Result<()> {
+    let Some(max) = board.budget.initramfs else {
+        return Ok(());
+    };
+    if bytes <= max {
+        return Ok(());
+    }
+    let offenders: Vec<String> = largest_store_paths(assembly, 3)
+        .iter()
+        .map(|(b, p)| format!("{p} {}", ui::size(*b)))
+        .collect();
+    bail!(
+        "boards/{}.toml: budget.initramfs: initramfs is {}, over the budget of {}; largest: {}",
+        board.name,
+        ui::size(bytes),
+        ui::size(max),
+        offenders.join(", ")
+    );
+}
+
+/// The `n` store paths that take the most image bytes (size report), largest first.
+fn largest_store_paths(assembly: &Assembly, n: usize) -> Vec<(u64, String)> {
+    let mut top: Vec<(u64, String)> = assembly
+        .sizes
+        .get("store_paths")
+        .and_then(|v| v.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|sp| {
+                    Some((
+                        sp.get("image_bytes")?.as_u64()?,
+                        sp.get("store_path")?.as_str()?.to_string(),
                     ))
                 })
-                .collect::<Result<_>>()?,
-            development: profile.development,
-            secrets: crate::hygiene::secret_paths(secrets),
-            nix: record,
-        };
-        writing.replace("build.json".into());
-        fs::write(
-            stage.path().join("build.json"),
-            serde_json::to_string_pretty(&info)? + "\n",
-        )?;
-        Ok(info)
-    })();
-    let info = staged_result.map_err(|e| {
-        if crate::outdir::is_disk_full(&e) {
-            disk_full(out, &writing.borrow(), kernel_image, tree)
-        } else {
-            e
-        }
-    })?;
+                .collect()
+        })
+        .unwrap_or_default();
+    top.sort_by(|a, b| b.cmp(a));
+    top.truncate(n);
+    top
+}
 
-    // Swap the new folder in, atomically; the previous one is removed afterwards.
-    let _ = stage.keep();
-    crate::outdir::swap_in(staged, out)?;
-    Ok(info)
+/// Writes manifest.json (with the development and secrets flags) and selection.json into
+/// the stage; returns the image's file count.
+fn write_manifest_and_selection(plan: &Plan, image: &Image, stage: &mut Stage<'_>) -> Result<u64> {
+    let mut manifest = rootfs::manifest(&image.tree)?;
+    manifest.development = plan.profile.development;
+    manifest.secrets = crate::hygiene::secret_paths(&plan.secrets);
+    manifest.holds_secrets = !manifest.secrets.is_empty();
+    fs::write(stage.start("manifest.json"), manifest.to_json())?;
+    fs::write(
+        stage.start("selection.json"),
+        serde_json::to_string_pretty(&image.assembly)? + "\n",
+    )?;
+    Ok(manifest.totals.files)
+}
+
+/// The build.json of an output: what was built from what, the files written and their sizes,
+/// what `boot --check` judges, and the fingerprint that makes the next build a no-op.
+fn build_info(
+    plan: &Plan,
+    image: &Image,
+    written: Written,
+    fingerprint: String,
+    record: NixRecord,
+) -> BuildInfo {
+    let (board, profile) = (&plan.board, &plan.profile);
+    BuildInfo {
+        board: board.name.clone(),
+        profile: profile.name.clone(),
+        init: plan.init.clone(),
+        source: plan.source.describe(),
+        kernel: "kernel".into(),
+        initramfs: board.compression.file_name().into(),
+        dtb: written.dtb,
+        kernel_bytes: written.kernel_bytes,
+        initramfs_bytes: written.pack.compressed_bytes,
+        initramfs_uncompressed_bytes: written.pack.cpio.archive_bytes,
+        files: written.files,
+        store_paths: image
+            .closure
+            .keys()
+            .filter(|k| !image.assembly.vanished.contains(k))
+            .cloned()
+            .collect(),
+        source_date_epoch: plan.epoch,
+        checks: all_checks(board, profile),
+        shutdown_expect: profile.shutdown_expect.clone(),
+        console_expect: profile.console_expect.clone(),
+        fingerprint,
+        ssh_key: image.ssh_key.clone(),
+        outputs: written.outputs,
+        development: profile.development,
+        secrets: crate::hygiene::secret_paths(&plan.secrets),
+        nix: record,
+    }
 }
 
 /// The error of a build that filled its output's file system (the stage folder is removed

@@ -50,17 +50,7 @@ fn merged(board_name: &str) -> Result<(PathBuf, Vec<nix::ConfigOption>)> {
     let dir = eval
         .build(&["kernelConfig".into()], "kernel config")?
         .remove(0);
-    let mut report = nix::read_config_report(&dir)?;
-    for o in &mut report {
-        if let Some(n) = o
-            .fragment
-            .parse::<usize>()
-            .ok()
-            .and_then(|i| fragments.get(i.wrapping_sub(1)))
-        {
-            o.fragment = n.clone();
-        }
-    }
+    let report = nix::read_config_report(&dir, fragments)?;
     Ok((dir, report))
 }
 

@@ -606,10 +606,12 @@ pub struct ConfigOption {
     pub reason: String,
 }
 
-pub fn read_config_report(dir: &Path) -> Result<Vec<ConfigOption>> {
+/// The kernel-config report in `dir` (kernel-config.sh's `report`), each option's fragment
+/// named from `fragments` (the report numbers them from 1).
+pub fn read_config_report(dir: &Path, fragments: &[String]) -> Result<Vec<ConfigOption>> {
     let text = std::fs::read_to_string(dir.join("report"))
         .with_context(|| format!("reading {}/report", dir.display()))?;
-    Ok(text
+    let mut report: Vec<ConfigOption> = text
         .lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split('\t').collect();
@@ -622,7 +624,18 @@ pub fn read_config_report(dir: &Path) -> Result<Vec<ConfigOption>> {
                 reason: f.get(5).map(|r| r.to_string()).unwrap_or_default(),
             })
         })
-        .collect())
+        .collect();
+    for o in &mut report {
+        if let Some(name) = o
+            .fragment
+            .parse::<usize>()
+            .ok()
+            .and_then(|i| fragments.get(i.wrapping_sub(1)))
+        {
+            o.fragment = name.clone();
+        }
+    }
+    Ok(report)
 }
 
 #[cfg(test)]
