@@ -138,8 +138,7 @@ pub fn write_slot<T: Read + Write + Seek>(esp: &mut Volume<T>, slot: &Slot) -> R
 /// Writes the whole disk into `disk` (which must be empty: it is sized here).
 pub fn write<T: Read + Write + Seek>(disk: &mut T, spec: &Spec) -> Result<Layout> {
     if spec.esp_mib < 34 {
-        // FAT32 needs 65525 clusters; below that fatfs would pick FAT16, which some firmware
-        // refuses on an ESP.
+        // The ESP is FAT32 (as UEFI asks), which needs 65525 clusters of 512 bytes.
         return Err(Error::Layout(format!(
             "the EFI system partition must be at least 34 MiB, not {}",
             spec.esp_mib
@@ -195,6 +194,7 @@ pub fn write<T: Read + Write + Seek>(disk: &mut T, spec: &Spec) -> Result<Layout
     let esp = layout.partition(ESP_NAME).cloned().expect("the ESP");
     fat::format(
         Part::new(disk, esp.offset, esp.size).map_err(Error::io("the ESP"))?,
+        fat::Kind::Fat32,
         "BONSAI-ESP",
         guid::derive_serial(spec.seed, "esp"),
     )?;
@@ -214,6 +214,7 @@ pub fn write<T: Read + Write + Seek>(disk: &mut T, spec: &Spec) -> Result<Layout
         .expect("the data partition");
     fat::format(
         Part::new(disk, data.offset, data.size).map_err(Error::io("the data partition"))?,
+        fat::Kind::Auto,
         "BONSAI-DATA",
         guid::derive_serial(spec.seed, "data"),
     )?;
@@ -386,6 +387,9 @@ mod tests {
         );
         assert_eq!(gpt[1].starting_lba, 2048);
         assert_eq!(gpt[2].partition_name.as_str(), "data");
+        // FAT32 ("FAT32   " in the boot sector's file system type at offset 82).
+        let esp0 = layout.partitions[0].offset as usize;
+        assert_eq!(&c.get_ref()[esp0 + 82..esp0 + 90], b"FAT32   ");
         let mbr = &c.get_ref()[446..512];
         assert_eq!(mbr[4], 0xee, "protective MBR");
         assert_eq!(&mbr[64..], &[0x55, 0xaa]);

@@ -80,11 +80,24 @@ fn label_bytes(label: &str) -> Result<[u8; 11]> {
     Ok(out)
 }
 
+/// The FAT variant to format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Whatever suits the size (FAT12 or FAT16 for small volumes).
+    Auto,
+    /// FAT32, as the UEFI specification asks of an EFI system partition: 512-byte clusters,
+    /// so that a volume of 34 MiB or more has the 65525 clusters FAT32 needs.
+    Fat32,
+}
+
 /// Formats `part` (a whole partition) as FAT with `label` and `serial`.
-pub fn format<T: Read + Write + Seek>(part: T, label: &str, serial: u32) -> Result<()> {
-    let opts = fatfs::FormatVolumeOptions::new()
+pub fn format<T: Read + Write + Seek>(part: T, kind: Kind, label: &str, serial: u32) -> Result<()> {
+    let mut opts = fatfs::FormatVolumeOptions::new()
         .volume_id(serial)
         .volume_label(label_bytes(label)?);
+    if kind == Kind::Fat32 {
+        opts = opts.fat_type(fatfs::FatType::Fat32).bytes_per_cluster(512);
+    }
     fatfs::format_volume(part, opts).map_err(Error::io(format!("formatting FAT volume {label}")))
 }
 
@@ -208,7 +221,7 @@ mod tests {
 
     fn volume(epoch: u64) -> Vec<u8> {
         let mut disk = Cursor::new(vec![0u8; 8 << 20]);
-        format(&mut disk, "BONSAI", 0x1234_5678).unwrap();
+        format(&mut disk, Kind::Auto, "BONSAI", 0x1234_5678).unwrap();
         let mut v = Volume::open(&mut disk, epoch, "test").unwrap();
         v.write("EFI/BOOT/BOOTX64.EFI", b"loader").unwrap();
         v.write("loader/entries/bonsai-a+3.conf", b"title a\n")
@@ -234,6 +247,6 @@ mod tests {
     #[test]
     fn a_label_must_fit() {
         let mut disk = Cursor::new(vec![0u8; 8 << 20]);
-        assert!(format(&mut disk, "TWELVE-CHARS", 1).is_err());
+        assert!(format(&mut disk, Kind::Auto, "TWELVE-CHARS", 1).is_err());
     }
 }

@@ -99,7 +99,10 @@ fn the_default_board_boots_from_its_disk_through_uefi() {
     }
     assert_eq!(parts[0]["type"], "C12A7328-F81F-11D2-BA4B-00A0C93EC93B");
 
-    // mtools' view of the ESP: systemd-boot where the firmware looks, slot A as a trial entry.
+    // mtools' view of the ESP: FAT32 (as UEFI asks of an ESP), systemd-boot where the firmware
+    // looks, slot A as a trial entry.
+    let minfo = tool("minfo", &["-i", &esp(&img, &info), "::"]);
+    assert!(minfo.contains("disk type=\"FAT32"), "{minfo}");
     let loader = tool(
         "mtype",
         &["-i", &esp(&img, &info), "::/EFI/BOOT/BOOTX64.EFI"],
@@ -189,5 +192,58 @@ fn the_default_board_boots_from_its_disk_through_uefi() {
     assert!(
         !out.status.success(),
         "a disk with a damaged boot loader passed"
+    );
+}
+
+/// qemu-aarch64's disk through AAVMF (QEMU's `virt` with `acpi=off`, so the firmware hands the
+/// kernel QEMU's device tree) and systemd-boot's arm64 binary.
+#[test]
+fn qemu_aarch64_boots_from_its_disk_through_aavmf() {
+    require("qemu-system-aarch64", "qemu-system-arm");
+    require("mdir", "mtools");
+    let out = out_root().join("disk-aarch64");
+    let out_s = out.display().to_string();
+    ok(&["image", "--board", "qemu-aarch64", "--out", &out_s]);
+    let info: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(out.join("disk.json")).unwrap()).unwrap();
+    assert_eq!(info["loader"]["path"], "EFI/BOOT/BOOTAA64.EFI");
+    let img = out.join("disk.img");
+    let loader = tool(
+        "mtype",
+        &["-i", &esp(&img, &info), "::/EFI/BOOT/BOOTAA64.EFI"],
+    );
+    assert!(loader.starts_with("MZ"), "BOOTAA64.EFI is not a PE image");
+    let print = ok(&[
+        "boot",
+        "--board",
+        "qemu-aarch64",
+        "--out",
+        &out_s,
+        "--disk",
+        "--print",
+    ]);
+    assert!(
+        !print.contains("-kernel") && print.contains("AAVMF_CODE.fd"),
+        "{print}"
+    );
+    ok(&[
+        "boot",
+        "--board",
+        "qemu-aarch64",
+        "--out",
+        &out_s,
+        "--disk",
+        "--check",
+        "--timeout",
+        "300",
+    ]);
+    let log = fs::read_to_string(out.join("serial.log")).unwrap();
+    assert!(
+        log.contains("EFI stub: "),
+        "the kernel did not start as an EFI application"
+    );
+    assert_eq!(
+        entries(&out.join("disk-run.img"), &info),
+        ["bonsai-a+2-1.conf"]
     );
 }
