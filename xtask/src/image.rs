@@ -185,7 +185,11 @@ impl Image {
             board.name,
             layout_name(disk.layout)
         ));
-        let info = write_disk(&root, &board, &disk, &built.out, &built.info, &version)?;
+        let place = DiskPlace {
+            build_out: &built.out,
+            dest: &built.out,
+        };
+        let info = write_disk(&root, &board, &disk, &place, &built.info, &version)?;
         let esp = &info.partitions[0].partition;
         println!(
             "wrote {}: {} MiB, GPT: {} {} MiB (systemd-boot {}, slot a: {} as {}), {} {} MiB in {:.1} s",
@@ -220,18 +224,27 @@ pub fn disk_config(board: &Board) -> Result<DiskConfig> {
     })
 }
 
-/// Writes `disk.img` and `disk.json` into `out` for the build there: into temporary files
-/// first, renamed into place once whole (the image, then its description).
+/// Where a disk is written from and to: the build's output folder, and the folder that gets
+/// `disk.img` and `disk.json` (the same folder, or a release's).
+pub struct DiskPlace<'a> {
+    pub build_out: &'a Path,
+    pub dest: &'a Path,
+}
+
+/// Writes `disk.img` and `disk.json` for the build in `place.build_out` into `place.dest`:
+/// into temporary files first, renamed into place once whole (the image, then its
+/// description).
 pub fn write_disk(
     root: &Path,
     board: &Board,
     disk: &DiskConfig,
-    out: &Path,
+    place: &DiskPlace,
     build: &BuildInfo,
     version: &str,
 ) -> Result<DiskInfo> {
+    let out = place.dest;
     let (loader, loader_info) = efi_loader(root, board.arch)?;
-    let files = SlotFiles::read(out, build)?;
+    let files = SlotFiles::read(place.build_out, build)?;
     let cmdline = slot_cmdline(board, "a");
     let mut seed = Sha256::new();
     for part in [
@@ -355,14 +368,12 @@ pub fn ensure_disk(root: &Path, board: &Board, out: &Path, build: &BuildInfo) ->
         board.name,
         out.join(DISK_IMG).display()
     ));
-    write_disk(
-        root,
-        board,
-        &disk,
-        out,
-        build,
-        &crate::release::git_version(root),
-    )
+    let place = DiskPlace {
+        build_out: out,
+        dest: out,
+    };
+    let version = crate::release::git_version(root);
+    write_disk(root, board, &disk, &place, build, &version)
 }
 
 /// The disk a boot runs on: a copy of `disk.img` and of the firmware's variable store, both

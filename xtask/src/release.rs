@@ -102,6 +102,19 @@ impl Release {
             let secret = *f == info.initramfs && !info.secrets.is_empty();
             set_mode(&stage.path().join(f), if secret { 0o600 } else { 0o644 })?;
         }
+        // Boards with a disk layout ship the disk too (and `repro` compares it like the rest).
+        let board = crate::config::Config::new(&root).load_board(&self.board)?;
+        if let Some(disk) = &board.disk {
+            let place = crate::image::DiskPlace {
+                build_out: &built.out,
+                dest: stage.path(),
+            };
+            crate::image::write_disk(&root, &board, disk, &place, info, &version)?;
+            for f in [crate::image::DISK_IMG, crate::image::DISK_JSON] {
+                set_mode(&stage.path().join(f), 0o644)?;
+                files.push(f.into());
+            }
+        }
         let kernel_sha = crate::digest::sha256_file(&stage.path().join("kernel"))?;
         let initramfs_sha = crate::digest::sha256_file(&stage.path().join(&info.initramfs))?;
         let mut store_paths: Vec<PathBuf> = info.store_paths.iter().map(PathBuf::from).collect();

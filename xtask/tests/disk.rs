@@ -55,6 +55,13 @@ fn entries(img: &Path, info: &serde_json::Value) -> Vec<String> {
     names
 }
 
+/// `boot --board <board> --out <out> --disk <extra...>`, which must succeed; its stdout.
+fn boot_disk(board: &str, out: &str, extra: &[&str]) -> String {
+    let mut args = vec!["boot", "--board", board, "--out", out, "--disk"];
+    args.extend_from_slice(extra);
+    ok(&args)
+}
+
 #[test]
 fn the_default_board_boots_from_its_disk_through_uefi() {
     for (p, pkg) in [
@@ -145,13 +152,13 @@ fn the_default_board_boots_from_its_disk_through_uefi() {
     );
 
     // Through the firmware: no -kernel, OVMF's code read-only and a variable store of its own.
-    let print = ok(&["boot", "--board", BOARD, "--out", &a_s, "--disk", "--print"]);
+    let print = boot_disk(BOARD, &a_s, &["--print"]);
     assert!(!print.contains("-kernel"), "{print}");
     assert!(
         print.contains("OVMF_CODE_4M.fd,") || print.contains("OVMF_CODE_4M.fd "),
         "{print}"
     );
-    ok(&["boot", "--board", BOARD, "--out", &a_s, "--disk", "--check"]);
+    boot_disk(BOARD, &a_s, &["--check"]);
     let log = fs::read_to_string(a.join("serial.log")).unwrap();
     assert!(
         log.contains("EFI stub: "),
@@ -213,30 +220,12 @@ fn qemu_aarch64_boots_from_its_disk_through_aavmf() {
         &["-i", &esp(&img, &info), "::/EFI/BOOT/BOOTAA64.EFI"],
     );
     assert!(loader.starts_with("MZ"), "BOOTAA64.EFI is not a PE image");
-    let print = ok(&[
-        "boot",
-        "--board",
-        "qemu-aarch64",
-        "--out",
-        &out_s,
-        "--disk",
-        "--print",
-    ]);
+    let print = boot_disk("qemu-aarch64", &out_s, &["--print"]);
     assert!(
         !print.contains("-kernel") && print.contains("AAVMF_CODE.fd"),
         "{print}"
     );
-    ok(&[
-        "boot",
-        "--board",
-        "qemu-aarch64",
-        "--out",
-        &out_s,
-        "--disk",
-        "--check",
-        "--timeout",
-        "300",
-    ]);
+    boot_disk("qemu-aarch64", &out_s, &["--check", "--timeout", "300"]);
     let log = fs::read_to_string(out.join("serial.log")).unwrap();
     assert!(
         log.contains("EFI stub: "),
