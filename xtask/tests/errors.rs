@@ -1383,3 +1383,101 @@ fn boot_check_failed() {
     let log = fs::read_to_string(out.join("serial.log")).unwrap();
     assert!(log.contains("Linux version 0.0 (a fake QEMU)"), "{log}");
 }
+
+// ---- the pinned Nix's provisioning ---------------------------------------------------------
+
+/// A scratch cache (`BONSAI_CACHE`) holding the pinned Nix's packages as links to the real
+/// cache's files (which `cargo xtask test` provisions first), except the files `skip` names.
+fn scratch_nix_cache(skip: impl Fn(&str) -> bool) -> tempfile::TempDir {
+    let arch = xtask::host::host_arch().unwrap();
+    let real = xtask::cache::cache_dir()
+        .join("debs")
+        .join(format!("trixie-{}", arch.debian()));
+    // Make sure the real cache holds them (a no-op once the pinned Nix is provisioned).
+    xtask::nixbin::provision(&repo()).expect("provisioning the pinned Nix");
+    let cache = tempfile::tempdir().unwrap();
+    let debs = cache
+        .path()
+        .join("debs")
+        .join(format!("trixie-{}", arch.debian()));
+    fs::create_dir_all(&debs).unwrap();
+    for e in fs::read_dir(&real).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        if name.ends_with(".deb") && !skip(&name) {
+            std::os::unix::fs::symlink(real.join(&name), debs.join(&name)).unwrap();
+        }
+    }
+    cache
+}
+
+fn pinned_lock(root: &Path) -> (PathBuf, serde_json::Value) {
+    let arch = xtask::host::host_arch().unwrap();
+    let file = root.join(format!("nix/debian13-nix.{}.lock.json", arch.debian()));
+    let lock = serde_json::from_str(&fs::read_to_string(&file).unwrap()).unwrap();
+    (file, lock)
+}
+
+#[test]
+fn a_damaged_package_of_the_pinned_nix_is_removed_and_named() {
+    let s = Scratch::new();
+    let (_, lock) = pinned_lock(s.root());
+    let victim = lock["packages"]
+        .as_object()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap()["file"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let cache = scratch_nix_cache(|n| n == victim);
+    let debs = cache.path().join("debs").join(format!(
+        "trixie-{}",
+        xtask::host::host_arch().unwrap().debian()
+    ));
+    fs::write(debs.join(&victim), b"not a Debian package").unwrap();
+    let out = s
+        .command(&["build", "--board", BOARD])
+        .env("BONSAI_NIX", "debian13")
+        .env("BONSAI_CACHE", cache.path())
+        .output()
+        .unwrap();
+    let err = error_of(&out, 1);
+    assert_glob(
+        &format!("error: */debs/trixie-*/{victim}: sha256 * does not match the pin * in nix/debian13-nix.*.lock.json (removed; run again to download it anew)"),
+        &err,
+    );
+    assert!(!debs.join(&victim).exists(), "the damaged file was kept");
+    s.assert_nothing_written(BOARD);
+}
+
+#[test]
+fn a_pinned_nix_package_the_archive_lacks_is_a_one_line_error() {
+    let s = Scratch::new();
+    let (file, mut lock) = pinned_lock(s.root());
+    // A version of a pinned package that Debian trixie never had, and no file in the cache.
+    let first = lock["packages"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .next()
+        .unwrap()
+        .clone();
+    let p = &mut lock["packages"][&first];
+    p["version"] = "0.0~bonsai-never".into();
+    p["file"] = format!("{first}_0.0~bonsai-never_all.deb").into();
+    fs::write(&file, serde_json::to_string_pretty(&lock).unwrap()).unwrap();
+    let cache = scratch_nix_cache(|_| false);
+    let out = s
+        .command(&["build", "--board", BOARD])
+        .env("BONSAI_NIX", "debian13")
+        .env("BONSAI_CACHE", cache.path())
+        .output()
+        .unwrap();
+    let err = error_of(&out, 1);
+    assert_glob(
+        "error: cannot download the pinned Nix's packages from Debian trixie: * (the archive may have dropped a pinned version; rewrite the pins with cargo xtask nix-lock)",
+        &err,
+    );
+    s.assert_nothing_written(BOARD);
+}
