@@ -1410,6 +1410,15 @@ fn scratch_nix_cache(skip: impl Fn(&str) -> bool) -> tempfile::TempDir {
     cache
 }
 
+/// `build` of the default board with the pinned Nix and the cache `cache`.
+fn build_with_pinned_nix(s: &Scratch, cache: &Path) -> Output {
+    s.command(&["build", "--board", BOARD])
+        .env("BONSAI_NIX", "debian13")
+        .env("BONSAI_CACHE", cache)
+        .output()
+        .unwrap()
+}
+
 fn pinned_lock(root: &Path) -> (PathBuf, serde_json::Value) {
     let arch = xtask::host::host_arch().unwrap();
     let file = root.join(format!("nix/debian13-nix.{}.lock.json", arch.debian()));
@@ -1436,13 +1445,7 @@ fn a_damaged_package_of_the_pinned_nix_is_removed_and_named() {
         xtask::host::host_arch().unwrap().debian()
     ));
     fs::write(debs.join(&victim), b"not a Debian package").unwrap();
-    let out = s
-        .command(&["build", "--board", BOARD])
-        .env("BONSAI_NIX", "debian13")
-        .env("BONSAI_CACHE", cache.path())
-        .output()
-        .unwrap();
-    let err = error_of(&out, 1);
+    let err = error_of(&build_with_pinned_nix(&s, cache.path()), 1);
     assert_glob(
         &format!("error: */debs/trixie-*/{victim}: sha256 * does not match the pin * in nix/debian13-nix.*.lock.json (removed; run again to download it anew)"),
         &err,
@@ -1468,13 +1471,7 @@ fn a_pinned_nix_package_the_archive_lacks_is_a_one_line_error() {
     p["file"] = format!("{first}_0.0~bonsai-never_all.deb").into();
     fs::write(&file, serde_json::to_string_pretty(&lock).unwrap()).unwrap();
     let cache = scratch_nix_cache(|_| false);
-    let out = s
-        .command(&["build", "--board", BOARD])
-        .env("BONSAI_NIX", "debian13")
-        .env("BONSAI_CACHE", cache.path())
-        .output()
-        .unwrap();
-    let err = error_of(&out, 1);
+    let err = error_of(&build_with_pinned_nix(&s, cache.path()), 1);
     assert_glob(
         "error: cannot download the pinned Nix's packages from Debian trixie: * (the archive may have dropped a pinned version; rewrite the pins with cargo xtask nix-lock)",
         &err,
