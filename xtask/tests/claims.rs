@@ -294,3 +294,31 @@ fn fuzz_runs_are_bounded_by_inputs_and_read_only_committed_seeds() {
     );
     assert_eq!(fake_fuzz_run(&["ten"]).0, Some(2));
 }
+
+/// No tracked file holds the absolute path of the checkout it was made in (compilers write it
+/// into debug info, tools into generated files): the repository speaks of the project only.
+#[test]
+fn no_tracked_file_names_the_checkout_path() {
+    let root = root();
+    let out = std::process::Command::new("git")
+        .args(["ls-files", "-z"])
+        .current_dir(&root)
+        .output()
+        .expect("running git ls-files");
+    assert!(out.status.success(), "git ls-files failed");
+    let needle = root.display().to_string();
+    let mut hits = Vec::new();
+    for f in out.stdout.split(|b| *b == 0).filter(|f| !f.is_empty()) {
+        let rel = String::from_utf8_lossy(f).into_owned();
+        let Ok(bytes) = fs::read(root.join(&rel)) else {
+            continue;
+        };
+        if bytes
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes())
+        {
+            hits.push(rel);
+        }
+    }
+    assert!(hits.is_empty(), "files naming {needle}: {hits:?}");
+}
