@@ -69,8 +69,9 @@ let
 
   src = pkgs.linux.src;
   version = pkgs.linux.version;
-  # Fragments enter the store by content alone, so a board copied under another name (or a
-  # fragment with other comments) that merges to the same config reuses the cached kernel.
+  # Fragments enter the store by their bytes alone (not their file names), so a board copied
+  # under another name with the same fragment files reuses the cached kernel. A fragment whose
+  # bytes differ, even in a comment, is a new input of the config and so of the kernel.
   fragments = map (f: builtins.path { path = ../kernel-configs + "/${f}"; name = "kernel-fragment.config"; }) (kernelReq.fragments or [ ]);
 
   kernelConfig = pkgs.bonsai.mkKernelConfig {

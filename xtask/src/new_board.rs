@@ -51,12 +51,23 @@ impl NewBoard {
         match &from.kernel.source {
             KernelSource::Build { base, fragments } => {
                 // The new board's fragment starts as the merge of the source board's fragments.
-                let mut text = format!("# {}: kernel options merged onto {base}; every option set here is asserted after olddefconfig\n# (started from {} by cargo xtask new-board)\n", self.name, self.from);
-                for f in fragments {
-                    let body = std::fs::read_to_string(root.join("kernel-configs").join(f))
-                        .with_context(|| format!("reading kernel-configs/{f}"))?;
-                    let _ = write!(text, "\n# --- from {f}\n{body}");
-                }
+                // One fragment is copied byte for byte: a fragment enters the Nix store by its
+                // bytes (comments included), so the copy reuses the source board's cached
+                // kernel until someone edits it.
+                let read = |f: &String| {
+                    std::fs::read_to_string(root.join("kernel-configs").join(f))
+                        .with_context(|| format!("reading kernel-configs/{f}"))
+                };
+                let text = match fragments.as_slice() {
+                    [one] => read(one)?,
+                    _ => {
+                        let mut text = format!("# {}: kernel options merged onto {base}; every option set here is asserted after olddefconfig\n# (started from {} by cargo xtask new-board)\n", self.name, self.from);
+                        for f in fragments {
+                            let _ = write!(text, "\n# --- from {f}\n{}", read(f)?);
+                        }
+                        text
+                    }
+                };
                 write_new(&fragment, &text)?;
                 let _ = write!(
                     kernel,

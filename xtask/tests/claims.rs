@@ -313,10 +313,7 @@ fn no_tracked_file_names_the_checkout_path() {
         let Ok(bytes) = fs::read(root.join(&rel)) else {
             continue;
         };
-        if bytes
-            .windows(needle.len())
-            .any(|w| w == needle.as_bytes())
-        {
+        if bytes.windows(needle.len()).any(|w| w == needle.as_bytes()) {
             hits.push(rel);
         }
     }

@@ -793,6 +793,19 @@ fn new_board_from_the_default_builds_and_boots() {
         "new-board overwrote an existing board"
     );
     assert!(run(&["build", "--board", "bench-board"]).status.success());
+    // Its one fragment is a byte-for-byte copy: the same kernel store path as the source board.
+    built();
+    let kernel_of = |dir: &std::path::Path| -> serde_json::Value {
+        let info: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("build.json")).unwrap())
+                .unwrap();
+        info["nix"]["kernel"].clone()
+    };
+    assert_eq!(
+        kernel_of(&scratch.path().join("out/bench-board")),
+        kernel_of(&out_dir()),
+        "the new board built a kernel of its own"
+    );
     let boot = run(&["boot", "--board", "bench-board", "--check"]);
     assert!(
         boot.status.success() && String::from_utf8_lossy(&boot.stdout).contains("check passed")
