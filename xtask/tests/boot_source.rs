@@ -8,22 +8,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 mod common;
-use common::root;
 
 const BOARD: &str = "qemu-x86_64";
 
 /// A scratch copy of the data folders, built once from the offline set.
 fn scratch_with_offline_build() -> tempfile::TempDir {
-    let scratch = tempfile::tempdir().unwrap();
-    for d in ["boards", "profiles", "kernel-configs", "nix", "examples"] {
-        let status = Command::new("cp")
-            .arg("-r")
-            .arg(root().join(d))
-            .arg(scratch.path())
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
+    let scratch = common::scratch_repo();
     let out = run(scratch.path(), &["build", "--board", BOARD], None);
     assert!(out.status.success(), "the offline build failed");
     scratch

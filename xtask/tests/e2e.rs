@@ -218,22 +218,6 @@ fn boot_check_fails_when_the_ready_marker_never_comes() {
     assert!(err.contains("no ready marker within 20 s"), "{err}");
 }
 
-/// A scratch project (copies of the data folders) for a test-only profile, and the xtask
-/// binary pointed at it.
-fn scratch_project() -> tempfile::TempDir {
-    let d = tempfile::tempdir().unwrap();
-    for dir in ["boards", "profiles", "kernel-configs", "nix", "examples"] {
-        let status = Command::new("cp")
-            .arg("-r")
-            .arg(root().join(dir))
-            .arg(d.path())
-            .status()
-            .unwrap();
-        assert!(status.success(), "copying {dir}");
-    }
-    d
-}
-
 fn xtask_in(project: &Path, args: &[&str]) -> std::process::Output {
     let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
         .args(args)
@@ -256,7 +240,7 @@ fn xtask_in(project: &Path, args: &[&str]) -> std::process::Output {
 fn boot_check_fails_on_a_kernel_warning() {
     let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     require("qemu-system-x86_64", "qemu-system-x86");
-    let p = scratch_project();
+    let p = common::scratch_repo();
     std::fs::write(
         p.path().join("profiles/kernel-warning.toml"),
         r#"description = "test only: the kernel warns while the checks run"
@@ -308,16 +292,7 @@ expect = "warned"
 #[test]
 fn unknown_package_attribute_is_one_clear_line() {
     let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let scratch = tempfile::tempdir().unwrap();
-    for d in ["boards", "profiles", "kernel-configs", "nix", "examples"] {
-        let status = Command::new("cp")
-            .arg("-r")
-            .arg(root().join(d))
-            .arg(scratch.path())
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
+    let scratch = common::scratch_repo();
     std::fs::write(
         scratch.path().join("profiles/minimal.toml"),
         "description = \"x\"\ninherit = [\"base\"]\npackages = [\"no-such-package\"]\n",
@@ -760,16 +735,7 @@ fn size_map_renders_in_chromium_and_boot_chart_is_drawn() {
 #[test]
 fn new_board_from_the_default_builds_and_boots() {
     let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let scratch = tempfile::tempdir().unwrap();
-    for d in ["boards", "profiles", "kernel-configs", "nix", "examples"] {
-        let status = Command::new("cp")
-            .arg("-r")
-            .arg(root().join(d))
-            .arg(scratch.path())
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
+    let scratch = common::scratch_repo();
     let run = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
             .args(args)

@@ -10,6 +10,8 @@
 //! to build, fail to evaluate or hard-code a store path come from a wrapper around the
 //! scratch copy's offline package set (see `with_test_packages`).
 
+mod common;
+
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -32,16 +34,7 @@ struct Scratch {
 
 impl Scratch {
     fn new() -> Scratch {
-        let dir = tempfile::tempdir().unwrap();
-        for d in ["boards", "profiles", "kernel-configs", "nix", "examples"] {
-            let status = Command::new("cp")
-                .arg("-r")
-                .arg(repo().join(d))
-                .arg(dir.path())
-                .status()
-                .unwrap();
-            assert!(status.success(), "copying {d}");
-        }
+        let dir = common::scratch_repo();
         Scratch { dir }
     }
 

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 mod common;
-use common::{require, root};
+use common::require;
 
 const BOARD: &str = "qemu-x86_64";
 
@@ -25,16 +25,7 @@ struct Scratch {
 
 impl Scratch {
     fn new() -> Scratch {
-        let dir = tempfile::tempdir().unwrap();
-        for d in ["boards", "profiles", "kernel-configs", "nix", "examples"] {
-            let status = Command::new("cp")
-                .arg("-r")
-                .arg(root().join(d))
-                .arg(dir.path())
-                .status()
-                .unwrap();
-            assert!(status.success(), "copying {d}");
-        }
+        let dir = common::scratch_repo();
         Scratch { dir }
     }
 

@@ -7,6 +7,8 @@
 //! Needs Nix, GNU cpio and python3's jsonschema (installed by `cargo xtask test`); fails,
 //! never skips, without them.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -66,24 +68,6 @@ fn bonsai(system: &str, request: &str) -> String {
     format!(
         r#"import ./bonsai.nix {{ source = "nixpkgs"; nixpkgs = ./tests/nixpkgs-fixture; system = "{system}"; hostSystem = "x86_64-linux"; request = ''{request}''; }}"#
     )
-}
-
-/// A scratch repository root (BONSAI_ROOT) holding copies of the data folders.
-fn scratch_root() -> tempfile::TempDir {
-    let d = tempfile::tempdir().unwrap();
-    for sub in ["boards", "profiles", "kernel-configs", "nix", "examples"] {
-        if !root().join(sub).exists() {
-            continue;
-        }
-        let st = Command::new("cp")
-            .arg("-r")
-            .arg(root().join(sub))
-            .arg(d.path())
-            .status()
-            .unwrap();
-        assert!(st.success());
-    }
-    d
 }
 
 fn xtask(root: &Path, args: &[&str]) -> Output {
@@ -272,7 +256,7 @@ fn the_minimum_nix_gate_is_checked_first_with_a_way_past_it() {
     .last()
     .unwrap()
     .to_string();
-    let scratch = scratch_root();
+    let scratch = common::scratch_repo();
     let out_dir = scratch.path().join("o");
     let nixpkgs = copy.display().to_string();
     for args in [
@@ -326,7 +310,7 @@ const GLUE_PROFILE: &str = "description = \"glue test: busybox, hello, execline\
 fn fixture_image() -> &'static Image {
     static IMAGE: OnceLock<Image> = OnceLock::new();
     IMAGE.get_or_init(|| {
-        let scratch = scratch_root().keep();
+        let scratch = common::scratch_repo().keep();
         std::fs::write(scratch.join("profiles/glue.toml"), GLUE_PROFILE).unwrap();
         let out = scratch.join("out-fixture");
         let o = xtask(
@@ -585,7 +569,7 @@ fn the_kernel_is_the_fixture_image_built_from_the_merged_config() {
 
 #[test]
 fn a_dropped_kernel_option_stops_a_build_through_nixpkgs() {
-    let scratch = scratch_root();
+    let scratch = common::scratch_repo();
     let frag = scratch.path().join("kernel-configs/qemu-x86_64.config");
     let mut text = std::fs::read_to_string(&frag).unwrap();
     text.push_str("CONFIG_FIXTURE_UNSUPPORTED=y\n");
@@ -648,7 +632,7 @@ fn invalid(paths: &[String]) -> std::collections::BTreeSet<String> {
 
 #[test]
 fn eval_of_every_shipped_board_forbids_ifd_and_builds_nothing() {
-    let scratch = scratch_root();
+    let scratch = common::scratch_repo();
     // A fresh kernel config for each board: its config and kernel cannot be in the store yet,
     // so a build (or an import from derivation) during eval would show as a new valid path.
     let nonce = format!(
@@ -736,7 +720,7 @@ fn eval_fails_on_an_import_from_derivation() {
         Ok(serde_json::json!(true)),
         "the IFD probe does not evaluate when allowed"
     );
-    let scratch = scratch_root();
+    let scratch = common::scratch_repo();
     std::fs::write(
         scratch.path().join("profiles/ifd.toml"),
         "description = \"an import from derivation\"\npackages = [\"busybox\", \"fixtureIfd\"]\ninit = \"busybox\"\n",
@@ -764,7 +748,7 @@ fn eval_fails_on_an_import_from_derivation() {
 
 #[test]
 fn eval_through_the_fixture_names_split_and_cross_outputs() {
-    let scratch = scratch_root();
+    let scratch = common::scratch_repo();
     std::fs::write(
         scratch.path().join("profiles/glue.toml"),
         "description = \"glue\"\npackages = [\"busybox\", \"execline\", \"pkgsStatic.busybox\"]\ninit = \"busybox\"\n",
@@ -846,7 +830,7 @@ fn test_nixpkgs_that_cannot_be_fetched_is_one_line() {
 
 #[test]
 fn a_prebuilt_kernel_package_is_evaluated_and_built_without_a_config_step() {
-    let scratch = scratch_root();
+    let scratch = common::scratch_repo();
     let board = std::fs::read_to_string(scratch.path().join("boards/qemu-x86_64.toml")).unwrap();
     let board = board
         .replace("base = \"tinyconfig\"\n", "package = \"linux\"\n")
@@ -1004,7 +988,7 @@ fn write_overlay_profile(root: &Path) {
 
 #[test]
 fn profile_overlays_apply_in_order_to_the_offline_set_and_to_nixpkgs() {
-    let scratch = scratch_root();
+    let scratch = common::scratch_repo();
     write_overlay_profile(scratch.path());
     let fixture = fixture().display().to_string();
     for extra in [vec![], vec!["--nixpkgs", fixture.as_str()]] {
@@ -1034,7 +1018,7 @@ fn profile_overlays_apply_in_order_to_the_offline_set_and_to_nixpkgs() {
 
 #[test]
 fn a_file_that_is_not_an_overlay_is_a_one_line_error() {
-    let scratch = scratch_root();
+    let scratch = common::scratch_repo();
     write_overlay_profile(scratch.path());
     for (text, what) in [
         ("{ teamVersion = \"3\"; }\n", "is not a function"),

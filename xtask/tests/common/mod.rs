@@ -114,3 +114,22 @@ pub fn check_schema(command: &str, json: &str) -> Result<(), String> {
         Err(report)
     }
 }
+
+/// The repository's data folders, which a build reads through `BONSAI_ROOT`.
+pub const DATA_DIRS: &[&str] = &["boards", "profiles", "kernel-configs", "nix", "examples"];
+
+/// A fresh temporary folder holding copies of [`DATA_DIRS`]: a repository root (for
+/// `BONSAI_ROOT`) a test may change without touching the real one.
+pub fn scratch_repo() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for d in DATA_DIRS {
+        let status = Command::new("cp")
+            .arg("-r")
+            .arg(root().join(d))
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "copying {d}");
+    }
+    dir
+}
