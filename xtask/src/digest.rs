@@ -9,6 +9,11 @@ use sha2::{Digest, Sha256};
 
 pub use rootfs::hex;
 
+/// The SHA-256 of `data`, in hex.
+pub fn sha256_bytes(data: &[u8]) -> String {
+    hex(&Sha256::digest(data))
+}
+
 /// The SHA-256 of the file at `p`, in hex, read in 64 KiB pieces.
 pub fn sha256_file(p: &Path) -> Result<String> {
     let mut f = fs::File::open(p).with_context(|| format!("opening {}", p.display()))?;

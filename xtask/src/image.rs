@@ -9,7 +9,7 @@
 //! `SOURCE_DATE_EPOCH`.
 
 use std::fs;
-use std::io::{Seek, SeekFrom, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 
 use crate::build::{Build, BuildInfo};
 use crate::config::{Arch, Board, Config, DiskConfig, DiskLayout};
+use crate::digest::sha256_bytes;
 use crate::{project_root, ui};
 
 #[derive(Args, Debug, Default)]
@@ -117,7 +118,7 @@ pub fn efi_loader(root: &Path, arch: Arch) -> Result<(Vec<u8>, LoaderInfo)> {
     }
     let file = tmp.path().join(inside);
     let bytes = fs::read(&file).with_context(|| format!("{}: no {inside} in it", deb.display()))?;
-    let sha256 = crate::digest::hex(&Sha256::digest(&bytes));
+    let sha256 = sha256_bytes(&bytes);
     Ok((
         bytes,
         LoaderInfo {
@@ -139,10 +140,6 @@ pub fn slot_cmdline(board: &Board, slot: &str) -> String {
     }
     c.push_str(&format!(" bonsai.slot={slot}"));
     c
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    crate::digest::hex(&Sha256::digest(data))
 }
 
 /// The files of one build, as a slot boots them.
@@ -292,23 +289,14 @@ pub fn write_disk(
         });
     }
     f.flush()?;
-    f.seek(SeekFrom::Start(0))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = std::io::Read::read(f, &mut buf).context("hashing the disk image")?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
     f.sync_all().context("writing the disk image")?;
+    let image_sha256 = crate::digest::sha256_file(tmp.path())?;
     let info = DiskInfo {
         board: board.name.clone(),
         layout: layout_name(disk.layout).into(),
         file: DISK_IMG.into(),
         size: layout.size,
-        sha256: crate::digest::hex(&h.finalize()),
+        sha256: image_sha256,
         disk_guid: layout.disk_guid.clone(),
         source_date_epoch: build.source_date_epoch,
         loader: loader_info,
@@ -320,9 +308,9 @@ pub fn write_disk(
             profile: build.profile.clone(),
             init: build.init.clone(),
             cmdline: cmdline.clone(),
-            kernel_sha256: sha256_hex(&files.kernel),
-            initrd_sha256: sha256_hex(&files.initrd),
-            dtb_sha256: files.dtb.as_deref().map(sha256_hex),
+            kernel_sha256: sha256_bytes(&files.kernel),
+            initrd_sha256: sha256_bytes(&files.initrd),
+            dtb_sha256: files.dtb.as_deref().map(sha256_bytes),
         }],
     };
     let mut json = serde_json::to_string_pretty(&info)?;
@@ -356,8 +344,8 @@ pub fn ensure_disk(root: &Path, board: &Board, out: &Path, build: &BuildInfo) ->
     let current = read_info(out).ok().filter(|d| {
         out.join(DISK_IMG).is_file()
             && d.slots.first().is_some_and(|s| {
-                s.kernel_sha256 == sha256_hex(&files.kernel)
-                    && s.initrd_sha256 == sha256_hex(&files.initrd)
+                s.kernel_sha256 == sha256_bytes(&files.kernel)
+                    && s.initrd_sha256 == sha256_bytes(&files.initrd)
             })
     });
     if let Some(d) = current {
