@@ -300,6 +300,32 @@ pub fn set_options<T: Read + Write + Seek>(
     Ok(changed)
 }
 
+/// Writes `slot` into the ESP of the disk `disk` (any GPT disk with one): its files, then its
+/// entry ([`write_slot`]). How a host puts a release into the slot that is not running.
+pub fn update_slot<T: Read + Write + Seek>(disk: &mut T, slot: &Slot, epoch: u64) -> Result<()> {
+    let esp = find_esp(disk)?;
+    let part = Part::new(disk, esp.offset, esp.size).map_err(Error::io("the ESP"))?;
+    let mut v = Volume::open(part, epoch, "the ESP")?;
+    write_slot(&mut v, slot)?;
+    v.close()?;
+    disk.flush().map_err(Error::io("writing the disk"))
+}
+
+/// The bonsai entry files under `loader/entries/` of the disk `disk`, sorted by name: their
+/// names carry the boot counters as the boot loader and the running system left them.
+pub fn entries<T: Read + Write + Seek>(disk: &mut T, epoch: u64) -> Result<Vec<String>> {
+    let esp = find_esp(disk)?;
+    let part = Part::new(disk, esp.offset, esp.size).map_err(Error::io("the ESP"))?;
+    let v = Volume::open(part, epoch, "the ESP")?;
+    let mut names: Vec<String> = v
+        .list(ENTRIES)?
+        .into_iter()
+        .filter(|f| EntryName::parse(f).is_some_and(|e| e.id.starts_with("bonsai-")))
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
 /// The SHA-256 (hex) of a partition's bytes.
 pub fn partition_sha256<T: Read + Seek>(disk: &mut T, p: &Partition) -> Result<String> {
     disk.seek(SeekFrom::Start(p.offset))

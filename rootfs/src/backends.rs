@@ -184,7 +184,7 @@ fn setup_script(sys: &System) -> String {
             sh_words(cmd).replace('"', "")
         );
     }
-    s.push_str("exit 0\n");
+    s.push_str("/etc/bonsai/slot\nexit 0\n");
     s
 }
 
@@ -365,6 +365,8 @@ if [ -z "$services_up" ]; then
 	[ -r /run/bonsai/services-up ] && read -r services_up </run/bonsai/services-up
 fi
 printf 'BONSAI-SERVICES-UP %s %s\n' "${nonce:-none}" "$services_up" >/dev/console
+# A boot from a disk slot: health checks, then blessing (or a reboot, for a failed trial).
+/etc/bonsai/health "${nonce:-none}"
 # bonsai.hold=1: stay up without a console shell (the host logs in over SSH).
 grep -q 'bonsai.hold=1' /proc/cmdline && exec sleep 2147483647
 if [ -n "$check" ]; then
@@ -380,6 +382,192 @@ echo "bonsai: $(hostname) is up ($(cat /etc/bonsai/init-name)); leave the shell 
 setsid cttyhack sh -l
 exec /etc/bonsai/shutdown poweroff
 "#,
+    );
+    s
+}
+
+/// The GPT name of the EFI system partition that holds the slots' boot entries (the `disk`
+/// crate's `ESP_NAME`): the health step finds it through the kernel's `PARTNAME`.
+pub const ESP_PARTNAME: &str = "esp";
+
+/// `/etc/bonsai/slot`, the last setup step: a boot from a disk slot (`bonsai.slot=` on the
+/// kernel command line) notes its slot in `/run/bonsai/slot` and starts the watchdog petter.
+/// The petter pets every second until the trial deadline and after it only once the health
+/// step has finished (`/run/bonsai/healthy`): a boot that hangs before then is reset by the
+/// watchdog, so the boot loader's counter still runs down.
+fn slot_script(sys: &System) -> String {
+    let deadline_s = sys.health.trial_deadline_ms.div_ceil(1000);
+    format!(
+        r#"#!/bin/sh
+# bonsai: the slot of a boot from disk, and its watchdog (the last setup step)
+export PATH=/bin
+slot=
+for w in $(cat /proc/cmdline); do
+	case "$w" in
+	bonsai.slot=*) slot=${{w#bonsai.slot=}} ;;
+	esac
+done
+[ -n "$slot" ] || exit 0
+echo "$slot" >/run/bonsai/slot
+if [ ! -c /dev/watchdog ]; then
+	echo "bonsai: slot $slot: no /dev/watchdog, so a hang is not caught" >/dev/console
+	exit 0
+fi
+setsid sh -c '
+deadline=$1
+exec 3>/dev/watchdog || exit 0
+trap "printf V >&3; exit 0" TERM INT
+stopped=
+while :; do
+	read -r up _ </proc/uptime
+	if [ -e /run/bonsai/healthy ] || [ "${{up%.*}}" -lt "$deadline" ]; then
+		printf . >&3
+	elif [ -z "$stopped" ]; then
+		stopped=1
+		echo "bonsai: not healthy at the trial deadline ($deadline s after the kernel started): the watchdog resets the machine" >/dev/console
+	fi
+	sleep 1
+done' bonsai-watchdog {deadline_s} </dev/null >/dev/null 2>&1 &
+exit 0
+"#
+    )
+}
+
+/// `/etc/bonsai/health`, run by the harness once every service is up, on a boot from a disk
+/// slot only. It prints what it finds as raw lines for the host (`BONSAI-ENTRY`, `BONSAI-SLOT`,
+/// `BONSAI-HEALTH`, `BONSAI-BLESSED`, `BONSAI-HEALTH-REBOOT`, `BONSAI-NO-GOOD-SLOT`), and:
+/// - runs each `[health.checks]` command until it passes or its deadline (from now) passes;
+/// - all passed: blesses a trial boot, the one atomic step systemd-boot understands (the entry
+///   `bonsai-<slot>+L-D.conf` is renamed `bonsai-<slot>.conf`);
+/// - one failed on a trial: reboots at once (a try used up); on the last try of the last slot
+///   left (its entry at `+0`, no other slot good), stays up unblessed instead of looping;
+/// - says when the slot runs because a newer one used up its tries (a rollback).
+fn health_script(sys: &System, busybox: &str) -> String {
+    let mut s = format!(
+        r#"#!/bin/sh
+# bonsai: health checks of a boot from a disk slot, then blessing or a reboot
+export PATH=/bin
+nonce=${{1:-none}}
+[ -r /run/bonsai/slot ] || exit 0
+read -r slot </run/bonsai/slot
+# uptime in milliseconds
+ms() {{ read -r u _ </proc/uptime; u=${{u%.*}}${{u#*.}}0; u=${{u#${{u%%[1-9]*}}}}; echo "${{u:-0}}"; }}
+esp=/run/bonsai/esp
+dev=
+for u in /sys/class/block/*/uevent; do
+	grep -qx 'PARTNAME={ESP_PARTNAME}' "$u" 2>/dev/null || continue
+	dev=/dev/$(sed -n 's/^DEVNAME=//p' "$u")
+	break
+done
+mkdir -p "$esp"
+if [ -z "$dev" ] || ! mount -t vfat "$dev" "$esp"; then
+	echo "bonsai: slot $slot: cannot mount the EFI system partition (${{dev:-no partition named {ESP_PARTNAME}}}): nothing to bless" >/dev/console
+	: >/run/bonsai/healthy
+	exit 0
+fi
+entries=$esp/loader/entries
+own=
+ownv=
+for f in "$entries"/bonsai-*.conf; do
+	[ -e "$f" ] || continue
+	n=${{f##*/}}
+	v=$(sed -n 's/^version //p' "$f")
+	printf 'BONSAI-ENTRY %s %s %s\n' "$nonce" "$n" "$v" >/dev/console
+	case "$n" in
+	"bonsai-$slot.conf" | "bonsai-$slot+"*) own=$n ownv=$v ;;
+	esac
+done
+case "$own" in
+"") state=missing ;;
+*+0-*.conf | *+0.conf) state=bad ;;
+*+*) state=trial ;;
+*) state=blessed ;;
+esac
+printf 'BONSAI-SLOT %s %s %s %s\n' "$nonce" "$slot" "${{own:-none}}" "$state" >/dev/console
+gen=${{ownv%%-*}}
+case "$gen" in '' | *[!0-9]*) gen=0 ;; esac
+other_good=
+for f in "$entries"/bonsai-*.conf; do
+	[ -e "$f" ] || continue
+	n=${{f##*/}}
+	[ "$n" = "$own" ] && continue
+	case "$n" in
+	*+0-*.conf | *+0.conf)
+		v=$(sed -n 's/^version //p' "$f")
+		g=${{v%%-*}}
+		case "$g" in '' | *[!0-9]*) continue ;; esac
+		o=${{n#bonsai-}}
+		[ "$g" -gt "$gen" ] && echo "bonsai: rolled back: slot ${{o%%+*}} (version ${{v#*-}}) used up its boot tries; running slot $slot (version ${{ownv#*-}})" >/dev/console
+		;;
+	*) other_good=$n ;;
+	esac
+done
+# health checks: each deadline counts from here, when every service is up
+t0=$(ms)
+failed=
+health() {{
+	name=$1
+	deadline=$2
+	shift 2
+	n=0
+	while :; do
+		n=$((n + 1))
+		left=$((deadline - ($(ms) - t0)))
+		[ "$left" -lt 1 ] && left=1
+		if timeout $(((left + 999) / 1000)) "$@" >"/run/bonsai/health.$name" 2>&1; then
+			printf 'BONSAI-HEALTH %s %s pass %s %s\n' "$nonce" "$name" "$n" "$(($(ms) - t0))" >/dev/console
+			return 0
+		fi
+		if [ $(($(ms) - t0)) -ge "$deadline" ]; then
+			printf 'BONSAI-HEALTH %s %s fail %s %s\n' "$nonce" "$name" "$n" "$(($(ms) - t0))" >/dev/console
+			echo "bonsai: health check $name failed $n times in $deadline ms: $(tail -n 1 "/run/bonsai/health.$name")" >/dev/console
+			return 1
+		fi
+		usleep 200000
+	done
+}}
+"#
+    );
+    for c in &sys.health.checks {
+        let _ = writeln!(
+            s,
+            "health {} {} {} || failed=\"$failed {}\"",
+            c.name,
+            c.deadline_ms,
+            sh_words(&c.argv),
+            c.name
+        );
+    }
+    let _ = write!(
+        s,
+        r#"# the verdict
+if [ -z "$failed" ]; then
+	case "$state" in
+	trial | bad)
+		if mv "$entries/$own" "$entries/bonsai-$slot.conf" && sync; then
+			printf 'BONSAI-BLESSED %s %s bonsai-%s.conf\n' "$nonce" "$own" "$slot" >/dev/console
+			echo "bonsai: slot $slot (version ${{ownv#*-}}) is healthy: blessed" >/dev/console
+		else
+			echo "bonsai: slot $slot: renaming $own failed: not blessed" >/dev/console
+		fi
+		;;
+	*) echo "bonsai: slot $slot (version ${{ownv#*-}}) is healthy" >/dev/console ;;
+	esac
+elif [ "$state" = trial ] || {{ [ "$state" = bad ] && [ -n "$other_good" ]; }}; then
+	printf 'BONSAI-HEALTH-REBOOT %s %s\n' "$nonce" "$own" >/dev/console
+	echo "bonsai: slot $slot failed its health checks ($failed ): rebooting at once" >/dev/console
+	umount "$esp"
+	exec {busybox}/bin/busybox reboot -f
+elif [ "$state" = bad ]; then
+	printf 'BONSAI-NO-GOOD-SLOT %s %s\n' "$nonce" "$slot" >/dev/console
+	echo "bonsai: no good slot: slot $slot failed its health checks on its last try and no other slot is left; staying up on it, unblessed" >/dev/console
+else
+	echo "bonsai: slot $slot failed its health checks ($failed ) but is not on trial: staying up" >/dev/console
+fi
+umount "$esp"
+: >/run/bonsai/healthy
+exit 0
+"#
     );
     s
 }
@@ -507,6 +695,7 @@ fn init_json(sys: &System) -> String {
             .to_vec(),
     );
     setup.extend(sys.network.iter().cloned());
+    setup.push(vec!["/etc/bonsai/slot".into()]);
     let services = sys
         .services
         .iter()
@@ -593,6 +782,8 @@ pub fn render(tree: &mut Tree, sys: &System, inputs: &InitInputs) -> Result<()> 
         exe("etc/bonsai/setup", setup_script(sys)),
         exe("etc/bonsai/oneshots", oneshots_script(sys)),
         exe("etc/bonsai/harness", harness_script(sys, backend != Backend::BonsaiInit)),
+        exe("etc/bonsai/slot", slot_script(sys)),
+        exe("etc/bonsai/health", health_script(sys, &inputs.busybox)),
         exe("etc/bonsai/shutdown", shutdown_script(sys, backend)),
         exe("etc/bonsai/final", FINAL.to_string()),
         ("etc/bonsai/init-name".into(), file(format!("{}\n", backend.name()), 0o644)),
@@ -803,12 +994,7 @@ mod tests {
 
     #[test]
     fn every_backend_renders_its_pid1_and_the_shared_scripts() {
-        for b in [
-            Backend::Busybox,
-            Backend::Runit,
-            Backend::S6,
-            Backend::BonsaiInit,
-        ] {
+        for b in ALL {
             let mut t = Tree::new();
             render(&mut t, &system(), &inputs(b)).unwrap();
             assert!(t.contains("init"), "{b:?}");
@@ -835,6 +1021,117 @@ mod tests {
         );
     }
 
+    const ALL: [Backend; 4] = [
+        Backend::Busybox,
+        Backend::Runit,
+        Backend::S6,
+        Backend::BonsaiInit,
+    ];
+
+    fn text(t: &Tree, path: &str) -> String {
+        match t.get(path) {
+            Some(Node {
+                kind:
+                    crate::tree::NodeKind::File {
+                        source: Source::Bytes(b),
+                    },
+                ..
+            }) => String::from_utf8(b.clone()).unwrap(),
+            _ => panic!("no file {path}"),
+        }
+    }
+
+    /// Slot, watchdog and health are one description on every backend: the same two scripts,
+    /// the slot step run at setup (by the shell setup or by bonsai-init's setup commands), the
+    /// health step run by the shared harness once services are up.
+    #[test]
+    fn every_backend_runs_the_same_slot_watchdog_and_health_steps() {
+        let mut spec = SystemSpec::default();
+        spec.health = serde_json::from_str(
+            r#"{"trial-deadline-ms": 20500, "checks": {"net": {"command": ["/bin/ping", "-c", "1", "10.0.2.2"], "deadline-ms": 4000}}}"#,
+        )
+        .unwrap();
+        let sys = validate(&spec, "h", &|_| true).unwrap();
+        let mut rendered = Vec::new();
+        for b in ALL {
+            let mut t = Tree::new();
+            render(&mut t, &sys, &inputs(b)).unwrap();
+            let slot = text(&t, "etc/bonsai/slot");
+            let health = text(&t, "etc/bonsai/health");
+            // The petter's deadline in whole seconds, rounded up; the check with its deadline.
+            assert!(slot.contains("bonsai-watchdog 21 "), "{slot}");
+            assert!(
+                health
+                    .contains("health net 4000 /bin/ping -c 1 10.0.2.2 || failed=\"$failed net\""),
+                "{health}"
+            );
+            assert!(
+                health.contains("/bin/busybox reboot -f"),
+                "{b:?}: not the forced reboot"
+            );
+            assert!(
+                text(&t, "etc/bonsai/harness").contains("/etc/bonsai/health \"${nonce:-none}\"")
+            );
+            match b {
+                Backend::BonsaiInit => {
+                    let json: serde_json::Value =
+                        serde_json::from_str(&text(&t, "etc/bonsai/init.json")).unwrap();
+                    let setup = json["setup"].as_array().unwrap();
+                    assert_eq!(
+                        setup.last().unwrap(),
+                        &serde_json::json!(["/etc/bonsai/slot"])
+                    );
+                }
+                _ => assert!(text(&t, "etc/bonsai/setup").ends_with("/etc/bonsai/slot\nexit 0\n")),
+            }
+            rendered.push((slot, health));
+        }
+        assert!(
+            rendered.windows(2).all(|w| w[0] == w[1]),
+            "the scripts differ between backends"
+        );
+    }
+
+    #[test]
+    fn health_checks_need_a_program_and_a_deadline_inside_the_trial() {
+        let check = |json: &str, exists: &dyn Fn(&str) -> bool| {
+            let mut spec = SystemSpec::default();
+            spec.health = serde_json::from_str(json).unwrap();
+            validate(&spec, "h", exists).map(|s| s.health)
+        };
+        let h = check(r#"{"checks": {"a": {"command": ["/bin/true"]}}}"#, &|_| {
+            true
+        })
+        .unwrap();
+        assert_eq!(
+            h.trial_deadline_ms,
+            crate::system::DEFAULT_TRIAL_DEADLINE_MS
+        );
+        assert_eq!(h.checks[0].deadline_ms, 10_000);
+        assert_eq!(
+            check(r#"{"checks": {"a": {"command": ["/bin/nope"]}}}"#, &|p| p
+                != "/bin/nope")
+            .unwrap_err(),
+            "health.checks.a.command: program '/bin/nope' is not in the image"
+        );
+        assert_eq!(
+            check(r#"{"checks": {"a": {"command": []}}}"#, &|_| true).unwrap_err(),
+            "health.checks.a.command: empty"
+        );
+        assert_eq!(
+            check(
+                r#"{"trial-deadline-ms": 5000, "checks": {"a": {"command": ["/bin/true"], "deadline-ms": 5000}}}"#,
+                &|_| true
+            )
+            .unwrap_err(),
+            "health.checks.a.deadline-ms: 5000 must be above 0 and below the trial deadline (5000 ms)"
+        );
+        assert_eq!(
+            check(r#"{"trial-deadline-ms": 10}"#, &|_| true).unwrap_err(),
+            "health.trial-deadline-ms: 10 is outside 1000..=3600000"
+        );
+    }
+
     /// Each stop hook has one owner: the shared shutdown script under the shell-driven
     /// backends (newest service first), bonsai-init itself under bonsai-init.
     #[test]
@@ -849,22 +1146,7 @@ mod tests {
             spec.services.insert(name.into(), svc);
         }
         let sys = validate(&spec, "host", &|_| true).unwrap();
-        let text = |t: &Tree, path: &str| match t.get(path) {
-            Some(Node {
-                kind:
-                    crate::tree::NodeKind::File {
-                        source: Source::Bytes(b),
-                    },
-                ..
-            }) => String::from_utf8(b.clone()).unwrap(),
-            _ => panic!("no {path}"),
-        };
-        for b in [
-            Backend::Busybox,
-            Backend::Runit,
-            Backend::S6,
-            Backend::BonsaiInit,
-        ] {
+        for b in ALL {
             let mut t = Tree::new();
             render(&mut t, &sys, &inputs(b)).unwrap();
             let script = text(&t, "etc/bonsai/shutdown");

@@ -27,6 +27,15 @@ pub enum Fault {
     Unordered,
     /// s6's `/init` runs `s6-svscan` as its child instead of exec'ing it: PID 1 stays the shell.
     NoExecInit,
+    /// A release whose `/init` exits at once, so the kernel panics (any backend): for the A/B
+    /// test's bad release.
+    InitExits,
+    /// A release whose health check fails (an extra check that always fails).
+    HealthFails,
+    /// A release that hangs after its services are up, before its health step finishes.
+    Hang,
+    /// The health step says it blessed a trial but leaves the entry as it is.
+    NoBless,
 }
 
 pub const FAULTS: &[(&str, Fault)] = &[
@@ -39,6 +48,19 @@ pub const FAULTS: &[(&str, Fault)] = &[
     ("no-tmp", Fault::NoTmp),
     ("unordered", Fault::Unordered),
     ("no-exec-init", Fault::NoExecInit),
+    ("init-exits", Fault::InitExits),
+    ("health-fails", Fault::HealthFails),
+    ("hang", Fault::Hang),
+    ("no-bless", Fault::NoBless),
+];
+
+/// The faults of the A/B test's releases (and of its own negative test): `all` leaves them out,
+/// since they break whole releases rather than one behaviour the conformance suite checks.
+const RELEASE_FAULTS: &[Fault] = &[
+    Fault::InitExits,
+    Fault::HealthFails,
+    Fault::Hang,
+    Fault::NoBless,
 ];
 
 /// Parses a comma-separated list (`all` for every fault).
@@ -46,7 +68,12 @@ pub fn parse(list: &str) -> Result<Vec<Fault>, String> {
     let mut out = Vec::new();
     for w in list.split(',').map(str::trim).filter(|w| !w.is_empty()) {
         if w == "all" {
-            out.extend(FAULTS.iter().map(|(_, f)| *f));
+            out.extend(
+                FAULTS
+                    .iter()
+                    .map(|(_, f)| *f)
+                    .filter(|f| !RELEASE_FAULTS.contains(f)),
+            );
             continue;
         }
         match FAULTS.iter().find(|(n, _)| *n == w) {
@@ -67,6 +94,19 @@ pub fn parse(list: &str) -> Result<Vec<Fault>, String> {
 pub fn apply(files: &mut Vec<(String, Node)>, faults: &[Fault]) {
     if faults.is_empty() {
         return;
+    }
+    if faults.contains(&Fault::InitExits) {
+        files.retain(|(p, _)| p != "init");
+        files.push((
+            "init".into(),
+            Node::file(
+                Source::Bytes(
+                    b"#!/bin/sh\necho 'bonsai: fault init-exits: this /init exits at once'\nexit 1\n"
+                        .to_vec(),
+                ),
+                0o755,
+            ),
+        ));
     }
     if faults.contains(&Fault::TermOnly) {
         files.retain(|(p, _)| !(p.starts_with("etc/service/") && p.contains("/control/")));
@@ -195,6 +235,18 @@ fn edit(path: &str, t: &str, fault: Fault) -> String {
             }
         }),
         Fault::NoExecInit if path == "init" => t.replace("exec s6-svscan ", "s6-svscan "),
+        Fault::HealthFails if path == "etc/bonsai/health" => t.replace(
+            "# the verdict\n",
+            "health fault 1000 /bin/sh -c 'echo fault health-fails: this check always fails; exit 1' || failed=\"$failed fault\"\n# the verdict\n",
+        ),
+        Fault::NoBless if path == "etc/bonsai/health" => t.replace(
+            "if mv \"$entries/$own\" \"$entries/bonsai-$slot.conf\" && sync; then",
+            "if true; then",
+        ),
+        Fault::Hang if path == "etc/bonsai/health" => t.replace(
+            "# health checks: ",
+            "echo 'bonsai: fault hang: this release hangs before its health checks' >/dev/console\nsleep 2147483647\n# health checks: ",
+        ),
         _ => t.to_string(),
     }
 }

@@ -228,6 +228,82 @@ pub struct SystemSpec {
     pub setup: SetupSpec,
     pub users: BTreeMap<String, UserSpec>,
     pub groups: BTreeMap<String, GroupSpec>,
+    pub health: HealthSpec,
+}
+
+/// `[health]`: what a boot from a disk slot must pass before a trial boot is blessed. Services
+/// up always counts; these commands come on top.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct HealthSpec {
+    /// From the kernel's start: a trial boot not healthy by then is ended by the watchdog.
+    pub trial_deadline_ms: Option<u64>,
+    /// `[health.checks.<name>]`.
+    #[serde(default)]
+    pub checks: BTreeMap<String, HealthCheckSpec>,
+}
+
+/// `[health.checks.<name>]`: a command that must exit 0 within its deadline.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct HealthCheckSpec {
+    /// argv; the program is a store path or a name found in /bin.
+    pub command: Vec<String>,
+    /// From services up; the command is tried again until it passes or the deadline passes.
+    #[serde(default = "default_health_deadline")]
+    pub deadline_ms: u64,
+}
+
+fn default_health_deadline() -> u64 {
+    10_000
+}
+
+/// The trial deadline when `[health]` does not set one.
+pub const DEFAULT_TRIAL_DEADLINE_MS: u64 = 30_000;
+
+/// The validated `[health]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    pub trial_deadline_ms: u64,
+    /// In name order.
+    pub checks: Vec<HealthCheck>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub name: String,
+    pub argv: Vec<String>,
+    pub deadline_ms: u64,
+}
+
+fn health(spec: &HealthSpec, program_exists: &dyn Fn(&str) -> bool) -> Result<Health, String> {
+    let trial_deadline_ms = spec.trial_deadline_ms.unwrap_or(DEFAULT_TRIAL_DEADLINE_MS);
+    if !(1000..=3_600_000).contains(&trial_deadline_ms) {
+        return Err(format!(
+            "health.trial-deadline-ms: {trial_deadline_ms} is outside 1000..=3600000"
+        ));
+    }
+    let mut checks = Vec::new();
+    for (name, c) in &spec.checks {
+        check_name(name, "health.checks")?;
+        let key = format!("health.checks.{name}");
+        check_program(&key, &c.command, program_exists)?;
+        if c.deadline_ms == 0 || c.deadline_ms >= trial_deadline_ms {
+            return Err(format!(
+                "{key}.deadline-ms: {} must be above 0 and below the trial deadline ({trial_deadline_ms} ms)",
+                c.deadline_ms
+            ));
+        }
+        checks.push(HealthCheck {
+            name: name.clone(),
+            argv: c.command.clone(),
+            deadline_ms: c.deadline_ms,
+        });
+    }
+    Ok(Health {
+        trial_deadline_ms,
+        checks,
+    })
 }
 
 // ------------------------------------------------------------------ validated form
@@ -294,6 +370,7 @@ pub struct System {
     pub network: Vec<Vec<String>>,
     pub users: Vec<User>,
     pub groups: Vec<(String, u32)>,
+    pub health: Health,
 }
 
 impl System {
@@ -335,6 +412,7 @@ pub fn validate(
     let steps = setup_steps(spec, &accounts)?;
     let network = network(spec)?;
     let hostname = hostname(spec, default_hostname)?;
+    let health = health(&spec.health, program_exists)?;
     Ok(System {
         hostname,
         services: order.into_iter().map(|n| services[&n].clone()).collect(),
@@ -342,6 +420,7 @@ pub fn validate(
         network,
         users: accounts.users.into_values().collect(),
         groups: accounts.groups.into_iter().collect(),
+        health,
     })
 }
 
@@ -441,6 +520,23 @@ fn accounts(spec: &SystemSpec) -> Result<Accounts, String> {
     Ok(Accounts { groups, users })
 }
 
+/// `<key>.command` names a program the image has.
+fn check_program(
+    key: &str,
+    command: &[String],
+    program_exists: &dyn Fn(&str) -> bool,
+) -> Result<(), String> {
+    let program = command
+        .first()
+        .ok_or_else(|| format!("{key}.command: empty"))?;
+    if !program_exists(program) {
+        return Err(format!(
+            "{key}.command: program '{program}' is not in the image"
+        ));
+    }
+    Ok(())
+}
+
 /// One `[services.<name>]`, checked and resolved.
 fn service(
     spec: &SystemSpec,
@@ -451,15 +547,7 @@ fn service(
 ) -> Result<Service, String> {
     check_name(name, "services")?;
     let key = format!("services.{name}");
-    let program = s
-        .command
-        .first()
-        .ok_or_else(|| format!("{key}.command: empty"))?;
-    if !program_exists(program) {
-        return Err(format!(
-            "{key}.command: program '{program}' is not in the image"
-        ));
-    }
+    check_program(&key, &s.command, program_exists)?;
     for dep in &s.after {
         if !spec.services.contains_key(dep) {
             return Err(format!("{key}.after: unknown service '{dep}'"));

@@ -319,17 +319,9 @@ pub struct CheckRun {
     pub init_started: Option<f64>,
 }
 
-/// Boots headless, runs the image's checks and judges the console; never fails itself.
-pub fn check_run(
-    board: &Board,
-    out: &Path,
-    info: &BuildInfo,
-    spec: &QemuSpec,
-    timeout: Duration,
-    verbose: bool,
-) -> CheckRun {
-    let checks: Vec<Check> = info
-        .checks
+/// The image's checks as the console protocol runs them.
+pub fn protocol_checks(info: &BuildInfo) -> Vec<Check> {
+    info.checks
         .iter()
         .map(|c| Check {
             name: c.name.clone(),
@@ -341,7 +333,19 @@ pub fn check_run(
             },
             exit: c.exit,
         })
-        .collect();
+        .collect()
+}
+
+/// Boots headless, runs the image's checks and judges the console; never fails itself.
+pub fn check_run(
+    board: &Board,
+    out: &Path,
+    info: &BuildInfo,
+    spec: &QemuSpec,
+    timeout: Duration,
+    verbose: bool,
+) -> CheckRun {
+    let checks = protocol_checks(info);
     let nonce = qemu::protocol::new_nonce();
     let log = out.join("serial.log");
     // Through firmware, the disk's entries carry the command line: this boot's parameters go

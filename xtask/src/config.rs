@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-use rootfs::system::{GroupSpec, ServiceSpec, SetupSpec, SystemSpec, UserSpec};
+use rootfs::system::{GroupSpec, HealthSpec, ServiceSpec, SetupSpec, SystemSpec, UserSpec};
 use rootfs::Compression;
 
 /// The init backends a profile may pick.
@@ -97,6 +97,10 @@ struct RawDisk {
     #[serde(default)]
     firmware_vars: Option<String>,
     firmware_package: String,
+    #[serde(default)]
+    watchdog: Option<String>,
+    #[serde(default)]
+    cmdline: String,
 }
 
 fn default_tries() -> u32 {
@@ -186,6 +190,8 @@ struct RawProfile {
     users: BTreeMap<String, UserSpec>,
     #[serde(default)]
     groups: BTreeMap<String, GroupSpec>,
+    /// What a trial boot from a disk slot must pass before it is blessed.
+    health: Option<HealthSpec>,
     /// Lines the console must show after the checks, in this order, while the system shuts down.
     #[serde(default)]
     shutdown_expect: Vec<String>,
@@ -291,6 +297,11 @@ pub struct DiskConfig {
     pub firmware_code: PathBuf,
     pub firmware_vars: Option<PathBuf>,
     pub firmware_package: String,
+    /// The QEMU watchdog device a boot from the disk gets (`-device <it>`, reset on expiry);
+    /// its Linux driver must be in the kernel.
+    pub watchdog: Option<String>,
+    /// Kernel parameters the slots' entries add to the board's (e.g. the watchdog's timeout).
+    pub cmdline: String,
 }
 
 #[derive(Debug, Clone)]
@@ -645,6 +656,14 @@ impl Config {
             for (k, v) in &raw.groups {
                 system.groups.insert(k.clone(), v.clone());
             }
+            if let Some(h) = &raw.health {
+                if h.trial_deadline_ms.is_some() {
+                    system.health.trial_deadline_ms = h.trial_deadline_ms;
+                }
+                for (k, v) in &h.checks {
+                    system.health.checks.insert(k.clone(), v.clone());
+                }
+            }
             if let Some(setup) = &raw.setup {
                 if setup.hostname.is_some() {
                     system.setup.hostname = setup.hostname.clone();
@@ -852,6 +871,8 @@ fn disk_config(raw: RawDisk, shown: &str) -> Result<DiskConfig> {
         firmware_code: PathBuf::from(raw.firmware_code),
         firmware_vars: raw.firmware_vars.map(PathBuf::from),
         firmware_package: raw.firmware_package,
+        watchdog: raw.watchdog,
+        cmdline: raw.cmdline.trim().to_string(),
     })
 }
 

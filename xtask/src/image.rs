@@ -138,6 +138,10 @@ pub fn slot_cmdline(board: &Board, slot: &str) -> String {
         c.push(' ');
         c.push_str(board.kernel.cmdline.trim());
     }
+    if let Some(d) = board.disk.as_ref().filter(|d| !d.cmdline.is_empty()) {
+        c.push(' ');
+        c.push_str(&d.cmdline);
+    }
     c.push_str(&format!(" bonsai.slot={slot}"));
     c
 }
@@ -371,6 +375,8 @@ pub struct RunDisk {
     pub disk: PathBuf,
     pub vars: PathBuf,
     pub code: PathBuf,
+    /// The board's watchdog device, if it has one.
+    pub watchdog: Option<String>,
 }
 
 impl RunDisk {
@@ -388,6 +394,7 @@ impl RunDisk {
             disk: out.join("disk-run.img"),
             vars: out.join("disk-run-vars.fd"),
             code: cfg.firmware_code.clone(),
+            watchdog: cfg.watchdog.clone(),
         };
         copy(&out.join(DISK_IMG), &run.disk)?;
         match &cfg.firmware_vars {
@@ -405,6 +412,16 @@ impl RunDisk {
             vars: self.vars.clone(),
         });
         spec.drives.insert(0, self.disk.clone());
+        if let Some(w) = &self.watchdog {
+            // On expiry the machine resets; under -no-reboot QEMU then exits, and the next
+            // boot is the next launch.
+            spec.extra_args.extend([
+                "-device".into(),
+                w.clone(),
+                "-action".into(),
+                "watchdog=reset".into(),
+            ]);
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! `cargo xtask`: bonsai's command line. Each command lives in its own module as a struct with
 //! `run`; `main` only parses and dispatches. Paths are anchored at [`project_root`].
 
+pub mod abtest;
 pub mod bench;
 pub mod boot;
 pub mod build;
@@ -66,6 +67,9 @@ pub enum Command {
     Boot(boot::Boot),
     /// Write out/<board>/disk.img (and disk.json): the build on a disk the board's firmware boots
     Image(image::Image),
+    /// A/B slots in QEMU through the firmware: trial boots, blessing, and rollback from a
+    /// release that panics, fails its health check or hangs; prints a scenario x result matrix
+    AbTest(abtest::AbTest),
     /// List boards and profiles, one line each
     List(list::List),
     /// Where the bytes are: closure, kept, stripped and compressed size per store path or file
@@ -144,6 +148,7 @@ pub fn main() -> ExitCode {
         Command::Build(c) => c.run().map(|_| ()),
         Command::Boot(c) => c.run(),
         Command::Image(c) => c.run(),
+        Command::AbTest(c) => c.run(),
         Command::Eval(c) => c.run(),
         Command::List(c) => c.run(),
         Command::Conformance(c) => c.run(),

@@ -18,6 +18,7 @@ pub const SLOW_TEST_TARGETS: &[(&str, &str)] = &[
     ("xtask", "errors"),
     ("xtask", "nix_glue"),
     ("xtask", "disk"),
+    ("xtask", "ab_test"),
 ];
 
 /// The clippy runs of the test command: every crate, and bonsai-init on its own (its

@@ -120,7 +120,10 @@ fn every_json_flag_names_its_schema() {
         with_json.push(name);
     }
     with_json.sort();
-    assert_eq!(with_json, ["diff", "eval", "list", "size", "test-boards"]);
+    assert_eq!(
+        with_json,
+        ["ab-test", "diff", "eval", "list", "size", "test-boards"]
+    );
 }
 
 #[test]

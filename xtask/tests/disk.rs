@@ -169,11 +169,11 @@ fn the_default_board_boots_from_its_disk_through_uefi() {
         .find(|l| l.contains("Command line: "))
         .expect("the kernel's command line on the console");
     assert!(cmdline.contains("bonsai.slot=a"), "{cmdline}");
-    // systemd-boot counted the try on the disk the boot ran on; disk.img is untouched.
-    assert_eq!(
-        entries(&a.join("disk-run.img"), &info),
-        ["bonsai-a+2-1.conf"]
-    );
+    // systemd-boot counted the try (+3 became +2-1 before the kernel started), the trial
+    // passed its health step and the guest blessed it: the disk the boot ran on holds the
+    // entry without a counter. disk.img is untouched.
+    assert_trial_blessed(&log);
+    assert_eq!(entries(&a.join("disk-run.img"), &info), ["bonsai-a.conf"]);
     assert!(bytes == fs::read(&img).unwrap(), "booting changed disk.img");
 
     // A damaged boot loader: the check fails (the firmware finds nothing to boot).
@@ -222,7 +222,9 @@ fn qemu_aarch64_boots_from_its_disk_through_aavmf() {
     assert!(loader.starts_with("MZ"), "BOOTAA64.EFI is not a PE image");
     let print = boot_disk("qemu-aarch64", &out_s, &["--print"]);
     assert!(
-        !print.contains("-kernel") && print.contains("AAVMF_CODE.fd"),
+        !print.contains("-kernel")
+            && print.contains("AAVMF_CODE.fd")
+            && print.contains("-device i6300esb -action watchdog=reset"),
         "{print}"
     );
     boot_disk("qemu-aarch64", &out_s, &["--check", "--timeout", "300"]);
@@ -231,8 +233,22 @@ fn qemu_aarch64_boots_from_its_disk_through_aavmf() {
         log.contains("EFI stub: "),
         "the kernel did not start as an EFI application"
     );
-    assert_eq!(
-        entries(&out.join("disk-run.img"), &info),
-        ["bonsai-a+2-1.conf"]
-    );
+    assert_trial_blessed(&log);
+    assert_eq!(entries(&out.join("disk-run.img"), &info), ["bonsai-a.conf"]);
+}
+
+/// The guest saw its entry as systemd-boot left it (one try counted) and blessed it.
+fn assert_trial_blessed(log: &str) {
+    let line = |marker: &str| {
+        log.lines()
+            .map(|l| l.trim_end())
+            .find(|l| l.starts_with(marker))
+            .unwrap_or_else(|| panic!("no {marker} line on the console"))
+            .split_whitespace()
+            .skip(2)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(line("BONSAI-SLOT "), "a bonsai-a+2-1.conf trial");
+    assert_eq!(line("BONSAI-BLESSED "), "bonsai-a+2-1.conf bonsai-a.conf");
 }
