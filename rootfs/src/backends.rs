@@ -1046,11 +1046,13 @@ mod tests {
     /// health step run by the shared harness once services are up.
     #[test]
     fn every_backend_runs_the_same_slot_watchdog_and_health_steps() {
-        let mut spec = SystemSpec::default();
-        spec.health = serde_json::from_str(
-            r#"{"trial-deadline-ms": 20500, "checks": {"net": {"command": ["/bin/ping", "-c", "1", "10.0.2.2"], "deadline-ms": 4000}}}"#,
-        )
-        .unwrap();
+        let spec = SystemSpec {
+            health: serde_json::from_str(
+                r#"{"trial-deadline-ms": 20500, "checks": {"net": {"command": ["/bin/ping", "-c", "1", "10.0.2.2"], "deadline-ms": 4000}}}"#,
+            )
+            .unwrap(),
+            ..SystemSpec::default()
+        };
         let sys = validate(&spec, "h", &|_| true).unwrap();
         let mut rendered = Vec::new();
         for b in ALL {
@@ -1095,8 +1097,10 @@ mod tests {
     #[test]
     fn health_checks_need_a_program_and_a_deadline_inside_the_trial() {
         let check = |json: &str, exists: &dyn Fn(&str) -> bool| {
-            let mut spec = SystemSpec::default();
-            spec.health = serde_json::from_str(json).unwrap();
+            let spec = SystemSpec {
+                health: serde_json::from_str(json).unwrap(),
+                ..SystemSpec::default()
+            };
             validate(&spec, "h", exists).map(|s| s.health)
         };
         let h = check(r#"{"checks": {"a": {"command": ["/bin/true"]}}}"#, &|_| {
