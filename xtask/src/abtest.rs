@@ -197,24 +197,41 @@ struct Launch {
 }
 
 #[derive(Debug, Serialize)]
-struct ScenarioResult {
-    name: String,
+pub struct ScenarioResult {
+    pub name: String,
     description: String,
     result: &'static str,
     launches: Vec<Launch>,
     problems: Vec<String>,
     /// From the bad release's first launch to the old slot's ready marker (rollbacks only).
-    rollback_s: Option<f64>,
+    pub rollback_s: Option<f64>,
 }
 
-#[derive(Debug, Serialize)]
-struct Matrix {
-    board: String,
-    profile: String,
-    init: String,
-    tries: u32,
-    scenarios: Vec<ScenarioResult>,
+impl ScenarioResult {
+    pub fn passed(&self) -> bool {
+        self.result == "pass"
+    }
+    pub fn launch_count(&self) -> usize {
+        self.launches.len()
+    }
 }
+
+/// Every scenario's result, as printed and as `--json` writes it.
+#[derive(Debug, Serialize)]
+pub struct Matrix {
+    pub board: String,
+    pub profile: String,
+    pub init: String,
+    pub tries: u32,
+    pub scenarios: Vec<ScenarioResult>,
+}
+
+/// The rollback scenarios (the bench times them).
+pub const ROLLBACKS: &[&str] = &[
+    "b-init-panics-rolls-back",
+    "b-health-fails-rolls-back",
+    "b-hangs-rolls-back",
+];
 
 /// One scenario: where its disk starts, what the host writes into slot B, and the launches.
 struct Scenario {
@@ -320,14 +337,53 @@ fn scenarios(t: u32) -> Vec<Scenario> {
 
 impl AbTest {
     pub fn run(self) -> Result<()> {
+        let matrix = self.matrix()?;
+        if self.json {
+            print!("{}", serde_json::to_string_pretty(&matrix)? + "\n");
+        } else {
+            print_matrix(&matrix);
+        }
+        let failed: Vec<&str> = matrix
+            .scenarios
+            .iter()
+            .filter(|s| !s.passed())
+            .map(|s| s.name.as_str())
+            .collect();
+        if !failed.is_empty() {
+            bail!(
+                "ab-test on {} (init {}): {} of {} scenarios failed: {} (logs under {})",
+                matrix.board,
+                matrix.init,
+                failed.len(),
+                matrix.scenarios.len(),
+                failed.join(", "),
+                self.work().display()
+            );
+        }
+        ui::step(format!(
+            "ab-test passed: {} scenarios on {} (init {}); logs under {}",
+            matrix.scenarios.len(),
+            matrix.board,
+            matrix.init,
+            self.work().display()
+        ));
+        Ok(())
+    }
+
+    fn work(&self) -> PathBuf {
+        self.out
+            .clone()
+            .unwrap_or_else(|| crate::out_root().join(&self.board).join("ab-test"))
+    }
+
+    /// Builds the releases, runs the wanted scenarios and writes `ab-test.json`; the matrix,
+    /// failed rows included (an error only when something could not run at all).
+    pub fn matrix(&self) -> Result<Matrix> {
         let root = project_root();
         let cfg = Config::new(&root);
         let board = cfg.load_board(&self.board)?;
         let disk = crate::image::disk_config(&board)?;
-        let work = self
-            .out
-            .clone()
-            .unwrap_or_else(|| crate::out_root().join(&board.name).join("ab-test"));
+        let work = self.work();
         let all = scenarios(disk.tries);
         let wanted: Vec<&Scenario> = match &self.only {
             None => all.iter().collect(),
@@ -438,36 +494,7 @@ impl AbTest {
         let json = serde_json::to_string_pretty(&matrix)? + "\n";
         fs::write(work.join("ab-test.json"), &json)
             .with_context(|| format!("writing {}", work.join("ab-test.json").display()))?;
-        if self.json {
-            print!("{json}");
-        } else {
-            print_matrix(&matrix);
-        }
-        let failed: Vec<&str> = matrix
-            .scenarios
-            .iter()
-            .filter(|s| s.result != "pass")
-            .map(|s| s.name.as_str())
-            .collect();
-        if !failed.is_empty() {
-            bail!(
-                "ab-test on {} (init {}): {} of {} scenarios failed: {} (logs under {})",
-                matrix.board,
-                matrix.init,
-                failed.len(),
-                matrix.scenarios.len(),
-                failed.join(", "),
-                work.display()
-            );
-        }
-        ui::step(format!(
-            "ab-test passed: {} scenarios on {} (init {}); logs under {}",
-            matrix.scenarios.len(),
-            matrix.board,
-            matrix.init,
-            work.display()
-        ));
-        Ok(())
+        Ok(matrix)
     }
 
     /// Builds the profile as `rel` into `<work>/build/<rel>`.
@@ -660,6 +687,34 @@ impl Runner<'_> {
         l.problems = judge(expect, after, &l);
         Ok(l)
     }
+}
+
+/// Boots `spec` (through `disk`'s firmware when given) and runs the image's checks; the host
+/// seconds from QEMU's start to the ready marker. For the bench.
+pub fn time_to_ready(
+    spec: &qemu::QemuSpec,
+    disk: Option<&RunDisk>,
+    checks: &[qemu::Check],
+    epoch: u64,
+    log: &Path,
+    timeout: Duration,
+) -> Result<f64> {
+    let nonce = qemu::protocol::new_nonce();
+    let mut spec = spec.clone();
+    if let Some(d) = disk {
+        crate::image::set_boot_options(&d.disk, &qemu::protocol::kernel_params(&nonce), epoch)?;
+        d.apply(&mut spec);
+    }
+    let start = Instant::now();
+    let mut ready_at = None;
+    let mut progress = |e: qemu::Event| {
+        if let qemu::Event::Ready { .. } = e {
+            ready_at = Some(start.elapsed().as_secs_f64())
+        }
+    };
+    qemu::boot_check(&spec, &nonce, checks, timeout, log, &mut progress)
+        .map_err(|e| anyhow::anyhow!("{e} (serial log: {})", log.display()))?;
+    ready_at.with_context(|| format!("no ready marker (serial log: {})", log.display()))
 }
 
 /// What the console of one launch shows, for this launch's nonce.

@@ -135,6 +135,73 @@ struct BootRow {
     failure: Option<String>,
 }
 
+/// Boots through the firmware against `-kernel`, and the rollbacks (`ab-test`).
+struct MediaResult {
+    profile: String,
+    init: String,
+    /// Host seconds from QEMU's start to the ready marker, per boot.
+    kernel_ready: Vec<f64>,
+    firmware_ready: Vec<f64>,
+    tries: u32,
+    /// Rollback scenario, its launches, and seconds from the bad release's first launch to the
+    /// old slot's ready marker (`None`: the scenario failed).
+    rollbacks: Vec<(String, usize, Option<f64>)>,
+}
+
+fn bench_media(root: &Path, board: &str, runs: usize, scratch: &Path) -> Result<MediaResult> {
+    let cfg = crate::config::Config::new(root);
+    let b = cfg.load_board(board)?;
+    let built = Build {
+        board: board.to_string(),
+        nested: true,
+        ..Build::default()
+    }
+    .run()?;
+    let (out, info) = (&built.out, &built.info);
+    crate::image::ensure_disk(root, &b, out, info)?;
+    let spec = crate::boot::qemu_spec(&b, out, info, None)?;
+    let checks = crate::boot::protocol_checks(info);
+    let timeout = std::time::Duration::from_secs(b.qemu.boot_timeout);
+    let log = scratch.join("media.serial.log");
+    let (mut kernel_ready, mut firmware_ready) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        kernel_ready.push(crate::abtest::time_to_ready(
+            &spec, None, &checks, info.source_date_epoch, &log, timeout,
+        )?);
+        // Each firmware boot is a new device's first: a fresh copy of the disk and variables.
+        let dev = crate::image::RunDisk::fresh(&b, out)?;
+        firmware_ready.push(crate::abtest::time_to_ready(
+            &spec,
+            Some(&dev),
+            &checks,
+            info.source_date_epoch,
+            &log,
+            timeout,
+        )?);
+    }
+    let matrix = crate::abtest::AbTest {
+        board: board.to_string(),
+        only: Some(crate::abtest::ROLLBACKS.join(",")),
+        out: Some(scratch.join("ab-test")),
+        ..Default::default()
+    }
+    .matrix()?;
+    let rollbacks = matrix
+        .scenarios
+        .iter()
+        .filter(|s| crate::abtest::ROLLBACKS.contains(&s.name.as_str()))
+        .map(|s| (s.name.clone(), s.launch_count(), s.rollback_s.filter(|_| s.passed())))
+        .collect();
+    Ok(MediaResult {
+        profile: info.profile.clone(),
+        init: info.init.clone(),
+        kernel_ready,
+        firmware_ready,
+        tries: matrix.tries,
+        rollbacks,
+    })
+}
+
 impl Bench {
     pub fn run(self) -> Result<()> {
         if let [dir, out] = self.pack_dir.as_slice() {
@@ -243,6 +310,15 @@ impl Bench {
             .run()?;
             Some(rows?)
         };
+        let media = if self.quick {
+            None
+        } else {
+            ui::step(format!(
+                "bench: boot {} through its firmware and from -kernel, {runs} boot(s) each; time the rollbacks",
+                self.board
+            ));
+            Some(bench_media(&root, &self.board, runs, scratch.path())?)
+        };
 
         let report = render(&Report {
             command,
@@ -254,6 +330,7 @@ impl Bench {
             packing: &packing,
             rebuild: &rebuild,
             boots: boots.as_deref(),
+            media: media.as_ref(),
         });
         if let Some(parent) = output.parent() {
             fs::create_dir_all(parent)?;
@@ -983,6 +1060,7 @@ struct Report<'a> {
     rebuild: &'a RebuildResult,
     /// Per profile: its boot rows.
     boots: Option<&'a [(String, Vec<BootRow>)]>,
+    media: Option<&'a MediaResult>,
 }
 
 fn mb(bytes: u64) -> String {
@@ -1013,6 +1091,7 @@ fn render(r: &Report) -> String {
     render_packing(r, &mut line);
     render_rebuild(r, &figures, &mut line);
     render_boot(r, &mut line);
+    render_media(r, &mut line);
     render_targets(r, &figures, &mut line);
     s
 }
@@ -1339,6 +1418,59 @@ fn render_boot(r: &Report, line: &mut impl FnMut(String)) {
     line(String::new());
 }
 
+fn render_media(r: &Report, line: &mut impl FnMut(String)) {
+    line("## Boot media and rollback".into());
+    line(String::new());
+    let Some(m) = r.media else {
+        line("Not measured (`--quick`).".into());
+        line(String::new());
+        return;
+    };
+    let kernel = median(&m.kernel_ready).unwrap_or(f64::NAN);
+    let firmware = median(&m.firmware_ready).unwrap_or(f64::NAN);
+    line(format!(
+        "{b}'s default image ({p}, init {i}) booted {n} time(s) each way, alternately, under \
+         {accel}: host seconds from QEMU's start to the ready marker (medians). The baseline is \
+         QEMU's `-kernel`; the firmware boot is a fresh copy of `disk.img` through UEFI and \
+         systemd-boot (`boot --disk`), a new device's first boot (its trial's health step and \
+         blessing come after the ready marker).",
+        b = r.board,
+        p = m.profile,
+        i = m.init,
+        n = m.kernel_ready.len(),
+        accel = r.machine.accel
+    ));
+    line(String::new());
+    line("| boot | to the ready marker (s) | vs `-kernel` |".into());
+    line("| --- | ---: | ---: |".into());
+    line(format!("| `-kernel` | {kernel:.2} | 1.00× |"));
+    line(format!(
+        "| UEFI firmware, systemd-boot, disk | {firmware:.2} | {:.2}× |",
+        firmware / kernel
+    ));
+    line(String::new());
+    line(format!(
+        "Rollback, from `cargo xtask ab-test --board {b}` in the same run: host seconds from \
+         the first launch of the bad release in slot B to slot A's ready marker, after B used \
+         up its {t} tries, and the same in firmware boots (the median above).",
+        b = r.board,
+        t = m.tries
+    ));
+    line(String::new());
+    line("| scenario | launches | first bad try to A's ready marker (s) | in firmware boots |".into());
+    line("| --- | ---: | ---: | ---: |".into());
+    for (name, launches, secs) in &m.rollbacks {
+        match secs {
+            Some(t) => line(format!(
+                "| `{name}` | {launches} | {t:.1} | {:.1}× |",
+                t / firmware
+            )),
+            None => line(format!("| `{name}` | {launches} | failed | - |")),
+        }
+    }
+    line(String::new());
+}
+
 /// Each target, what was measured against it, and whether it is met.
 fn render_targets(r: &Report, f: &RebuildFigures, line: &mut impl FnMut(String)) {
     let RebuildFigures {
@@ -1477,6 +1609,7 @@ mod tests {
             packing,
             rebuild,
             boots,
+            media: None,
         }
     }
 
@@ -1596,6 +1729,32 @@ mod tests {
             }
         }
         assert!(boot.contains("docs/notes/2026-11-28-bonsai-init-under-tcg.md"));
+    }
+
+    #[test]
+    fn the_media_section_gives_ratios_against_the_kernel_boot_of_the_same_run() {
+        let (packing, rebuild, boots) = sample_parts();
+        let media = MediaResult {
+            profile: "minimal".into(),
+            init: "busybox".into(),
+            kernel_ready: vec![4.0, 5.0, 6.0],
+            firmware_ready: vec![10.0, 11.0, 12.0],
+            tries: 3,
+            rollbacks: vec![
+                ("b-hangs-rolls-back".into(), 4, Some(132.0)),
+                ("b-init-panics-rolls-back".into(), 2, None),
+            ],
+        };
+        let mut r = sample_report(&packing, &rebuild, Some(&boots), "0.10");
+        r.media = Some(&media);
+        let text = render(&r);
+        assert!(text.contains("| `-kernel` | 5.00 | 1.00× |"), "{text}");
+        assert!(text.contains("| UEFI firmware, systemd-boot, disk | 11.00 | 2.20× |"), "{text}");
+        assert!(text.contains("| `b-hangs-rolls-back` | 4 | 132.0 | 12.0× |"), "{text}");
+        assert!(text.contains("| `b-init-panics-rolls-back` | 2 | failed | - |"), "{text}");
+        let boot = text.find("## Boot\n").unwrap();
+        let media_at = text.find("## Boot media and rollback").unwrap();
+        assert!(boot < media_at && media_at < text.find("## Targets").unwrap());
     }
 
     #[test]
