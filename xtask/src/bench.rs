@@ -166,7 +166,12 @@ fn bench_media(root: &Path, board: &str, runs: usize, scratch: &Path) -> Result<
     let (mut kernel_ready, mut firmware_ready) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         kernel_ready.push(crate::abtest::time_to_ready(
-            &spec, None, &checks, info.source_date_epoch, &log, timeout,
+            &spec,
+            None,
+            &checks,
+            info.source_date_epoch,
+            &log,
+            timeout,
         )?);
         // Each firmware boot is a new device's first: a fresh copy of the disk and variables.
         let dev = crate::image::RunDisk::fresh(&b, out)?;
@@ -190,7 +195,13 @@ fn bench_media(root: &Path, board: &str, runs: usize, scratch: &Path) -> Result<
         .scenarios
         .iter()
         .filter(|s| crate::abtest::ROLLBACKS.contains(&s.name.as_str()))
-        .map(|s| (s.name.clone(), s.launch_count(), s.rollback_s.filter(|_| s.passed())))
+        .map(|s| {
+            (
+                s.name.clone(),
+                s.launch_count(),
+                s.rollback_s.filter(|_| s.passed()),
+            )
+        })
         .collect();
     Ok(MediaResult {
         profile: info.profile.clone(),
@@ -1457,7 +1468,10 @@ fn render_media(r: &Report, line: &mut impl FnMut(String)) {
         t = m.tries
     ));
     line(String::new());
-    line("| scenario | launches | first bad try to A's ready marker (s) | in firmware boots |".into());
+    line(
+        "| scenario | launches | first bad try to A's ready marker (s) | in firmware boots |"
+            .into(),
+    );
     line("| --- | ---: | ---: | ---: |".into());
     for (name, launches, secs) in &m.rollbacks {
         match secs {
@@ -1749,9 +1763,18 @@ mod tests {
         r.media = Some(&media);
         let text = render(&r);
         assert!(text.contains("| `-kernel` | 5.00 | 1.00× |"), "{text}");
-        assert!(text.contains("| UEFI firmware, systemd-boot, disk | 11.00 | 2.20× |"), "{text}");
-        assert!(text.contains("| `b-hangs-rolls-back` | 4 | 132.0 | 12.0× |"), "{text}");
-        assert!(text.contains("| `b-init-panics-rolls-back` | 2 | failed | - |"), "{text}");
+        assert!(
+            text.contains("| UEFI firmware, systemd-boot, disk | 11.00 | 2.20× |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| `b-hangs-rolls-back` | 4 | 132.0 | 12.0× |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| `b-init-panics-rolls-back` | 2 | failed | - |"),
+            "{text}"
+        );
         let boot = text.find("## Boot\n").unwrap();
         let media_at = text.find("## Boot media and rollback").unwrap();
         assert!(boot < media_at && media_at < text.find("## Targets").unwrap());

@@ -682,6 +682,36 @@ fn service_program_not_in_the_image() {
 }
 
 #[test]
+fn health_check_out_of_place() {
+    let s = Scratch::new();
+    s.profile("probe", "[health.checks.net]\ncommand = [\"/bin/probe\"]\n");
+    fails_with(
+        &s,
+        &["build", "--profile", "probe"],
+        "error: profiles/probe.toml: health.checks.net.command: program '/bin/probe' is not in the image",
+    );
+    s.profile(
+        "late",
+        "[health]\ntrial-deadline-ms = 12000\n[health.checks.net]\ncommand = [\"/bin/sh\", \"-c\", \"true\"]\ndeadline-ms = 15000\n",
+    );
+    fails_with(
+        &s,
+        &["build", "--profile", "late"],
+        "error: profiles/late.toml: health.checks.net.deadline-ms: 15000 must be above 0 and below the trial deadline (12000 ms)",
+    );
+}
+
+#[test]
+fn unknown_ab_test_scenario() {
+    let s = Scratch::new();
+    fails_with(
+        &s,
+        &["ab-test", "--only", "b-explodes"],
+        "error: --only: unknown scenario 'b-explodes' (one of: fresh-a-blessed, update-b-blessed, b-init-panics-rolls-back, b-health-fails-rolls-back, b-hangs-rolls-back, all-slots-bad-stays-up)",
+    );
+}
+
+#[test]
 fn unknown_user() {
     let s = Scratch::new();
     s.profile(
