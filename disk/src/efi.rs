@@ -212,14 +212,24 @@ pub fn write<T: Read + Write + Seek>(disk: &mut T, spec: &Spec) -> Result<Layout
         .partition(DATA_NAME)
         .cloned()
         .expect("the data partition");
+    format_data(disk, &data, spec.seed)?;
+    Ok(layout)
+}
+
+/// Formats the data partition `data` (FAT, empty) and flushes the disk: the last step of
+/// writing any layout.
+pub(crate) fn format_data<T: Read + Write + Seek>(
+    disk: &mut T,
+    data: &Partition,
+    seed: &[u8],
+) -> Result<()> {
     fat::format(
         Part::new(disk, data.offset, data.size).map_err(Error::io("the data partition"))?,
         fat::Kind::Auto,
         "BONSAI-DATA",
-        guid::derive_serial(spec.seed, "data"),
+        guid::derive_serial(seed, "data"),
     )?;
-    disk.flush().map_err(Error::io("writing the disk"))?;
-    Ok(layout)
+    disk.flush().map_err(Error::io("writing the disk"))
 }
 
 /// Opens the ESP of a disk written by [`write`] (for the host's checks and for writing a slot).

@@ -11,13 +11,20 @@
 //! - [`fat`]: formatting a FAT volume and writing files into it, reproducibly.
 //! - [`efi`]: the EFI boards' disk (GPT: an EFI system partition with systemd-boot and the
 //!   slots as Boot Loader Specification entries with boot counting, and a data partition).
+//! - [`rpi`]: the Raspberry Pi's SD card (MBR: a FAT boot partition with the Pi firmware,
+//!   U-Boot, its environment holding the A/B state, a boot script, the slots; a data partition).
+//! - [`uboot`]: U-Boot's environment file and legacy script images.
+//! - [`mbr`]: an MBR partition table.
 //! - [`bls`]: Boot Loader Specification entry names with boot counters (`name+LEFT-DONE.conf`).
 
 pub mod bls;
 pub mod efi;
 pub mod fat;
 pub mod guid;
+pub mod mbr;
 pub mod part;
+pub mod rpi;
+pub mod uboot;
 
 /// Errors of the disk writer, each naming what it is about.
 #[derive(Debug, thiserror::Error)]

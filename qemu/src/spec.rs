@@ -45,6 +45,20 @@ pub enum Firmware {
     /// UEFI (OVMF, AAVMF): the code as read-only flash, and a writable copy of the variable
     /// store that belongs to the disk being booted (it persists across the disk's boots).
     Uefi { code: PathBuf, vars: PathBuf },
+    /// U-Boot loaded as the kernel (QEMU cannot run the Raspberry Pi's own firmware, which
+    /// loads it on the real board), with the disk as the SD card. U-Boot's console is the
+    /// second serial port, Linux's the first: headless, both go to the console log.
+    UBoot { binary: PathBuf, card: PathBuf },
+}
+
+impl QemuSpec {
+    /// The disk a firmware boot boots: the SD card, or else the first drive.
+    pub fn boot_disk(&self) -> Option<&PathBuf> {
+        match &self.firmware {
+            Some(Firmware::UBoot { card, .. }) => Some(card),
+            _ => self.drives.first(),
+        }
+    }
 }
 
 /// How the console is wired.
@@ -150,8 +164,25 @@ impl QemuSpec {
                     &format!("if=pflash,format=raw,unit=1,file={}", flash(vars)),
                 );
             }
+            Some(Firmware::UBoot { binary, card }) => {
+                push_pair(&mut args, "-kernel", &binary.display().to_string());
+                let file = card.display().to_string().replace(',', ",,");
+                push_pair(
+                    &mut args,
+                    "-drive",
+                    &format!("if=sd,format=raw,file={file}"),
+                );
+            }
         }
+        let uboot = matches!(self.firmware, Some(Firmware::UBoot { .. }));
         match mode {
+            Mode::Interactive if uboot => {
+                args.push("-nographic".to_string());
+                push_pair(&mut args, "-chardev", "stdio,id=con,mux=on,signal=off");
+                push_pair(&mut args, "-mon", "chardev=con");
+                push_pair(&mut args, "-serial", "chardev:con");
+                push_pair(&mut args, "-serial", "chardev:con");
+            }
             Mode::Interactive => {
                 args.push("-nographic".to_string());
                 push_pair(&mut args, "-serial", "mon:stdio");
@@ -159,7 +190,13 @@ impl QemuSpec {
             Mode::Headless => {
                 push_pair(&mut args, "-display", "none");
                 push_pair(&mut args, "-monitor", "none");
-                push_pair(&mut args, "-serial", "stdio");
+                if uboot {
+                    push_pair(&mut args, "-chardev", "stdio,id=con,mux=on,signal=off");
+                    push_pair(&mut args, "-serial", "chardev:con");
+                    push_pair(&mut args, "-serial", "chardev:con");
+                } else {
+                    push_pair(&mut args, "-serial", "stdio");
+                }
             }
         }
         if let Some(net) = &self.network {
@@ -353,6 +390,40 @@ mod tests {
         assert!(
             line.contains("-drive file=/out/q35/disk.img,if=virtio,format=raw"),
             "{line}"
+        );
+    }
+
+    #[test]
+    fn u_boot_boots_the_card_with_both_serial_ports_on_the_console() {
+        let spec = QemuSpec {
+            firmware: Some(Firmware::UBoot {
+                binary: "/out/pi/u-boot.bin".into(),
+                card: "/out/pi/disk-run.img".into(),
+            }),
+            ..virt()
+        };
+        let line = spec.command_line(Mode::Headless);
+        assert!(
+            line.contains(
+                "-kernel /out/pi/u-boot.bin -drive if=sd,format=raw,file=/out/pi/disk-run.img"
+            ),
+            "{line}"
+        );
+        assert!(
+            line.contains(
+                "-chardev stdio,id=con,mux=on,signal=off -serial chardev:con -serial chardev:con"
+            ),
+            "{line}"
+        );
+        for absent in ["-initrd", "-append", "-dtb"] {
+            assert!(
+                !spec.args(Mode::Headless).contains(&absent.to_string()),
+                "{absent}"
+            );
+        }
+        assert_eq!(
+            spec.boot_disk().unwrap().to_str(),
+            Some("/out/pi/disk-run.img")
         );
     }
 

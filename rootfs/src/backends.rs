@@ -409,6 +409,10 @@ for w in $(cat /proc/cmdline); do
 done
 [ -n "$slot" ] || exit 0
 echo "$slot" >/run/bonsai/slot
+if grep -qw bonsai.watchdog=0 /proc/cmdline; then
+	echo "bonsai: slot $slot: the watchdog is off (bonsai.watchdog=0), so a hang is not caught" >/dev/console
+	exit 0
+fi
 if [ ! -c /dev/watchdog ]; then
 	echo "bonsai: slot $slot: no /dev/watchdog, so a hang is not caught" >/dev/console
 	exit 0
@@ -433,16 +437,23 @@ exit 0
     )
 }
 
+/// The size of the U-Boot environment the Pi's health step rewrites (the `disk` crate's
+/// `uboot::ENV_SIZE`, Debian's `rpi_3` build).
+pub const UBOOT_ENV_SIZE: usize = 0x4000;
+
 /// `/etc/bonsai/health`, run by the harness once every service is up, on a boot from a disk
 /// slot only. It prints what it finds as raw lines for the host (`BONSAI-ENTRY`, `BONSAI-SLOT`,
 /// `BONSAI-HEALTH`, `BONSAI-BLESSED`, `BONSAI-HEALTH-REBOOT`, `BONSAI-NO-GOOD-SLOT`), and:
 /// - runs each `[health.checks]` command until it passes or its deadline (from now) passes;
-/// - all passed: blesses a trial boot, the one atomic step systemd-boot understands (the entry
-///   `bonsai-<slot>+L-D.conf` is renamed `bonsai-<slot>.conf`);
+/// - all passed: blesses the boot with the one step its boot loader understands: systemd-boot's
+///   entry `bonsai-<slot>+L-D.conf` renamed `bonsai-<slot>.conf` (the ESP, found by its GPT
+///   name), or U-Boot's environment written anew with the slot's tries reset (the boot
+///   partition `bonsai.boot=` names, holding `uboot.env`);
 /// - one failed on a trial: reboots at once (a try used up); on the last try of the last slot
-///   left (its entry at `+0`, no other slot good), stays up unblessed instead of looping;
+///   left (nothing else good), stays up unblessed instead of looping;
 /// - says when the slot runs because a newer one used up its tries (a rollback).
 fn health_script(sys: &System, busybox: &str) -> String {
+    let env_data = UBOOT_ENV_SIZE - 4;
     let mut s = format!(
         r#"#!/bin/sh
 # bonsai: health checks of a boot from a disk slot, then blessing or a reboot
@@ -454,54 +465,101 @@ read -r slot </run/bonsai/slot
 ms() {{ read -r u _ </proc/uptime; u=${{u%.*}}${{u#*.}}0; u=${{u#${{u%%[1-9]*}}}}; echo "${{u:-0}}"; }}
 esp=/run/bonsai/esp
 dev=
+mode=efi
+fallback=
 for u in /sys/class/block/*/uevent; do
 	grep -qx 'PARTNAME={ESP_PARTNAME}' "$u" 2>/dev/null || continue
 	dev=/dev/$(sed -n 's/^DEVNAME=//p' "$u")
 	break
 done
+for w in $(cat /proc/cmdline); do
+	case "$w" in
+	bonsai.boot=*) [ -n "$dev" ] || {{ dev=${{w#bonsai.boot=}}; mode=uboot; }} ;;
+	bonsai.fallback=1) fallback=1 ;;
+	esac
+done
 mkdir -p "$esp"
 if [ -z "$dev" ] || ! mount -t vfat "$dev" "$esp"; then
-	echo "bonsai: slot $slot: cannot mount the EFI system partition (${{dev:-no partition named {ESP_PARTNAME}}}): nothing to bless" >/dev/console
+	echo "bonsai: slot $slot: cannot mount the boot partition (${{dev:-none named {ESP_PARTNAME}, no bonsai.boot=}}): nothing to bless" >/dev/console
 	: >/run/bonsai/healthy
 	exit 0
 fi
-entries=$esp/loader/entries
 own=
 ownv=
-for f in "$entries"/bonsai-*.conf; do
-	[ -e "$f" ] || continue
-	n=${{f##*/}}
-	v=$(sed -n 's/^version //p' "$f")
-	printf 'BONSAI-ENTRY %s %s %s\n' "$nonce" "$n" "$v" >/dev/console
-	case "$n" in
-	"bonsai-$slot.conf" | "bonsai-$slot+"*) own=$n ownv=$v ;;
-	esac
-done
-case "$own" in
-"") state=missing ;;
-*+0-*.conf | *+0.conf) state=bad ;;
-*+*) state=trial ;;
-*) state=blessed ;;
-esac
-printf 'BONSAI-SLOT %s %s %s %s\n' "$nonce" "$slot" "${{own:-none}}" "$state" >/dev/console
-gen=${{ownv%%-*}}
-case "$gen" in '' | *[!0-9]*) gen=0 ;; esac
 other_good=
-for f in "$entries"/bonsai-*.conf; do
-	[ -e "$f" ] || continue
-	n=${{f##*/}}
-	[ "$n" = "$own" ] && continue
-	case "$n" in
-	*+0-*.conf | *+0.conf)
+if [ "$mode" = efi ]; then
+	entries=$esp/loader/entries
+	for f in "$entries"/bonsai-*.conf; do
+		[ -e "$f" ] || continue
+		n=${{f##*/}}
 		v=$(sed -n 's/^version //p' "$f")
-		g=${{v%%-*}}
-		case "$g" in '' | *[!0-9]*) continue ;; esac
-		o=${{n#bonsai-}}
-		[ "$g" -gt "$gen" ] && echo "bonsai: rolled back: slot ${{o%%+*}} (version ${{v#*-}}) used up its boot tries; running slot $slot (version ${{ownv#*-}})" >/dev/console
-		;;
-	*) other_good=$n ;;
+		printf 'BONSAI-ENTRY %s %s %s\n' "$nonce" "$n" "$v" >/dev/console
+		case "$n" in
+		"bonsai-$slot.conf" | "bonsai-$slot+"*) own=$n ownv=$v ;;
+		esac
+	done
+	case "$own" in
+	"") state=missing ;;
+	*+0-*.conf | *+0.conf) state=bad ;;
+	*+*) state=trial ;;
+	*) state=blessed ;;
 	esac
-done
+	gen=${{ownv%%-*}}
+	case "$gen" in '' | *[!0-9]*) gen=0 ;; esac
+	for f in "$entries"/bonsai-*.conf; do
+		[ -e "$f" ] || continue
+		n=${{f##*/}}
+		[ "$n" = "$own" ] && continue
+		case "$n" in
+		*+0-*.conf | *+0.conf)
+			v=$(sed -n 's/^version //p' "$f")
+			g=${{v%%-*}}
+			case "$g" in '' | *[!0-9]*) continue ;; esac
+			o=${{n#bonsai-}}
+			[ "$g" -gt "$gen" ] && echo "bonsai: rolled back: slot ${{o%%+*}} (version ${{v#*-}}) used up its boot tries; running slot $slot (version ${{ownv#*-}})" >/dev/console
+			;;
+		*) other_good=$n ;;
+		esac
+	done
+	bless() {{ mv "$entries/$own" "$entries/bonsai-$slot.conf" && sync; }}
+	blessed_as=bonsai-$slot.conf
+else
+	# U-Boot's environment: CRC-32, then NUL-ended name=value pairs (RAUC's BOOT_ORDER and
+	# BOOT_<X>_LEFT, which U-Boot counted down before this boot).
+	txt=/run/bonsai/uboot.env.txt
+	tail -c +5 "$esp/uboot.env" | tr '\000' '\n' | sed '/^$/,$d' >"$txt"
+	get() {{ sed -n "s/^$1=//p" "$txt"; }}
+	up=$(echo "$slot" | tr a-z A-Z)
+	order=$(get BOOT_ORDER)
+	tries=$(get bonsai_tries)
+	own="BOOT_${{up}}_LEFT=$(get "BOOT_${{up}}_LEFT")"
+	ownv=0-$(get "bonsai_${{slot}}_version")
+	printf 'BONSAI-UBOOT-ENV %s BOOT_ORDER=%s BOOT_A_LEFT=%s BOOT_B_LEFT=%s\n' "$nonce" "$(echo "$order" | tr ' ' ,)" "$(get BOOT_A_LEFT)" "$(get BOOT_B_LEFT)" >/dev/console
+	state=trial
+	[ -n "$fallback" ] && state=bad
+	for o in $order; do
+		[ "$o" = "$up" ] && continue
+		left=$(get "BOOT_${{o}}_LEFT")
+		[ "${{left:-0}}" -gt 0 ] && other_good=$o
+	done
+	first=${{order%% *}}
+	if [ "$first" != "$up" ] && [ "$(get "BOOT_${{first}}_LEFT")" = 0 ]; then
+		f=$(echo "$first" | tr A-Z a-z)
+		echo "bonsai: rolled back: slot $f (version $(get "bonsai_${{f}}_version")) used up its boot tries; running slot $slot (version ${{ownv#*-}})" >/dev/console
+	fi
+	bless() {{
+		n=/run/bonsai/uboot.env.new
+		sed "s/^BOOT_${{up}}_LEFT=.*/BOOT_${{up}}_LEFT=${{tries:-3}}/" "$txt" | tr '\n' '\000' >"$n.data"
+		printf '\000' >>"$n.data"
+		head -c $(({env_data} - $(wc -c <"$n.data"))) /dev/zero >>"$n.data"
+		# gzip's trailer holds the CRC-32 of its input, little-endian, as U-Boot stores it.
+		gzip -c <"$n.data" | tail -c 8 | head -c 4 >"$n"
+		cat "$n.data" >>"$n"
+		cp "$n" "$esp/uboot.env.new" && sync && mv "$esp/uboot.env.new" "$esp/uboot.env" && sync
+	}}
+	blessed_as="BOOT_${{up}}_LEFT=${{tries:-3}}"
+fi
+printf 'BONSAI-SLOT %s %s %s %s\n' "$nonce" "$slot" "${{own:-none}}" "$state" >/dev/console
 # health checks: each deadline counts from here, when every service is up
 t0=$(ms)
 failed=
@@ -544,11 +602,11 @@ health() {{
 if [ -z "$failed" ]; then
 	case "$state" in
 	trial | bad)
-		if mv "$entries/$own" "$entries/bonsai-$slot.conf" && sync; then
-			printf 'BONSAI-BLESSED %s %s bonsai-%s.conf\n' "$nonce" "$own" "$slot" >/dev/console
+		if bless; then
+			printf 'BONSAI-BLESSED %s %s %s\n' "$nonce" "$own" "$blessed_as" >/dev/console
 			echo "bonsai: slot $slot (version ${{ownv#*-}}) is healthy: blessed" >/dev/console
 		else
-			echo "bonsai: slot $slot: renaming $own failed: not blessed" >/dev/console
+			echo "bonsai: slot $slot: blessing $own failed" >/dev/console
 		fi
 		;;
 	*) echo "bonsai: slot $slot (version ${{ownv#*-}}) is healthy" >/dev/console ;;

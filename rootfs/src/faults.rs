@@ -240,8 +240,8 @@ fn edit(path: &str, t: &str, fault: Fault) -> String {
             "health fault 1000 /bin/sh -c 'echo fault health-fails: this check always fails; exit 1' || failed=\"$failed fault\"\n# the verdict\n",
         ),
         Fault::NoBless if path == "etc/bonsai/health" => t.replace(
-            "if mv \"$entries/$own\" \"$entries/bonsai-$slot.conf\" && sync; then",
-            "if true; then",
+            "\t\tif bless; then",
+            "\t\tif true; then",
         ),
         Fault::Hang if path == "etc/bonsai/health" => t.replace(
             "# health checks: ",

@@ -642,13 +642,13 @@ impl Runner<'_> {
         dir: &Path,
     ) -> Result<Launch> {
         let nonce = qemu::protocol::new_nonce();
-        crate::image::set_boot_options(
-            &dev.disk,
-            &qemu::protocol::kernel_params(&nonce),
-            self.epoch,
-        )?;
         let mut spec = self.spec.clone();
         dev.apply(&mut spec);
+        crate::image::set_boot_options(
+            &dev.disk,
+            &crate::image::firmware_boot_params(&spec, &nonce),
+            self.epoch,
+        )?;
         let log = dir.join(format!("launch-{n}.serial.log"));
         let start = Instant::now();
         let mut ready_at = None;
@@ -702,8 +702,12 @@ pub fn time_to_ready(
     let nonce = qemu::protocol::new_nonce();
     let mut spec = spec.clone();
     if let Some(d) = disk {
-        crate::image::set_boot_options(&d.disk, &qemu::protocol::kernel_params(&nonce), epoch)?;
         d.apply(&mut spec);
+        crate::image::set_boot_options(
+            &d.disk,
+            &crate::image::firmware_boot_params(&spec, &nonce),
+            epoch,
+        )?;
     }
     let start = Instant::now();
     let mut ready_at = None;
@@ -940,17 +944,21 @@ fn print_matrix(m: &Matrix) {
 impl RunDisk {
     /// A copy of this disk and its variable store in `dir`: a second device in the same state.
     pub fn copy_to(&self, dir: &Path) -> Result<RunDisk> {
-        let disk = dir.join("disk-run.img");
-        let vars = dir.join("disk-run-vars.fd");
-        for (from, to) in [(&self.disk, &disk), (&self.vars, &vars)] {
-            fs::copy(from, to)
+        let copy = |from: &Path, name: &str| -> Result<PathBuf> {
+            let to = dir.join(name);
+            fs::copy(from, &to)
                 .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
-        }
+            Ok(to)
+        };
         Ok(RunDisk {
-            disk,
-            vars,
-            code: self.code.clone(),
+            disk: copy(&self.disk, "disk-run.img")?,
+            vars: match &self.vars {
+                Some(v) => Some(copy(v, "disk-run-vars.fd")?),
+                None => None,
+            },
+            boot: self.boot.clone(),
             watchdog: self.watchdog.clone(),
+            params: self.params.clone(),
         })
     }
 }

@@ -351,10 +351,9 @@ pub fn check_run(
     // Through firmware, the disk's entries carry the command line: this boot's parameters go
     // into the disk it boots (a copy of the image, never disk.img itself).
     if spec.firmware.is_some() {
-        let params = qemu::protocol::kernel_params(&nonce);
+        let params = crate::image::firmware_boot_params(spec, &nonce);
         if let Err(e) = spec
-            .drives
-            .first()
+            .boot_disk()
             .context("a firmware boot has no disk")
             .and_then(|d| crate::image::set_boot_options(d, &params, info.source_date_epoch))
         {

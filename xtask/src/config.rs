@@ -93,10 +93,16 @@ struct RawDisk {
     data: Option<String>,
     #[serde(default = "default_tries")]
     tries: u32,
-    firmware_code: String,
+    #[serde(default)]
+    firmware_code: Option<String>,
     #[serde(default)]
     firmware_vars: Option<String>,
-    firmware_package: String,
+    #[serde(default)]
+    firmware_package: Option<String>,
+    #[serde(default)]
+    u_boot: Option<String>,
+    #[serde(default)]
+    qemu_cmdline: String,
     #[serde(default)]
     watchdog: Option<String>,
     #[serde(default)]
@@ -281,6 +287,24 @@ pub enum DiskLayout {
     /// GPT: an EFI system partition with systemd-boot, the slots as boot-counted entries,
     /// and a data partition; booted by UEFI firmware.
     Efi,
+    /// MBR: a FAT boot partition with the Raspberry Pi firmware, U-Boot and its environment
+    /// (the A/B state), a boot script and the slots, and a data partition.
+    Rpi,
+}
+
+/// What boots a board's disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskFirmware {
+    /// UEFI firmware QEMU runs: its code (read-only), its variable store (copied per disk),
+    /// and the Debian package that has them.
+    Uefi {
+        code: PathBuf,
+        vars: Option<PathBuf>,
+        package: String,
+    },
+    /// Debian's U-Boot build for the board (`u-boot-rpi`'s `usr/lib/u-boot/<build>/u-boot.bin`),
+    /// which QEMU loads with `-kernel` since it cannot run the Pi's own firmware.
+    UBoot { build: String },
 }
 
 /// A board's `[disk]` table.
@@ -292,16 +316,14 @@ pub struct DiskConfig {
     pub data_mib: u64,
     /// Boot tries of a trial slot before the boot loader gives up on it.
     pub tries: u32,
-    /// The firmware image QEMU runs (read-only), its variable store (copied per boot), and the
-    /// Debian package that has them.
-    pub firmware_code: PathBuf,
-    pub firmware_vars: Option<PathBuf>,
-    pub firmware_package: String,
+    pub firmware: DiskFirmware,
     /// The QEMU watchdog device a boot from the disk gets (`-device <it>`, reset on expiry);
     /// its Linux driver must be in the kernel.
     pub watchdog: Option<String>,
     /// Kernel parameters the slots' entries add to the board's (e.g. the watchdog's timeout).
     pub cmdline: String,
+    /// Kernel parameters a boot of the disk in QEMU adds (what QEMU cannot emulate).
+    pub qemu_cmdline: String,
 }
 
 #[derive(Debug, Clone)]
@@ -843,7 +865,10 @@ impl Config {
 fn disk_config(raw: RawDisk, shown: &str) -> Result<DiskConfig> {
     let layout = match raw.layout.as_str() {
         "efi" => DiskLayout::Efi,
-        other => bail!("{shown}: key 'disk.layout': unknown layout '{other}' (expected efi)"),
+        "rpi" => DiskLayout::Rpi,
+        other => {
+            bail!("{shown}: key 'disk.layout': unknown layout '{other}' (expected efi or rpi)")
+        }
     };
     let mib = |v: &Option<String>, key: &str, default: u64, min: u64| -> Result<u64> {
         let bytes = parse_budget(v, key, shown)?.unwrap_or(default << 20);
@@ -856,23 +881,46 @@ fn disk_config(raw: RawDisk, shown: &str) -> Result<DiskConfig> {
         bail!("{shown}: key 'disk.tries': a trial needs at least 1 try");
     }
     for (key, p) in [
-        ("disk.firmware-code", Some(&raw.firmware_code)),
+        ("disk.firmware-code", raw.firmware_code.as_ref()),
         ("disk.firmware-vars", raw.firmware_vars.as_ref()),
     ] {
         if p.is_some_and(|p| !p.starts_with('/')) {
             bail!("{shown}: key '{key}': give the firmware file's absolute path on the host");
         }
     }
+    let firmware = match layout {
+        DiskLayout::Efi => {
+            let (Some(code), Some(package)) = (raw.firmware_code, raw.firmware_package) else {
+                bail!("{shown}: keys 'disk.firmware-code' and 'disk.firmware-package': layout efi needs the UEFI firmware QEMU runs and its Debian package");
+            };
+            DiskFirmware::Uefi {
+                code: PathBuf::from(code),
+                vars: raw.firmware_vars.map(PathBuf::from),
+                package,
+            }
+        }
+        DiskLayout::Rpi => {
+            let Some(build) = raw.u_boot else {
+                bail!("{shown}: key 'disk.u-boot': layout rpi needs the U-Boot build of Debian's u-boot-rpi (like rpi_3)");
+            };
+            if raw.tries > 9 {
+                bail!(
+                    "{shown}: key 'disk.tries': U-Boot counts tries from 1 to 9, not {}",
+                    raw.tries
+                );
+            }
+            DiskFirmware::UBoot { build }
+        }
+    };
     Ok(DiskConfig {
         layout,
         esp_mib: mib(&raw.esp, "disk.esp", 64, 34)?,
         data_mib: mib(&raw.data, "disk.data", 32, 1)?,
         tries: raw.tries,
-        firmware_code: PathBuf::from(raw.firmware_code),
-        firmware_vars: raw.firmware_vars.map(PathBuf::from),
-        firmware_package: raw.firmware_package,
+        firmware,
         watchdog: raw.watchdog,
         cmdline: raw.cmdline.trim().to_string(),
+        qemu_cmdline: raw.qemu_cmdline.trim().to_string(),
     })
 }
 

@@ -102,22 +102,10 @@ fn loader_names(arch: Arch) -> (&'static str, &'static str) {
 /// The pinned systemd-boot for `arch`, and where it goes on the ESP.
 pub fn efi_loader(root: &Path, arch: Arch) -> Result<(Vec<u8>, LoaderInfo)> {
     const PACKAGE: &str = "systemd-boot-efi";
-    let deb = crate::offline::pinned_deb(root, arch, PACKAGE)?;
     let lock = crate::offline::load_lock(root, arch.debian())?;
     let version = lock.packages[PACKAGE].version.clone();
     let (inside, esp_path) = loader_names(arch);
-    let tmp = tempfile::tempdir().context("making a temporary folder")?;
-    let st = std::process::Command::new("dpkg-deb")
-        .arg("-x")
-        .arg(&deb)
-        .arg(tmp.path())
-        .status()
-        .context("running dpkg-deb (apt-get install dpkg)")?;
-    if !st.success() {
-        bail!("dpkg-deb -x {} failed", deb.display());
-    }
-    let file = tmp.path().join(inside);
-    let bytes = fs::read(&file).with_context(|| format!("{}: no {inside} in it", deb.display()))?;
+    let bytes = extract_pinned(root, arch, PACKAGE, &[inside])?.remove(0);
     let sha256 = sha256_bytes(&bytes);
     Ok((
         bytes,
@@ -191,18 +179,22 @@ impl Image {
             dest: &built.out,
         };
         let info = write_disk(&root, &board, &disk, &place, &built.info, &version)?;
-        let esp = &info.partitions[0].partition;
+        let (first, second) = (&info.partitions[0].partition, &info.partitions[1].partition);
+        let (table, loader) = match disk.layout {
+            DiskLayout::Efi => ("GPT", "systemd-boot"),
+            DiskLayout::Rpi => ("MBR", "U-Boot"),
+        };
         println!(
-            "wrote {}: {} MiB, GPT: {} {} MiB (systemd-boot {}, slot a: {} as {}), {} {} MiB in {:.1} s",
+            "wrote {}: {} MiB, {table}: {} {} MiB ({loader} {}, slot a: {} as {}), {} {} MiB in {:.1} s",
             built.out.join(DISK_IMG).display(),
             info.size >> 20,
-            esp.name,
-            esp.size >> 20,
+            first.name,
+            first.size >> 20,
             info.loader.version,
             version,
             info.slots[0].entry,
-            info.partitions[1].partition.name,
-            info.partitions[1].partition.size >> 20,
+            second.name,
+            second.size >> 20,
             timer.secs()
         );
         Ok(())
@@ -212,7 +204,101 @@ impl Image {
 pub fn layout_name(l: DiskLayout) -> &'static str {
     match l {
         DiskLayout::Efi => "efi",
+        DiskLayout::Rpi => "rpi",
     }
+}
+
+/// What the GUIDs and serials of a disk derive from: the hash of everything on it.
+fn disk_seed(loader: &[u8], files: &SlotFiles, cmdline: &str, version: &str) -> Vec<u8> {
+    let mut seed = Sha256::new();
+    for part in [
+        loader,
+        &files.kernel,
+        &files.initrd,
+        files.dtb.as_deref().unwrap_or_default(),
+        cmdline.as_bytes(),
+        version.as_bytes(),
+    ] {
+        seed.update(Sha256::digest(part));
+    }
+    seed.finalize().to_vec()
+}
+
+/// U-Boot, beside the card in the output folder: what QEMU loads with `-kernel`.
+pub const UBOOT_BIN: &str = "u-boot.bin";
+
+/// The Pi firmware's settings: 64-bit, U-Boot as the kernel, the serial console on.
+pub const RPI_CONFIG_TXT: &str = "# bonsai: the Pi firmware starts U-Boot, which runs boot.scr (A/B slots)\narm_64bit=1\nkernel=u-boot.bin\nenable_uart=1\n";
+
+/// The Pi firmware files a Raspberry Pi 3 reads from the boot partition.
+const RPI_FIRMWARE: &[&str] = &["bootcode.bin", "start.elf", "fixup.dat"];
+
+/// The kernel command line of the card's slots, before U-Boot adds `bonsai.slot=`.
+pub fn rpi_cmdline(board: &Board) -> String {
+    let c = slot_cmdline(board, "a");
+    c.trim_end_matches(" bonsai.slot=a").to_string()
+}
+
+struct RpiBoot {
+    uboot: Vec<u8>,
+    firmware: Vec<(String, Vec<u8>)>,
+    info: LoaderInfo,
+}
+
+/// U-Boot for the board and the Pi firmware, from the pinned `u-boot-rpi` and `raspi-firmware`.
+fn rpi_boot_files(root: &Path, board: &Board, disk: &DiskConfig) -> Result<RpiBoot> {
+    let crate::config::DiskFirmware::UBoot { build } = &disk.firmware else {
+        bail!("boards/{}.toml: layout rpi needs disk.u-boot", board.name);
+    };
+    let uboot_path = format!("usr/lib/u-boot/{build}/u-boot.bin");
+    let mut got = extract_pinned(root, board.arch, "u-boot-rpi", &[uboot_path.as_str()])?;
+    let uboot = got.remove(0);
+    let names: Vec<String> = RPI_FIRMWARE
+        .iter()
+        .map(|f| format!("usr/lib/raspi-firmware/{f}"))
+        .collect();
+    let firmware = extract_pinned(
+        root,
+        board.arch,
+        "raspi-firmware",
+        &names.iter().map(String::as_str).collect::<Vec<_>>(),
+    )?;
+    let lock = crate::offline::load_lock(root, board.arch.debian())?;
+    Ok(RpiBoot {
+        info: LoaderInfo {
+            package: "u-boot-rpi".into(),
+            version: lock.packages["u-boot-rpi"].version.clone(),
+            path: UBOOT_BIN.into(),
+            sha256: sha256_bytes(&uboot),
+        },
+        uboot,
+        firmware: RPI_FIRMWARE
+            .iter()
+            .map(|f| f.to_string())
+            .zip(firmware)
+            .collect(),
+    })
+}
+
+/// Files of a pinned Debian package, in the order asked.
+fn extract_pinned(root: &Path, arch: Arch, package: &str, inside: &[&str]) -> Result<Vec<Vec<u8>>> {
+    let deb = crate::offline::pinned_deb(root, arch, package)?;
+    let tmp = tempfile::tempdir().context("making a temporary folder")?;
+    let st = std::process::Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(tmp.path())
+        .status()
+        .context("running dpkg-deb (apt-get install dpkg)")?;
+    if !st.success() {
+        bail!("dpkg-deb -x {} failed", deb.display());
+    }
+    inside
+        .iter()
+        .map(|f| {
+            fs::read(tmp.path().join(f)).with_context(|| format!("{}: no {f} in it", deb.display()))
+        })
+        .collect()
 }
 
 /// The board's `[disk]` table, or the one-line error for a board without one.
@@ -244,46 +330,80 @@ pub fn write_disk(
     version: &str,
 ) -> Result<DiskInfo> {
     let out = place.dest;
-    let (loader, loader_info) = efi_loader(root, board.arch)?;
     let files = SlotFiles::read(place.build_out, build)?;
     let cmdline = slot_cmdline(board, "a");
-    let mut seed = Sha256::new();
-    for part in [
-        loader.as_slice(),
-        &files.kernel,
-        &files.initrd,
-        files.dtb.as_deref().unwrap_or_default(),
-        cmdline.as_bytes(),
-        version.as_bytes(),
-    ] {
-        seed.update(Sha256::digest(part));
-    }
-    let seed = seed.finalize();
-    let slot = disk::efi::Slot {
-        name: "a",
-        version,
-        generation: 1,
-        kernel: &files.kernel,
-        initrd: &files.initrd,
-        dtb: files.dtb.as_deref(),
-        cmdline: &cmdline,
-        tries: Some(disk.tries),
-    };
-    let spec = disk::efi::Spec {
-        loader: &loader,
-        loader_path: &loader_info.path,
-        slots: vec![slot.clone()],
-        esp_mib: disk.esp_mib,
-        data_mib: disk.data_mib,
-        epoch: build.source_date_epoch,
-        seed: &seed,
-    };
     let mut tmp = tempfile::Builder::new()
         .prefix(".disk.img.tmp-")
         .tempfile_in(out)
         .with_context(|| format!("creating a temporary file in {}", out.display()))?;
-    let layout = disk::efi::write(tmp.as_file_mut(), &spec)
-        .with_context(|| format!("writing the disk image of {}", board.name))?;
+    let (layout, loader_info, entry) = match disk.layout {
+        DiskLayout::Efi => {
+            let (loader, loader_info) = efi_loader(root, board.arch)?;
+            let seed = disk_seed(&loader, &files, &cmdline, version);
+            let slot = disk::efi::Slot {
+                name: "a",
+                version,
+                generation: 1,
+                kernel: &files.kernel,
+                initrd: &files.initrd,
+                dtb: files.dtb.as_deref(),
+                cmdline: &cmdline,
+                tries: Some(disk.tries),
+            };
+            let spec = disk::efi::Spec {
+                loader: &loader,
+                loader_path: &loader_info.path,
+                slots: vec![slot.clone()],
+                esp_mib: disk.esp_mib,
+                data_mib: disk.data_mib,
+                epoch: build.source_date_epoch,
+                seed: &seed,
+            };
+            let layout = disk::efi::write(tmp.as_file_mut(), &spec)
+                .with_context(|| format!("writing the disk image of {}", board.name))?;
+            (layout, loader_info, disk::efi::entry_name(&slot).file())
+        }
+        DiskLayout::Rpi => {
+            let boot = rpi_boot_files(root, board, disk)?;
+            fs::write(out.join(UBOOT_BIN), &boot.uboot)
+                .with_context(|| format!("writing {}", out.join(UBOOT_BIN).display()))?;
+            let dtb = files.dtb.as_deref().with_context(|| {
+                format!("boards/{}.toml: a Raspberry Pi card needs the kernel's device tree ([kernel] dtb)", board.name)
+            })?;
+            // U-Boot's script adds bonsai.slot= itself.
+            let args = rpi_cmdline(board);
+            let seed = disk_seed(&boot.uboot, &files, &args, version);
+            let spec = disk::rpi::Spec {
+                firmware: boot
+                    .firmware
+                    .iter()
+                    .map(|(n, b)| (n.as_str(), b.as_slice()))
+                    .collect(),
+                config_txt: RPI_CONFIG_TXT,
+                uboot: &boot.uboot,
+                cmdline: &args,
+                tries: disk.tries,
+                slots: vec![disk::rpi::Slot {
+                    name: "a",
+                    version,
+                    kernel: &files.kernel,
+                    initrd: &files.initrd,
+                    dtb,
+                }],
+                boot_mib: disk.esp_mib,
+                data_mib: disk.data_mib,
+                epoch: build.source_date_epoch,
+                seed: &seed,
+            };
+            let layout = disk::rpi::write(tmp.as_file_mut(), &spec)
+                .with_context(|| format!("writing the SD card image of {}", board.name))?;
+            (
+                layout,
+                boot.info,
+                format!("{}: BOOT_A_LEFT={}", disk::rpi::ENV_FILE, disk.tries),
+            )
+        }
+    };
     let f = tmp.as_file_mut();
     let mut partitions = Vec::new();
     for p in &layout.partitions {
@@ -308,7 +428,7 @@ pub fn write_disk(
         slots: vec![SlotInfo {
             slot: "a".into(),
             version: version.into(),
-            entry: disk::efi::entry_name(&slot).file(),
+            entry,
             profile: build.profile.clone(),
             init: build.init.clone(),
             cmdline: cmdline.clone(),
@@ -373,45 +493,103 @@ pub fn ensure_disk(root: &Path, board: &Board, out: &Path, build: &BuildInfo) ->
 /// firmware and boot loader write to them, never to `disk.img`.
 pub struct RunDisk {
     pub disk: PathBuf,
-    pub vars: PathBuf,
-    pub code: PathBuf,
+    /// UEFI's variable store for this disk (none under U-Boot, whose state is on the card).
+    pub vars: Option<PathBuf>,
+    pub boot: RunFirmware,
     /// The board's watchdog device, if it has one.
     pub watchdog: Option<String>,
+    /// Kernel parameters every boot of this disk in QEMU adds (`[disk] qemu-cmdline`).
+    pub params: String,
+}
+
+/// The kernel parameters a firmware boot of `spec` passes through its disk: the disk's own
+/// for QEMU (in `append`, which a firmware boot does not hand to QEMU) and the protocol's.
+pub fn firmware_boot_params(spec: &qemu::QemuSpec, nonce: &str) -> String {
+    format!("{} {}", spec.append, qemu::protocol::kernel_params(nonce))
+        .trim()
+        .to_string()
+}
+
+/// The firmware a run disk boots through.
+#[derive(Debug, Clone)]
+pub enum RunFirmware {
+    Uefi { code: PathBuf },
+    UBoot { binary: PathBuf },
 }
 
 impl RunDisk {
     /// Fresh copies of the image and the variable store, as a new device would have them.
     pub fn fresh(board: &Board, out: &Path) -> Result<RunDisk> {
         let cfg = disk_config(board)?;
-        let code = cfg.firmware_code.display().to_string();
-        let mut extra: Vec<(&str, &str)> = vec![(&code, &cfg.firmware_package)];
-        let vars_src = cfg.firmware_vars.as_ref().map(|v| v.display().to_string());
-        if let Some(v) = &vars_src {
-            extra.push((v, &cfg.firmware_package));
-        }
-        crate::host::ensure(&[], &extra)?;
-        let run = RunDisk {
-            disk: out.join("disk-run.img"),
-            vars: out.join("disk-run-vars.fd"),
-            code: cfg.firmware_code.clone(),
-            watchdog: cfg.watchdog.clone(),
+        let disk = out.join("disk-run.img");
+        let run = match &cfg.firmware {
+            crate::config::DiskFirmware::Uefi {
+                code,
+                vars,
+                package,
+            } => {
+                let code_s = code.display().to_string();
+                let mut extra: Vec<(&str, &str)> = vec![(&code_s, package)];
+                let vars_src = vars.as_ref().map(|v| v.display().to_string());
+                if let Some(v) = &vars_src {
+                    extra.push((v, package));
+                }
+                crate::host::ensure(&[], &extra)?;
+                let run_vars = out.join("disk-run-vars.fd");
+                match vars {
+                    Some(v) => copy(v, &run_vars)?,
+                    None => fs::write(&run_vars, vec![0u8; 64 << 20])
+                        .with_context(|| format!("writing {}", run_vars.display()))?,
+                }
+                RunDisk {
+                    disk,
+                    vars: Some(run_vars),
+                    boot: RunFirmware::Uefi { code: code.clone() },
+                    watchdog: cfg.watchdog.clone(),
+                    params: cfg.qemu_cmdline.clone(),
+                }
+            }
+            crate::config::DiskFirmware::UBoot { .. } => {
+                let binary = out.join(UBOOT_BIN);
+                if !binary.is_file() {
+                    bail!(
+                        "{} is missing; run cargo xtask image --board {}",
+                        binary.display(),
+                        board.name
+                    );
+                }
+                RunDisk {
+                    disk,
+                    vars: None,
+                    boot: RunFirmware::UBoot { binary },
+                    watchdog: cfg.watchdog.clone(),
+                    params: cfg.qemu_cmdline.clone(),
+                }
+            }
         };
         copy(&out.join(DISK_IMG), &run.disk)?;
-        match &cfg.firmware_vars {
-            Some(v) => copy(v, &run.vars)?,
-            None => fs::write(&run.vars, vec![0u8; 64 << 20])
-                .with_context(|| format!("writing {}", run.vars.display()))?,
-        }
         Ok(run)
     }
 
     /// Boot `spec` from this disk through the firmware.
     pub fn apply(&self, spec: &mut qemu::QemuSpec) {
-        spec.firmware = Some(qemu::Firmware::Uefi {
-            code: self.code.clone(),
-            vars: self.vars.clone(),
-        });
-        spec.drives.insert(0, self.disk.clone());
+        // The disk's entries hold the command line; `append` keeps only what this boot adds.
+        spec.append = self.params.clone();
+        match &self.boot {
+            RunFirmware::Uefi { code } => {
+                spec.firmware = Some(qemu::Firmware::Uefi {
+                    code: code.clone(),
+                    vars: self.vars.clone().unwrap_or_default(),
+                });
+                spec.drives.insert(0, self.disk.clone());
+            }
+            RunFirmware::UBoot { binary } => {
+                spec.firmware = Some(qemu::Firmware::UBoot {
+                    binary: binary.clone(),
+                    card: self.disk.clone(),
+                });
+            }
+        }
         if let Some(w) = &self.watchdog {
             // On expiry the machine resets; under -no-reboot QEMU then exits, and the next
             // boot is the next launch.
@@ -438,8 +616,22 @@ pub fn set_boot_options(path: &Path, params: &str, epoch: u64) -> Result<()> {
         .write(true)
         .open(path)
         .with_context(|| format!("opening {}", path.display()))?;
-    disk::efi::set_options(&mut f, params, epoch)
-        .with_context(|| format!("{}: setting the boot's kernel parameters", path.display()))?;
+    // A GPT disk has its command lines in its entries; a Pi card has them in U-Boot's
+    // environment.
+    let set = match disk::efi::find_esp(&mut f) {
+        Ok(_) => disk::efi::set_options(&mut f, params, epoch).map(|_| ()),
+        Err(_) => disk::rpi::set_extra(&mut f, params, epoch),
+    };
+    set.with_context(|| format!("{}: setting the boot's kernel parameters", path.display()))?;
     f.sync_all()
         .with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod uboot_tests {
+    /// The running system rewrites U-Boot's environment at the size U-Boot reads.
+    #[test]
+    fn the_guest_writes_the_environment_size_u_boot_reads() {
+        assert_eq!(rootfs::backends::UBOOT_ENV_SIZE, disk::uboot::ENV_SIZE);
+    }
 }

@@ -235,6 +235,9 @@ fn fetch_missing(cache: &Path, arch: &str, lock: &Lock) -> Result<()> {
     Ok(())
 }
 
+/// The Debian release of the lock files.
+const DEBIAN_SUITE: &str = "bookworm";
+
 /// apt-get with a private state folder for one architecture.
 struct AptDir {
     lists: PathBuf,
@@ -252,9 +255,32 @@ impl AptDir {
         }
     }
 
+    /// The host's `/etc/apt/sources.list` plus Debian's `non-free-firmware` component (the Pi
+    /// firmware is there), written beside the private state: the host's other sources
+    /// (`sources.list.d`) stay as they are.
+    fn source_list(&self) -> PathBuf {
+        let file = self.lists.with_file_name("sources.list");
+        let mut text = fs::read_to_string("/etc/apt/sources.list").unwrap_or_default();
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(&format!(
+            "# added by bonsai (raspi-firmware)\ndeb http://deb.debian.org/debian {DEBIAN_SUITE} non-free-firmware\n"
+        ));
+        if fs::read_to_string(&file).ok().as_deref() != Some(text.as_str()) {
+            let _ = fs::create_dir_all(&self.lists);
+            let _ = fs::write(&file, text);
+        }
+        file
+    }
+
     fn command(&self) -> Command {
         let mut c = Command::new("apt-get");
         c.arg("-q")
+            .arg(format!(
+                "-oDir::Etc::SourceList={}",
+                self.source_list().display()
+            ))
             .arg(format!("-oAPT::Architecture={}", self.arch))
             .arg(format!("-oAPT::Architectures={}", self.arch))
             .arg(format!("-oDir::State::Lists={}", self.lists.display()))

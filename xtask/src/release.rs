@@ -110,7 +110,12 @@ impl Release {
                 dest: stage.path(),
             };
             crate::image::write_disk(&root, &board, disk, &place, info, &version)?;
-            for f in [crate::image::DISK_IMG, crate::image::DISK_JSON] {
+            let mut disk_files = vec![crate::image::DISK_IMG, crate::image::DISK_JSON];
+            // A Pi card's U-Boot is beside it too: what QEMU loads in place of the Pi firmware.
+            if disk.layout == crate::config::DiskLayout::Rpi {
+                disk_files.push(crate::image::UBOOT_BIN);
+            }
+            for f in disk_files {
                 set_mode(&stage.path().join(f), 0o644)?;
                 files.push(f.into());
             }

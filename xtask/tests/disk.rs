@@ -252,3 +252,114 @@ fn assert_trial_blessed(log: &str) {
     assert_eq!(line("BONSAI-SLOT "), "a bonsai-a+2-1.conf trial");
     assert_eq!(line("BONSAI-BLESSED "), "bonsai-a+2-1.conf bonsai-a.conf");
 }
+
+/// The Raspberry Pi 3's SD card: MBR (sfdisk's view), a FAT boot partition with the Pi firmware,
+/// `config.txt`, U-Boot, the boot script and U-Boot's environment (mtools' view), booted as far
+/// as QEMU allows: Debian's U-Boot loaded with `-kernel` (QEMU cannot run the Pi's VideoCore
+/// firmware) runs `boot.scr` from the card, counts slot A's try down in its environment and
+/// boots it; the guest blesses the slot by writing the environment anew, which the host reads
+/// back (its CRC checked) and which U-Boot reads on the next boot.
+#[test]
+fn raspberrypi3_boots_from_its_card_through_u_boot() {
+    require("qemu-system-aarch64", "qemu-system-arm");
+    require("mdir", "mtools");
+    require("sfdisk", "fdisk");
+    let out = out_root().join("disk-pi");
+    let out_s = out.display().to_string();
+    ok(&["image", "--board", "raspberrypi3", "--out", &out_s]);
+    let json = fs::read_to_string(out.join("disk.json")).unwrap();
+    check_schema("disk", &json).unwrap_or_else(|e| panic!("disk.json: {e}"));
+    let info: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(info["layout"], "rpi");
+    let img = out.join("disk.img");
+    let size = fs::metadata(&img).unwrap().len();
+    assert!(
+        size.is_power_of_two(),
+        "QEMU's SD card needs a power of two, not {size}"
+    );
+
+    let pt: serde_json::Value =
+        serde_json::from_str(&tool("sfdisk", &["--json", &img.display().to_string()])).unwrap();
+    let pt = &pt["partitiontable"];
+    assert_eq!(pt["label"], "dos");
+    let parts = pt["partitions"].as_array().unwrap();
+    assert_eq!(parts.len(), 2);
+    assert_eq!(parts[0]["type"], "c");
+    assert_eq!(parts[0]["bootable"], true);
+    assert_eq!(parts[0]["start"], info["partitions"][0]["first_lba"]);
+
+    let boot = format!("{}@@{}", img.display(), info["partitions"][0]["offset"]);
+    let listing = tool("mdir", &["-b", "-i", &boot, "::/"]);
+    for f in [
+        "bootcode.bin",
+        "start.elf",
+        "fixup.dat",
+        "config.txt",
+        "u-boot.bin",
+        "boot.scr",
+        "uboot.env",
+    ] {
+        assert!(
+            listing.lines().any(|l| l.ends_with(&format!("/{f}"))),
+            "{f} is not on the boot partition:\n{listing}"
+        );
+    }
+    let config = tool("mtype", &["-i", &boot, "::/config.txt"]);
+    assert!(
+        config.contains("kernel=u-boot.bin") && config.contains("arm_64bit=1"),
+        "{config}"
+    );
+    let env_of = |img: &std::path::Path| {
+        let boot = format!("{}@@{}", img.display(), info["partitions"][0]["offset"]);
+        let o = Command::new("mcopy")
+            .args(["-i", &boot, "::/uboot.env", "-"])
+            .output()
+            .unwrap();
+        disk::uboot::parse_env(&o.stdout).unwrap_or_else(|e| panic!("{}: {e}", img.display()))
+    };
+    let env = env_of(&img);
+    assert_eq!(
+        (
+            env["BOOT_ORDER"].as_str(),
+            env["BOOT_A_LEFT"].as_str(),
+            env["BOOT_B_LEFT"].as_str()
+        ),
+        ("A B", "3", "0")
+    );
+
+    let print = boot_disk("raspberrypi3", &out_s, &["--print"]);
+    assert!(
+        print.contains("u-boot.bin") && print.contains("if=sd"),
+        "{print}"
+    );
+    boot_disk("raspberrypi3", &out_s, &["--check", "--timeout", "300"]);
+    let log = fs::read_to_string(out.join("serial.log")).unwrap();
+    assert!(log.contains("U-Boot 2023.01"), "U-Boot did not run");
+    assert!(
+        log.contains("bonsai: booting slot a (BOOT_A_LEFT=2 BOOT_B_LEFT=0)"),
+        "the boot script did not count the try"
+    );
+    assert_eq!(
+        log.lines()
+            .find(|l| l.starts_with("BONSAI-BLESSED "))
+            .map(|l| l.split_whitespace().skip(2).collect::<Vec<_>>().join(" ")),
+        Some("BOOT_A_LEFT=2 BOOT_A_LEFT=3".to_string())
+    );
+    // The guest's environment, read back on the host: a valid CRC and the try given back.
+    let run = out.join("disk-run.img");
+    let after = env_of(&run);
+    assert_eq!(after["BOOT_A_LEFT"], "3");
+    assert_eq!(
+        after["bootcmd"], env["bootcmd"],
+        "the guest lost U-Boot's own variables"
+    );
+
+    // U-Boot reads it: booting that card again starts from the blessed count.
+    fs::copy(&run, &img).unwrap();
+    boot_disk("raspberrypi3", &out_s, &["--check", "--timeout", "300"]);
+    let log = fs::read_to_string(out.join("serial.log")).unwrap();
+    assert!(
+        log.contains("bonsai: BOOT_ORDER=A B BOOT_A_LEFT=3 BOOT_B_LEFT=0"),
+        "U-Boot did not take the guest's environment"
+    );
+}
