@@ -104,12 +104,15 @@ impl Release {
         }
         // Boards with a disk layout ship the disk too (and `repro` compares it like the rest).
         let board = crate::config::Config::new(&root).load_board(&self.board)?;
+        let mut disk_info = None;
         if let Some(disk) = &board.disk {
             let place = crate::image::DiskPlace {
                 build_out: &built.out,
                 dest: stage.path(),
             };
-            crate::image::write_disk(&root, &board, disk, &place, info, &version)?;
+            disk_info = Some(crate::image::write_disk(
+                &root, &board, disk, &place, info, &version,
+            )?);
             let mut disk_files = vec![crate::image::DISK_IMG, crate::image::DISK_JSON];
             // A Pi card's U-Boot is beside it too: what QEMU loads in place of the Pi firmware.
             if disk.layout == crate::config::DiskLayout::Rpi {
@@ -151,6 +154,7 @@ impl Release {
             }),
             development: info.development,
             secrets: &info.secrets,
+            boot_loader: disk_info.as_ref().map(|d| &d.loader),
         });
         fs::write(
             stage.path().join("sbom.cdx.json"),

@@ -134,6 +134,8 @@ pub struct SbomInput<'a> {
     pub development: bool,
     /// Image paths of files supplied at build time from outside the repository.
     pub secrets: &'a [String],
+    /// The boot loader on the release's disk image (systemd-boot, U-Boot), when it has one.
+    pub boot_loader: Option<&'a crate::image::LoaderInfo>,
 }
 
 /// ISO 8601 UTC for a Unix time, without a clock or a time-zone database.
@@ -174,6 +176,19 @@ pub fn cyclonedx(input: &SbomInput) -> Value {
             }
         }
         components.push(c);
+    }
+    if let Some(l) = input.boot_loader {
+        components.push(json!({
+            "type": "firmware",
+            "bom-ref": format!("debian:{}", l.package),
+            "name": l.package,
+            "version": l.version,
+            "hashes": [{"alg": "SHA-256", "content": l.sha256}],
+            "properties": [
+                {"name": "bonsai:disk-path", "value": l.path},
+                {"name": "bonsai:package-source", "value": "debian (pinned in nix/offline/<arch>.lock.json)"},
+            ],
+        }));
     }
     let mut h = Sha256::new();
     h.update(input.board.as_bytes());
@@ -231,6 +246,7 @@ pub fn cyclonedx(input: &SbomInput) -> Value {
                 .iter()
                 .chain(input.kernel.as_ref().map(|k| k.info))
                 .map(|p| p.path.clone())
+                .chain(input.boot_loader.map(|l| format!("debian:{}", l.package)))
                 .collect::<Vec<_>>(),
         }],
     })
@@ -256,6 +272,7 @@ mod tests {
             kernel: None,
             development,
             secrets,
+            boot_loader: None,
         };
         let names = |doc: &Value| -> Vec<String> {
             doc["metadata"]["component"]["properties"]
@@ -360,6 +377,12 @@ mod tests {
             "sha256-xZyAlaEjpAKshEr9G+IANAoizB1UbIqPrFxiacLj1HA=",
         );
         let config_sha = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        let loader = crate::image::LoaderInfo {
+            package: "systemd-boot-efi".into(),
+            version: "252.39-1~deb12u2".into(),
+            path: "EFI/BOOT/BOOTX64.EFI".into(),
+            sha256: config_sha.into(),
+        };
         let doc = cyclonedx(&SbomInput {
             board: "qemu-x86_64",
             version: "1",
@@ -377,9 +400,26 @@ mod tests {
             }),
             development: false,
             secrets: &[],
+            boot_loader: Some(&loader),
         });
         let components = doc["components"].as_array().unwrap();
-        assert_eq!(components.len(), 4);
+        assert_eq!(components.len(), 5);
+        // The disk's boot loader: its Debian package, version and hash.
+        let l = &components[4];
+        assert_eq!(
+            (&l["type"], &l["name"], &l["version"]),
+            (
+                &json!("firmware"),
+                &json!("systemd-boot-efi"),
+                &json!("252.39-1~deb12u2")
+            )
+        );
+        assert_eq!(l["hashes"][0]["content"], config_sha);
+        assert!(doc["dependencies"][0]["dependsOn"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("debian:systemd-boot-efi")));
+        let components = &components[..4];
         for c in components {
             let hashes = c["hashes"].as_array().map(Vec::as_slice).unwrap_or(&[]);
             assert_eq!(
