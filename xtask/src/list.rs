@@ -20,8 +20,8 @@ impl List {
             let mut boards = Vec::new();
             for name in cfg.board_names()? {
                 boards.push(match cfg.load_board(&name) {
-                    Ok(b) => serde_json::json!({"name": name, "description": b.description, "arch": b.arch.name(), "profile": b.profile, "valid": true, "error": null}),
-                    Err(e) => serde_json::json!({"name": name, "description": null, "arch": null, "profile": null, "valid": false, "error": crate::ui::one_line(&e)}),
+                    Ok(b) => serde_json::json!({"name": name, "description": b.description, "arch": b.arch.name(), "profile": b.profile, "disk": b.disk.as_ref().map(|d| crate::image::layout_name(d.layout)), "valid": true, "error": null}),
+                    Err(e) => serde_json::json!({"name": name, "description": null, "arch": null, "profile": null, "disk": null, "valid": false, "error": crate::ui::one_line(&e)}),
                 });
             }
             let mut profiles = Vec::new();
@@ -42,10 +42,14 @@ impl List {
         for name in cfg.board_names()? {
             match cfg.load_board(&name) {
                 Ok(b) => println!(
-                    "board    {name:<20} {} ({}, profile {})",
+                    "board    {name:<20} {} ({}, profile {}{})",
                     b.description,
                     b.arch.name(),
-                    b.profile
+                    b.profile,
+                    b.disk
+                        .as_ref()
+                        .map(|d| format!(", disk {}", crate::image::layout_name(d.layout)))
+                        .unwrap_or_default()
                 ),
                 Err(e) => println!("board    {name:<20} INVALID: {}", crate::ui::one_line(&e)),
             }
