@@ -564,11 +564,7 @@ fn write_b(
         cmdline: &cmdline,
         tries: Some(tries),
     };
-    let mut f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&dev.disk)
-        .with_context(|| format!("opening {}", dev.disk.display()))?;
+    let mut f = crate::image::open_rw(&dev.disk)?;
     disk::efi::update_slot(&mut f, &slot, info.source_date_epoch)
         .with_context(|| format!("{}: writing slot b", dev.disk.display()))?;
     f.sync_all()
@@ -576,11 +572,7 @@ fn write_b(
 }
 
 fn read_entries(disk: &Path, epoch: u64) -> Result<Vec<String>> {
-    let mut f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(disk)
-        .with_context(|| format!("opening {}", disk.display()))?;
+    let mut f = crate::image::open_rw(disk)?;
     disk::efi::entries(&mut f, epoch)
         .with_context(|| format!("{}: reading the entries", disk.display()))
 }
@@ -641,32 +633,18 @@ impl Runner<'_> {
         dev: &RunDisk,
         dir: &Path,
     ) -> Result<Launch> {
-        let nonce = qemu::protocol::new_nonce();
-        let mut spec = self.spec.clone();
-        dev.apply(&mut spec);
-        crate::image::set_boot_options(
-            &dev.disk,
-            &crate::image::firmware_boot_params(&spec, &nonce),
-            self.epoch,
-        )?;
         let log = dir.join(format!("launch-{n}.serial.log"));
-        let start = Instant::now();
-        let mut ready_at = None;
-        let verbose = self.verbose;
-        let mut progress = |e: qemu::Event| match e {
-            qemu::Event::Ready { .. } => ready_at = Some(start.elapsed().as_secs_f64()),
-            qemu::Event::Line(l) if verbose => eprintln!("    | {l}"),
-            _ => {}
-        };
-        let result = qemu::boot_check(
-            &spec,
-            &nonce,
+        let boot = timed_boot(
+            self.spec,
+            Some(dev),
             self.checks,
-            self.timeout,
+            self.epoch,
             &log,
-            &mut progress,
-        );
-        let wall_s = start.elapsed().as_secs_f64();
+            self.timeout,
+            self.verbose,
+        )?;
+        let (nonce, result, ready_at, wall_s) =
+            (boot.nonce, boot.result, boot.ready_s, boot.wall_s);
         let ending = match result {
             Ok(_) => Ending::Done,
             Err(qemu::Failure::ChecksFailed { .. }) => Ending::ChecksFailed,
@@ -689,16 +667,26 @@ impl Runner<'_> {
     }
 }
 
-/// Boots `spec` (through `disk`'s firmware when given) and runs the image's checks; the host
-/// seconds from QEMU's start to the ready marker. For the bench.
-pub fn time_to_ready(
+/// One boot, timed from the host: its nonce, the console judge's result, and the host seconds
+/// from QEMU's start to the ready marker and to the end.
+struct TimedBoot {
+    nonce: String,
+    result: Result<qemu::Report, qemu::Failure>,
+    ready_s: Option<f64>,
+    wall_s: f64,
+}
+
+/// Boots `spec` (through `disk`'s firmware when given, with a fresh nonce in the disk) and runs
+/// the image's checks.
+fn timed_boot(
     spec: &qemu::QemuSpec,
     disk: Option<&RunDisk>,
     checks: &[qemu::Check],
     epoch: u64,
     log: &Path,
     timeout: Duration,
-) -> Result<f64> {
+    verbose: bool,
+) -> Result<TimedBoot> {
     let nonce = qemu::protocol::new_nonce();
     let mut spec = spec.clone();
     if let Some(d) = disk {
@@ -710,15 +698,36 @@ pub fn time_to_ready(
         )?;
     }
     let start = Instant::now();
-    let mut ready_at = None;
-    let mut progress = |e: qemu::Event| {
-        if let qemu::Event::Ready { .. } = e {
-            ready_at = Some(start.elapsed().as_secs_f64())
-        }
+    let mut ready_s = None;
+    let mut progress = |e: qemu::Event| match e {
+        qemu::Event::Ready { .. } => ready_s = Some(start.elapsed().as_secs_f64()),
+        qemu::Event::Line(l) if verbose => eprintln!("    | {l}"),
+        _ => {}
     };
-    qemu::boot_check(&spec, &nonce, checks, timeout, log, &mut progress)
+    let result = qemu::boot_check(&spec, &nonce, checks, timeout, log, &mut progress);
+    Ok(TimedBoot {
+        nonce,
+        result,
+        ready_s,
+        wall_s: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Boots `spec` (through `disk`'s firmware when given) and runs the image's checks; the host
+/// seconds from QEMU's start to the ready marker. For the bench.
+pub fn time_to_ready(
+    spec: &qemu::QemuSpec,
+    disk: Option<&RunDisk>,
+    checks: &[qemu::Check],
+    epoch: u64,
+    log: &Path,
+    timeout: Duration,
+) -> Result<f64> {
+    let boot = timed_boot(spec, disk, checks, epoch, log, timeout, false)?;
+    boot.result
         .map_err(|e| anyhow::anyhow!("{e} (serial log: {})", log.display()))?;
-    ready_at.with_context(|| format!("no ready marker (serial log: {})", log.display()))
+    boot.ready_s
+        .with_context(|| format!("no ready marker (serial log: {})", log.display()))
 }
 
 /// What the console of one launch shows, for this launch's nonce.

@@ -234,6 +234,16 @@ pub fn recorded_source(info: &BuildInfo) -> PackageSource {
     }
 }
 
+/// The board's kernel command line: its console and `[kernel] cmdline`.
+pub fn board_cmdline(board: &Board) -> String {
+    let mut c = format!("console={}", board.console);
+    if !board.kernel.cmdline.trim().is_empty() {
+        c.push(' ');
+        c.push_str(board.kernel.cmdline.trim());
+    }
+    c
+}
+
 /// The QEMU invocation for a board's built image: the single source of truth.
 pub fn qemu_spec(
     board: &Board,
@@ -253,11 +263,7 @@ pub fn qemu_spec(
             );
         }
     }
-    let mut append = format!("console={}", board.console);
-    if !board.kernel.cmdline.trim().is_empty() {
-        append.push(' ');
-        append.push_str(board.kernel.cmdline.trim());
-    }
+    let append = board_cmdline(board);
     Ok(QemuSpec {
         binary: board.qemu.binary.clone(),
         install_hint: Some(format!("apt-get install {}", board.arch.qemu_package())),

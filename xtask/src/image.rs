@@ -118,20 +118,21 @@ pub fn efi_loader(root: &Path, arch: Arch) -> Result<(Vec<u8>, LoaderInfo)> {
     ))
 }
 
-/// The kernel command line of a slot on a disk: the board's console and command line, and the
-/// slot's name (`bonsai.slot=`), which the running system shows in `/run/bonsai/slot`.
-pub fn slot_cmdline(board: &Board, slot: &str) -> String {
-    let mut c = format!("console={}", board.console);
-    if !board.kernel.cmdline.trim().is_empty() {
-        c.push(' ');
-        c.push_str(board.kernel.cmdline.trim());
-    }
+/// The kernel command line every slot of a disk boots with: the board's
+/// ([`crate::boot::board_cmdline`]) and the `[disk]` table's own parameters.
+pub fn disk_cmdline(board: &Board) -> String {
+    let mut c = crate::boot::board_cmdline(board);
     if let Some(d) = board.disk.as_ref().filter(|d| !d.cmdline.is_empty()) {
         c.push(' ');
         c.push_str(&d.cmdline);
     }
-    c.push_str(&format!(" bonsai.slot={slot}"));
     c
+}
+
+/// The kernel command line of a slot on a disk: [`disk_cmdline`] and the slot's name
+/// (`bonsai.slot=`), which the running system shows in `/run/bonsai/slot`.
+pub fn slot_cmdline(board: &Board, slot: &str) -> String {
+    format!("{} bonsai.slot={slot}", disk_cmdline(board))
 }
 
 /// The files of one build, as a slot boots them.
@@ -232,12 +233,6 @@ pub const RPI_CONFIG_TXT: &str = "# bonsai: the Pi firmware starts U-Boot, which
 
 /// The Pi firmware files a Raspberry Pi 3 reads from the boot partition.
 const RPI_FIRMWARE: &[&str] = &["bootcode.bin", "start.elf", "fixup.dat"];
-
-/// The kernel command line of the card's slots, before U-Boot adds `bonsai.slot=`.
-pub fn rpi_cmdline(board: &Board) -> String {
-    let c = slot_cmdline(board, "a");
-    c.trim_end_matches(" bonsai.slot=a").to_string()
-}
 
 struct RpiBoot {
     uboot: Vec<u8>,
@@ -371,7 +366,7 @@ pub fn write_disk(
                 format!("boards/{}.toml: a Raspberry Pi card needs the kernel's device tree ([kernel] dtb)", board.name)
             })?;
             // U-Boot's script adds bonsai.slot= itself.
-            let args = rpi_cmdline(board);
+            let args = disk_cmdline(board);
             let seed = disk_seed(&boot.uboot, &files, &args, version);
             let spec = disk::rpi::Spec {
                 firmware: boot
@@ -609,13 +604,18 @@ fn copy(from: &Path, to: &Path) -> Result<()> {
         .with_context(|| format!("copying {} to {}", from.display(), to.display()))
 }
 
-/// Sets this boot's kernel parameters in every bonsai entry of the disk at `path`.
-pub fn set_boot_options(path: &Path, params: &str, epoch: u64) -> Result<()> {
-    let mut f = fs::OpenOptions::new()
+/// Opens a disk image to read and write it in place.
+pub fn open_rw(path: &Path) -> Result<fs::File> {
+    fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(path)
-        .with_context(|| format!("opening {}", path.display()))?;
+        .with_context(|| format!("opening {}", path.display()))
+}
+
+/// Sets this boot's kernel parameters in every bonsai entry of the disk at `path`.
+pub fn set_boot_options(path: &Path, params: &str, epoch: u64) -> Result<()> {
+    let mut f = open_rw(path)?;
     // A GPT disk has its command lines in its entries; a Pi card has them in U-Boot's
     // environment.
     let set = match disk::efi::find_esp(&mut f) {
