@@ -51,8 +51,11 @@ impl Run {
         }
     }
 
-    /// Reads lines until one contains `needle`.
+    /// Returns once a line containing `needle` has been seen (earlier or now).
     fn wait_for(&mut self, needle: &str) {
+        if self.seen.iter().any(|l| l.contains(needle)) {
+            return;
+        }
         let deadline = Instant::now() + WATCHDOG;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -292,7 +295,10 @@ fn sigterm_stops_services_in_reverse_order_and_kills_the_stubborn() {
     );
     let mut run = Run::start(tmp.path(), &config);
     run.wait_for("all services started");
-    run.wait_for("[hup] ready");
+    // Each service says "ready" once its traps are set: signalling before that would race them.
+    for name in ["first", "stubborn", "hup"] {
+        run.wait_for(&format!("[{name}] ready"));
+    }
     let t = Instant::now();
     run.signal(Signal::SIGTERM);
     let (status, lines) = run.finish();
