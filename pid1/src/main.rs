@@ -29,6 +29,7 @@ mod setup;
 mod shutdown;
 mod spawn;
 mod supervisor;
+mod update;
 
 #[cfg(not(test))]
 use std::ffi::{c_char, c_int, CStr};
@@ -42,7 +43,17 @@ use supervisor::{Mode, Supervisor};
 #[no_mangle]
 extern "C" fn main(argc: c_int, argv: *const *const c_char) -> c_int {
     // SAFETY: the C runtime passes argc valid NUL-terminated strings.
-    entry(unsafe { collect_args(argc, argv) })
+    let mut args = unsafe { collect_args(argc, argv) };
+    let argv0 = if args.is_empty() {
+        String::new()
+    } else {
+        args.remove(0)
+    };
+    // Installed as /bin/bonsai-update too: the same binary, the updater's commands.
+    if argv0.rsplit('/').next() == Some("bonsai-update") {
+        return update::main(&args);
+    }
+    entry(args)
 }
 
 /// Test builds get their main from the harness; this keeps `entry` reachable there.
@@ -59,7 +70,7 @@ fn entry(args: Vec<String>) -> i32 {
     run_command(&args)
 }
 
-/// `argv[1..]` as strings (lossy), without std's runtime, which `no_main` skips.
+/// `argv` as strings (lossy), without std's runtime, which `no_main` skips.
 ///
 /// # Safety
 /// `argv` must hold `argc` pointers to NUL-terminated strings.
@@ -67,7 +78,7 @@ fn entry(args: Vec<String>) -> i32 {
 unsafe fn collect_args(argc: c_int, argv: *const *const c_char) -> Vec<String> {
     let count = usize::try_from(argc).unwrap_or(0);
     let mut args = Vec::with_capacity(count);
-    for i in 1..count {
+    for i in 0..count {
         let ptr = *argv.add(i);
         if ptr.is_null() {
             break;
@@ -79,6 +90,9 @@ unsafe fn collect_args(argc: c_int, argv: *const *const c_char) -> Vec<String> {
 
 /// Not PID 1. Exit codes: 0 done, 1 failed, 2 usage.
 fn run_command(args: &[String]) -> i32 {
+    if args.first().map(String::as_str) == Some("update") {
+        return update::main(args.get(1..).unwrap_or_default());
+    }
     match client::parse(args) {
         client::Command::Signal(sig) => client::signal_init(sig),
         client::Command::Version => client::version(),

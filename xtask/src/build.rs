@@ -36,6 +36,10 @@ pub struct Build {
     /// Run as a step of another command: the summary goes to stderr, stdout stays theirs.
     #[arg(skip)]
     pub nested: bool,
+    /// The public key (minisign format) bonsai-update checks bundles against, built into the
+    /// image with the board's name (`cargo xtask bundle`).
+    #[arg(skip)]
+    pub update_key: Option<String>,
 }
 
 /// What a build wrote, kept as out/<board>/build.json.
@@ -127,6 +131,11 @@ impl Build {
             plan.epoch,
             &plan.secrets,
         )?;
+        // The update key is an input of the image (a file in it).
+        let fp = fp.map(|f| match &plan.update_key {
+            None => f,
+            Some(k) => crate::digest::sha256_bytes(format!("{f}\nupdate-key={k}").as_bytes()),
+        });
         if let Some(info) = plan.up_to_date(fp.as_deref()) {
             summary(
                 self.nested,
@@ -216,6 +225,7 @@ impl Build {
             secrets,
             epoch,
             out,
+            update_key: self.update_key.clone(),
         };
         Ok((plan, lock))
     }
@@ -238,6 +248,8 @@ struct Plan {
     secrets: Vec<crate::hygiene::Secret>,
     /// SOURCE_DATE_EPOCH: the time of every file in the archive, and build.json's.
     epoch: u64,
+    /// [`Build::update_key`].
+    update_key: Option<String>,
     out: PathBuf,
 }
 
@@ -371,6 +383,26 @@ impl Plan {
                 key
             }
         };
+        if let Some(key) = &self.update_key {
+            extra.push((
+                crate::update::IMAGE_KEY.to_string(),
+                rootfs::Node::file(rootfs::Source::Bytes(key.clone().into_bytes()), 0o644),
+            ));
+            extra.push((
+                crate::update::IMAGE_CONF.to_string(),
+                rootfs::Node::file(
+                    rootfs::Source::Bytes(
+                        format!(
+                            "board={}\ntries={}\n",
+                            self.board.name,
+                            self.board.disk.as_ref().map(|d| d.tries).unwrap_or(3)
+                        )
+                        .into_bytes(),
+                    ),
+                    0o644,
+                ),
+            ));
+        }
         for s in &self.secrets {
             extra.push((
                 s.path.trim_start_matches('/').to_string(),

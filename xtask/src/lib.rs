@@ -35,6 +35,7 @@ pub mod ssh;
 pub mod test;
 pub mod test_boards;
 pub mod ui;
+pub mod update;
 pub mod why;
 
 use std::path::PathBuf;
@@ -78,6 +79,12 @@ pub enum Command {
     NewBoard(new_board::NewBoard),
     /// Write out/release/<board>-<version>/: kernel, initramfs, manifest, SBOM, SHA256SUMS
     Release(release::Release),
+    /// Write a minisign key pair for signing update bundles: <prefix>.pub and <prefix>.key
+    Keygen(update::Keygen),
+    /// A release with its signed update bundle: out/release/<board>-<version>/<board>-<version>.bundle
+    Bundle(update::Bundle),
+    /// What a device on one release must fetch to get another (from their bundles)
+    Delta(update::Delta),
     /// Build a release twice in two fresh checkouts with a changed environment and compare
     Repro(repro::Repro),
     /// What changed between two releases: files, sizes, store paths and versions
@@ -157,6 +164,9 @@ pub fn main() -> ExitCode {
         Command::KernelConfig(c) => c.run(),
         Command::TestBoards(c) => c.run(),
         Command::Release(c) => c.run().map(|_| ()),
+        Command::Keygen(c) => c.run(),
+        Command::Bundle(c) => c.run(),
+        Command::Delta(c) => c.run(),
         Command::Repro(c) => c.run(),
         Command::Diff(c) => c.run(),
         Command::NewBoard(c) => c.run(),

@@ -27,6 +27,10 @@ pub struct Release {
     /// Folder that receives <board>-<version>/ (default: out/release)
     #[arg(long)]
     pub out_dir: Option<PathBuf>,
+    /// Also write the signed update bundle (as `cargo xtask bundle`), with this secret key's
+    /// public half built into the image
+    #[arg(long)]
+    pub key: Option<PathBuf>,
 }
 
 /// `git describe --tags --always` of the checkout, or `dev` outside git.
@@ -49,11 +53,17 @@ impl Release {
         if version.is_empty() || version.contains(['/', ' ']) {
             bail!("release version '{version}' must be a non-empty word without '/' or spaces");
         }
+        let key = self
+            .key
+            .as_deref()
+            .map(crate::update::read_secret_key)
+            .transpose()?;
         let built = Build {
             board: self.board.clone(),
             profile: self.profile.clone(),
             init: self.init.clone(),
             nested: true,
+            update_key: key.as_ref().map(|k| k.public_file()),
             ..Build::default()
         }
         .run()?;
@@ -121,6 +131,20 @@ impl Release {
             for f in disk_files {
                 set_mode(&stage.path().join(f), 0o644)?;
                 files.push(f.into());
+            }
+        }
+        if let Some(key) = &key {
+            let names = crate::update::write_bundle(
+                stage.path(),
+                &self.board,
+                &version,
+                &built.out,
+                info,
+                key,
+            )?;
+            for f in names {
+                set_mode(&stage.path().join(&f), 0o644)?;
+                files.push(f);
             }
         }
         let kernel_sha = crate::digest::sha256_file(&stage.path().join("kernel"))?;

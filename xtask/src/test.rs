@@ -11,7 +11,8 @@ use clap::Args;
 
 use crate::{host, project_root, ui};
 
-/// The test targets (package, target) that need Nix or QEMU: `--unit` runs every other one.
+/// The test targets (package, target) that need Nix, QEMU or a host tool the full run installs:
+/// `--unit` runs every other one.
 pub const SLOW_TEST_TARGETS: &[(&str, &str)] = &[
     ("xtask", "e2e"),
     ("xtask", "aarch64"),
@@ -19,6 +20,8 @@ pub const SLOW_TEST_TARGETS: &[(&str, &str)] = &[
     ("xtask", "nix_glue"),
     ("xtask", "disk"),
     ("xtask", "ab_test"),
+    // Debian's minisign as the oracle of the bundle's signatures (installed by the full run)
+    ("bundle", "minisign"),
 ];
 
 /// The clippy runs of the test command: every crate, and bonsai-init on its own (its
@@ -82,6 +85,8 @@ impl Test {
                 ("/usr/share/AAVMF/AAVMF_CODE.fd", "qemu-efi-aarch64"),
                 ("/usr/bin/mdir", "mtools"),
                 ("/usr/sbin/sfdisk", "fdisk"),
+                // bundle/tests/minisign.rs: the oracle of the update bundle's signatures
+                ("/usr/bin/minisign", "minisign"),
             ];
             if let Some((cc, libc)) =
                 host::cross_tools(crate::config::Arch::Aarch64, crate::host::host_arch()?)

@@ -1,0 +1,341 @@
+//! Field updates on the host: `cargo xtask keygen` (a minisign key pair), `cargo xtask bundle`
+//! (a release with its signed update bundle) and `cargo xtask delta` (what a device on one
+//! release fetches to get another). The format is the `bundle` crate's.
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde::Serialize;
+
+use crate::build::BuildInfo;
+use crate::config::INITS;
+use crate::ui;
+
+/// Where an image holds the public key bonsai-update checks bundles against, and its settings
+/// (`board=`, `tries=`).
+pub const IMAGE_KEY: &str = "etc/bonsai/update.pub";
+pub const IMAGE_CONF: &str = "etc/bonsai/update.conf";
+
+#[derive(Args, Debug)]
+pub struct Keygen {
+    /// Writes <prefix>.pub (public, built into images) and <prefix>.key (secret, never)
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace existing key files
+    #[arg(long)]
+    pub force: bool,
+}
+
+impl Keygen {
+    pub fn run(self) -> Result<()> {
+        let (public, secret) = key_paths(&self.out);
+        for p in [&public, &secret] {
+            if p.exists() && !self.force {
+                bail!("{}: exists (--force replaces it)", p.display());
+            }
+        }
+        let mut random = [0u8; 40];
+        fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut random))
+            .context("reading /dev/urandom")?;
+        let key = bundle::SecretKey::from_random(&random);
+        write_new(&secret, key.to_file().as_bytes(), 0o600)?;
+        write_new(&public, key.public_file().as_bytes(), 0o644)?;
+        println!(
+            "wrote {} (secret: keep it out of the repository) and {} (key id {})",
+            secret.display(),
+            public.display(),
+            key.id()
+        );
+        Ok(())
+    }
+}
+
+/// `<prefix>.pub` and `<prefix>.key`.
+pub fn key_paths(prefix: &Path) -> (PathBuf, PathBuf) {
+    let with = |ext: &str| {
+        let mut s = prefix.as_os_str().to_os_string();
+        s.push(ext);
+        PathBuf::from(s)
+    };
+    (with(".pub"), with(".key"))
+}
+
+/// Writes `data` to `path` through a temporary file in the same folder (nothing half-written
+/// stays at `path`).
+fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("cannot write to {}", dir.display()))?;
+    tmp.as_file()
+        .set_permissions(fs::Permissions::from_mode(mode))
+        .with_context(|| format!("writing {}", path.display()))?;
+    tmp.write_all(data)
+        .and_then(|_| tmp.as_file().sync_all())
+        .with_context(|| format!("writing {}", path.display()))?;
+    tmp.persist(path)
+        .map_err(|e| e.error)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Reads a secret key file; errors name it.
+pub fn read_secret_key(path: &Path) -> Result<bundle::SecretKey> {
+    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    bundle::SecretKey::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+#[derive(Args, Debug)]
+pub struct Bundle {
+    #[arg(long, default_value = "qemu-x86_64")]
+    pub board: String,
+    /// Release version (default: `git describe --tags --always`)
+    #[arg(long)]
+    pub version: Option<String>,
+    /// The secret key that signs the bundle (cargo xtask keygen); its public half is built
+    /// into the image, and bonsai-update on the device accepts only bundles it signed
+    #[arg(long)]
+    pub key: PathBuf,
+    #[arg(long)]
+    pub profile: Option<String>,
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(INITS))]
+    pub init: Option<String>,
+    /// Folder that receives <board>-<version>/ (default: out/release)
+    #[arg(long)]
+    pub out_dir: Option<PathBuf>,
+}
+
+impl Bundle {
+    pub fn run(self) -> Result<()> {
+        let dest = crate::release::Release {
+            board: self.board,
+            version: self.version,
+            profile: self.profile,
+            init: self.init,
+            out_dir: self.out_dir,
+            key: Some(self.key),
+        }
+        .run()?;
+        println!("bundle: {}", dest.display());
+        Ok(())
+    }
+}
+
+/// The bundle's file names in a release folder of `board` at `version`.
+pub fn bundle_names(board: &str, version: &str) -> [String; 3] {
+    let stem = format!("{board}-{version}");
+    [
+        format!("{stem}.bundle"),
+        format!("{stem}.manifest"),
+        format!("{stem}.manifest.minisig"),
+    ]
+}
+
+/// Writes the bundle, its manifest and the manifest's signature into `stage` (a release being
+/// assembled); returns their names.
+pub fn write_bundle(
+    stage: &Path,
+    board: &str,
+    version: &str,
+    build_out: &Path,
+    info: &BuildInfo,
+    key: &bundle::SecretKey,
+) -> Result<Vec<String>> {
+    let files = crate::image::SlotFiles::read(build_out, info)?;
+    let mut parts: Vec<(&str, &[u8])> = vec![("linux", &files.kernel), ("initrd", &files.initrd)];
+    if let Some(d) = &files.dtb {
+        parts.push(("dtb", d));
+    }
+    let (manifest, payload) =
+        bundle::Manifest::build(board, version, bundle::Chunking::default(), &parts)
+            .map_err(|e| anyhow::anyhow!("{board} {version}: {e}"))?;
+    let bytes = manifest.to_bytes();
+    let trusted = format!(
+        "bonsai bundle board:{board} version:{version} sha256:{}",
+        bundle::sha256_hex(&bytes)
+    );
+    let sig = key
+        .sign(&bytes, &trusted)
+        .map_err(|e| anyhow::anyhow!("signing: {e}"))?;
+    let whole = bundle::assemble(&bytes, sig.as_bytes(), &payload);
+    let names = bundle_names(board, version);
+    fs::write(stage.join(&names[0]), &whole)?;
+    fs::write(stage.join(&names[1]), &bytes)?;
+    fs::write(stage.join(&names[2]), sig.as_bytes())?;
+    ui::detail(format!(
+        "bundle: {} chunks, payload {} of {}, index {} ({:.2} % of the payload), key {}",
+        manifest.chunks.len(),
+        ui::size(payload.len() as u64),
+        ui::size(files.kernel.len() as u64 + files.initrd.len() as u64),
+        ui::size(bytes.len() as u64),
+        100.0 * bytes.len() as f64 / payload.len().max(1) as f64,
+        key.id()
+    ));
+    Ok(names.to_vec())
+}
+
+#[derive(Args, Debug)]
+pub struct Delta {
+    /// The release a device runs (a release folder with a bundle)
+    pub old: PathBuf,
+    /// The release it updates to
+    pub new: PathBuf,
+    /// Print JSON on stdout
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What a device on one release fetches to get another.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeltaReport {
+    pub old: String,
+    pub new: String,
+    /// The whole new bundle.
+    pub bundle_bytes: u64,
+    /// Header, manifest and signature: fetched whatever the device has.
+    pub head_bytes: u64,
+    pub chunks: usize,
+    pub chunks_fetched: usize,
+    /// Payload bytes fetched (chunks the old release lacks).
+    pub payload_fetched: u64,
+    /// Everything fetched: head plus payload.
+    pub fetched_bytes: u64,
+    /// `fetched_bytes` as a share of `bundle_bytes`.
+    pub fetched_percent: f64,
+    /// The manifest as a share of the payload.
+    pub index_percent: f64,
+    /// Per slot file: (name, size, bytes of its chunks fetched).
+    pub files: Vec<FileDelta>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FileDelta {
+    pub name: String,
+    pub size: u64,
+    pub fetched: u64,
+    pub changed: bool,
+}
+
+/// The bundle of a release folder: its path, header and parsed manifest (unverified: the host
+/// reads its own releases).
+pub fn read_release_bundle(dir: &Path) -> Result<(PathBuf, bundle::Header, bundle::Manifest)> {
+    let found = fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "bundle"));
+    let Some(path) = found else {
+        bail!(
+            "{}: no .bundle in this release folder (cargo xtask bundle writes one)",
+            dir.display()
+        );
+    };
+    let bytes = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let header =
+        bundle::Header::parse(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let end = header.payload_offset() as usize;
+    if bytes.len() < end {
+        bail!("{}: truncated", path.display());
+    }
+    let m = bundle::Manifest::parse(
+        &bytes[bundle::HEADER_LEN as usize..(bundle::HEADER_LEN + header.manifest_len) as usize],
+    )
+    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let want = end as u64 + m.payload_len();
+    if bytes.len() as u64 != want {
+        bail!(
+            "{}: {} bytes, its manifest says {want}",
+            path.display(),
+            bytes.len()
+        );
+    }
+    Ok((path, header, m))
+}
+
+/// The delta from `old` to `new` (release folders).
+pub fn delta(old: &Path, new: &Path) -> Result<DeltaReport> {
+    let (_, _, om) = read_release_bundle(old)?;
+    let (np, nh, nm) = read_release_bundle(new)?;
+    let have: std::collections::HashSet<&str> =
+        om.chunks.iter().map(|c| c.sha256.as_str()).collect();
+    let plan = bundle::Plan::new(&nm, |h| have.contains(h));
+    let fetched: std::collections::HashSet<u32> = plan.fetch.iter().copied().collect();
+    let files = nm
+        .files
+        .iter()
+        .map(|f| {
+            // A chunk shared by two files is fetched once: count it for the first file using it.
+            let mut seen = std::collections::HashSet::new();
+            let bytes = f
+                .chunks
+                .iter()
+                .filter(|i| fetched.contains(i) && seen.insert(**i))
+                .map(|i| u64::from(nm.chunks[*i as usize].size))
+                .sum();
+            FileDelta {
+                name: f.name.clone(),
+                size: f.size,
+                fetched: bytes,
+                changed: om
+                    .file(&f.name)
+                    .map(|o| o.sha256 != f.sha256)
+                    .unwrap_or(true),
+            }
+        })
+        .collect();
+    let bundle_bytes = fs::metadata(&np)?.len();
+    let head = nh.payload_offset();
+    let fetched_bytes = head + plan.fetch_bytes;
+    Ok(DeltaReport {
+        old: format!("{} {}", om.board, om.version),
+        new: format!("{} {}", nm.board, nm.version),
+        bundle_bytes,
+        head_bytes: head,
+        chunks: nm.chunks.len(),
+        chunks_fetched: plan.fetch.len(),
+        payload_fetched: plan.fetch_bytes,
+        fetched_bytes,
+        fetched_percent: 100.0 * fetched_bytes as f64 / bundle_bytes.max(1) as f64,
+        index_percent: 100.0 * nh.manifest_len as f64 / nm.payload_len().max(1) as f64,
+        files,
+    })
+}
+
+impl Delta {
+    pub fn run(self) -> Result<()> {
+        let r = delta(&self.old, &self.new)?;
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            return Ok(());
+        }
+        println!(
+            "{} -> {}: fetch {} of the {} bundle ({:.1} %): {} of {} chunks, plus {} of manifest and signature",
+            r.old,
+            r.new,
+            ui::size(r.fetched_bytes),
+            ui::size(r.bundle_bytes),
+            r.fetched_percent,
+            r.chunks_fetched,
+            r.chunks,
+            ui::size(r.head_bytes)
+        );
+        for f in &r.files {
+            println!(
+                "  {:7} {:>10}  {}, fetch {}",
+                f.name,
+                ui::size(f.size),
+                if f.changed { "changed" } else { "unchanged" },
+                ui::size(f.fetched)
+            );
+        }
+        println!("  chunk index: {:.2} % of the payload", r.index_percent);
+        Ok(())
+    }
+}
