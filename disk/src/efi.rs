@@ -266,6 +266,43 @@ pub fn find_esp<T: Read + Seek>(disk: &mut T) -> Result<Partition> {
     })
 }
 
+/// Finds a partition of any GPT disk by its GPT name (`esp`, `data`).
+pub fn find_partition<T: Read + Seek>(disk: &mut T, name: &str) -> Result<Partition> {
+    let gpt = gptman::GPT::read_from(disk, SECTOR)
+        .map_err(|e| Error::Layout(format!("no GPT partition table: {e}")))?;
+    let (number, p) = gpt
+        .iter()
+        .find(|(_, p)| p.is_used() && p.partition_name.as_str() == name)
+        .ok_or_else(|| Error::Layout(format!("the disk has no partition named {name}")))?;
+    Ok(Partition {
+        number,
+        name: name.into(),
+        type_guid: guid::to_text(&p.partition_type_guid),
+        guid: guid::to_text(&p.unique_partition_guid),
+        first_lba: p.starting_lba,
+        last_lba: p.ending_lba,
+        offset: p.starting_lba * SECTOR,
+        size: (p.ending_lba + 1 - p.starting_lba) * SECTOR,
+    })
+}
+
+/// Writes `data` as the file `path` of the data partition (replacing it): how a host hands a
+/// device a file, such as an update bundle, on its own disk.
+pub fn write_data_file<T: Read + Write + Seek>(
+    disk: &mut T,
+    path: &str,
+    data: &[u8],
+    epoch: u64,
+) -> Result<()> {
+    let p = find_partition(disk, DATA_NAME)?;
+    let part = Part::new(disk, p.offset, p.size).map_err(Error::io("the data partition"))?;
+    let mut v = Volume::open(part, epoch, "the data partition")?;
+    let _ = v.remove(path);
+    v.write(path, data)?;
+    v.close()?;
+    disk.flush().map_err(Error::io("writing the disk"))
+}
+
 /// Sets the words of `extra` (`key=value` or `key`) on the `options` line of every bonsai entry
 /// of the ESP in `disk`, replacing the same keys set before: how a host passes per-boot kernel
 /// parameters (a check's nonce) to a disk it boots through firmware. Entry names, and with them

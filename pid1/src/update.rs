@@ -17,7 +17,8 @@
 //!    ignores, fsyncs it, and renames it to `bonsai-<slot>+<tries>.conf`: the one atomic step
 //!    that arms the trial boot. Then it reboots (`reboot -f` after a sync).
 //!
-//! Progress and results are raw lines for the host (`BONSAI-UPDATE-*`).
+//! Progress and results are raw lines for the host on stdout (`BONSAI-UPDATE-*`); a refusal
+//! is one line on stderr, `bonsai-update: refused: <why>`.
 
 use std::fs;
 use std::io::{Read, Write};
@@ -115,19 +116,16 @@ pub fn main(args: &[String]) -> i32 {
     match result {
         Ok(()) => 0,
         Err(e) => {
-            say(&format!("BONSAI-UPDATE-REFUSED {e}"));
-            eprintln!("bonsai-update: {e}");
+            // One line: the reason, for the person at the console and for the host.
+            eprintln!("bonsai-update: refused: {e}");
             1
         }
     }
 }
 
-/// A line for the console (where the host reads it) and stdout.
+/// A progress line on stdout (the harness sends it to the console, where the host reads it).
 fn say(line: &str) {
     println!("{line}");
-    if let Ok(mut c) = fs::OpenOptions::new().write(true).open("/dev/console") {
-        let _ = writeln!(c, "{line}");
-    }
 }
 
 /// The image's update settings: `board=` and `tries=`.

@@ -249,7 +249,7 @@ fn every_bad_bundle_is_refused_in_one_line_and_writes_nothing() {
         assert!(!ok, "{name} was installed: {out}");
         let refused: Vec<&str> = out
             .lines()
-            .filter(|l| l.starts_with("BONSAI-UPDATE-REFUSED "))
+            .filter(|l| l.starts_with("bonsai-update: refused: "))
             .collect();
         assert_eq!(refused.len(), 1, "{name}: {out}");
         assert!(refused[0].contains(why), "{name}: {out}");

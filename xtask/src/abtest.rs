@@ -539,7 +539,7 @@ impl AbTest {
 }
 
 /// The host programs a firmware boot needs.
-fn host_needs(board: &Board) -> Result<()> {
+pub(crate) fn host_needs(board: &Board) -> Result<()> {
     crate::host::ensure_program(&board.qemu.binary, board.arch.qemu_package())
 }
 
@@ -571,7 +571,7 @@ fn write_b(
         .with_context(|| format!("writing {}", dev.disk.display()))
 }
 
-fn read_entries(disk: &Path, epoch: u64) -> Result<Vec<String>> {
+pub(crate) fn read_entries(disk: &Path, epoch: u64) -> Result<Vec<String>> {
     let mut f = crate::image::open_rw(disk)?;
     disk::efi::entries(&mut f, epoch)
         .with_context(|| format!("{}: reading the entries", disk.display()))

@@ -185,7 +185,18 @@ impl Boot {
             .unwrap_or(PackageSource::Offline);
         let epoch = crate::build::source_date_epoch(root)?;
         let secrets = crate::hygiene::load_secrets(root, &profile)?;
-        let fp = crate::build::fingerprint(root, board, &profile, &init, &source, epoch, &secrets)?;
+        // An image built with an update key (cargo xtask bundle) is booted as it is.
+        let update_key = info.as_ref().and_then(|i| i.update_key.clone());
+        let fp = crate::build::fingerprint(
+            root,
+            board,
+            &profile,
+            &init,
+            &source,
+            epoch,
+            &secrets,
+            update_key.as_deref(),
+        )?;
         let why = match &info {
             None => Some("nothing is built yet".to_string()),
             Some(_) if built_from.as_ref() != Some(&source) => Some(format!(
@@ -216,6 +227,7 @@ impl Boot {
                     init: Some(init),
                     nixpkgs: source.nixpkgs_ref(),
                     nested: true,
+                    update_key,
                     ..Build::default()
                 }
                 .run()?;

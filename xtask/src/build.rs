@@ -83,6 +83,9 @@ pub struct BuildInfo {
     /// Image paths of the secrets supplied at build time (`[[secrets]]`).
     #[serde(default)]
     pub secrets: Vec<String>,
+    /// The public key built in for bonsai-update (`cargo xtask bundle`), if any.
+    #[serde(default)]
+    pub update_key: Option<String>,
     /// The Nix that built it, the Nixpkgs it used, and the kernel's store paths.
     #[serde(default)]
     pub nix: NixRecord,
@@ -130,12 +133,8 @@ impl Build {
             &plan.source,
             plan.epoch,
             &plan.secrets,
+            plan.update_key.as_deref(),
         )?;
-        // The update key is an input of the image (a file in it).
-        let fp = fp.map(|f| match &plan.update_key {
-            None => f,
-            Some(k) => crate::digest::sha256_bytes(format!("{f}\nupdate-key={k}").as_bytes()),
-        });
         if let Some(info) = plan.up_to_date(fp.as_deref()) {
             summary(
                 self.nested,
@@ -351,11 +350,23 @@ impl Plan {
     fn select(&self, realised: Realised) -> Result<Image> {
         ui::step("read closure");
         let closure = nix::closure(&realised.packages)?;
-        let pid1 = match self.backend {
-            rootfs::Backend::BonsaiInit => Some(crate::pid1::build(&self.root, &self.board)?),
-            _ => None,
+        // bonsai-init: the init, and bonsai-update in an image that takes updates.
+        let binary = if self.backend == rootfs::Backend::BonsaiInit || self.update_key.is_some() {
+            Some(crate::pid1::build(&self.root, &self.board)?)
+        } else {
+            None
         };
-        let (extra, ssh_key) = self.extra_files()?;
+        let pid1 = binary
+            .clone()
+            .filter(|_| self.backend == rootfs::Backend::BonsaiInit);
+        let (mut extra, ssh_key) = self.extra_files()?;
+        if let (Some(bin), Some(_)) = (&binary, &self.update_key) {
+            let node = match self.backend {
+                rootfs::Backend::BonsaiInit => rootfs::Node::symlink("bonsai-init"),
+                _ => rootfs::Node::file(rootfs::Source::Host(bin.clone()), 0o755),
+            };
+            extra.push(("bin/bonsai-update".to_string(), node));
+        }
         let (tree, assembly) = assemble(self, &realised.packages, &closure, pid1, &extra)?;
         Ok(Image {
             kernel: realised.kernel_image,
@@ -1050,6 +1061,7 @@ fn build_info(
         outputs: written.outputs,
         development: profile.development,
         secrets: crate::hygiene::secret_paths(&plan.secrets),
+        update_key: plan.update_key.clone(),
         nix: record,
     }
 }
@@ -1090,6 +1102,7 @@ pub fn fingerprint(
     source: &PackageSource,
     epoch: u64,
     secrets: &[crate::hygiene::Secret],
+    update_key: Option<&str>,
 ) -> Result<Option<String>> {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
@@ -1137,8 +1150,12 @@ pub fn fingerprint(
         add_file(&mut h, f)?;
     }
     h.update(format!("init={init}\nepoch={epoch}\n").as_bytes());
-    if init == rootfs::Backend::BonsaiInit.name() {
+    // bonsai-init is in the image as the init, or as bonsai-update with the update key.
+    if init == rootfs::Backend::BonsaiInit.name() || update_key.is_some() {
         add_bonsai_init_inputs(&mut h, root, board, &add_file)?;
+    }
+    if let Some(k) = update_key {
+        h.update(format!("update-key={k}\n").as_bytes());
     }
     // The judge's negative tests build deliberately broken backends (BONSAI_TEST_BROKEN).
     h.update(format!("faults={:?}\n", crate::conformance::test_faults()?).as_bytes());
@@ -1491,6 +1508,7 @@ mod tests {
                 &PackageSource::Offline,
                 0,
                 &[],
+                None,
             )
             .unwrap()
             .unwrap()
@@ -1528,6 +1546,7 @@ mod tests {
                 &PackageSource::Offline,
                 0,
                 &[],
+                None,
             )
             .unwrap()
             .unwrap()

@@ -36,6 +36,7 @@ pub mod test;
 pub mod test_boards;
 pub mod ui;
 pub mod update;
+pub mod updatetest;
 pub mod why;
 
 use std::path::PathBuf;
@@ -79,6 +80,9 @@ pub enum Command {
     NewBoard(new_board::NewBoard),
     /// Write out/release/<board>-<version>/: kernel, initramfs, manifest, SBOM, SHA256SUMS
     Release(release::Release),
+    /// Field updates in QEMU through the firmware: install, refusals, rollback and power cuts
+    /// during an install; prints a scenario x result matrix
+    UpdateTest(updatetest::UpdateTest),
     /// Write a minisign key pair for signing update bundles: <prefix>.pub and <prefix>.key
     Keygen(update::Keygen),
     /// A release with its signed update bundle: out/release/<board>-<version>/<board>-<version>.bundle
@@ -165,6 +169,7 @@ pub fn main() -> ExitCode {
         Command::TestBoards(c) => c.run(),
         Command::Release(c) => c.run().map(|_| ()),
         Command::Keygen(c) => c.run(),
+        Command::UpdateTest(c) => c.run(),
         Command::Bundle(c) => c.run(),
         Command::Delta(c) => c.run(),
         Command::Repro(c) => c.run(),

@@ -139,6 +139,49 @@ pub fn bundle_names(board: &str, version: &str) -> [String; 3] {
     ]
 }
 
+/// A signed bundle of a build: its manifest, the manifest's bytes and signature, and the whole
+/// bundle.
+pub struct Signed {
+    pub manifest: bundle::Manifest,
+    pub manifest_bytes: Vec<u8>,
+    pub signature: String,
+    pub bytes: Vec<u8>,
+    /// The slot's files' total size (before deduplication).
+    pub slot_bytes: u64,
+}
+
+/// Cuts the build's slot files into chunks and signs the manifest.
+pub fn make_bundle(
+    board: &str,
+    version: &str,
+    files: &crate::image::SlotFiles,
+    key: &bundle::SecretKey,
+) -> Result<Signed> {
+    let mut parts: Vec<(&str, &[u8])> = vec![("linux", &files.kernel), ("initrd", &files.initrd)];
+    if let Some(d) = &files.dtb {
+        parts.push(("dtb", d));
+    }
+    let (manifest, payload) =
+        bundle::Manifest::build(board, version, bundle::Chunking::default(), &parts)
+            .map_err(|e| anyhow::anyhow!("{board} {version}: {e}"))?;
+    let manifest_bytes = manifest.to_bytes();
+    let trusted = format!(
+        "bonsai bundle board:{board} version:{version} sha256:{}",
+        bundle::sha256_hex(&manifest_bytes)
+    );
+    let signature = key
+        .sign(&manifest_bytes, &trusted)
+        .map_err(|e| anyhow::anyhow!("signing: {e}"))?;
+    let bytes = bundle::assemble(&manifest_bytes, signature.as_bytes(), &payload);
+    Ok(Signed {
+        manifest,
+        manifest_bytes,
+        signature,
+        bytes,
+        slot_bytes: parts.iter().map(|(_, d)| d.len() as u64).sum(),
+    })
+}
+
 /// Writes the bundle, its manifest and the manifest's signature into `stage` (a release being
 /// assembled); returns their names.
 pub fn write_bundle(
@@ -150,33 +193,19 @@ pub fn write_bundle(
     key: &bundle::SecretKey,
 ) -> Result<Vec<String>> {
     let files = crate::image::SlotFiles::read(build_out, info)?;
-    let mut parts: Vec<(&str, &[u8])> = vec![("linux", &files.kernel), ("initrd", &files.initrd)];
-    if let Some(d) = &files.dtb {
-        parts.push(("dtb", d));
-    }
-    let (manifest, payload) =
-        bundle::Manifest::build(board, version, bundle::Chunking::default(), &parts)
-            .map_err(|e| anyhow::anyhow!("{board} {version}: {e}"))?;
-    let bytes = manifest.to_bytes();
-    let trusted = format!(
-        "bonsai bundle board:{board} version:{version} sha256:{}",
-        bundle::sha256_hex(&bytes)
-    );
-    let sig = key
-        .sign(&bytes, &trusted)
-        .map_err(|e| anyhow::anyhow!("signing: {e}"))?;
-    let whole = bundle::assemble(&bytes, sig.as_bytes(), &payload);
+    let b = make_bundle(board, version, &files, key)?;
     let names = bundle_names(board, version);
-    fs::write(stage.join(&names[0]), &whole)?;
-    fs::write(stage.join(&names[1]), &bytes)?;
-    fs::write(stage.join(&names[2]), sig.as_bytes())?;
+    fs::write(stage.join(&names[0]), &b.bytes)?;
+    fs::write(stage.join(&names[1]), &b.manifest_bytes)?;
+    fs::write(stage.join(&names[2]), b.signature.as_bytes())?;
+    let payload = b.manifest.payload_len();
     ui::detail(format!(
         "bundle: {} chunks, payload {} of {}, index {} ({:.2} % of the payload), key {}",
-        manifest.chunks.len(),
-        ui::size(payload.len() as u64),
-        ui::size(files.kernel.len() as u64 + files.initrd.len() as u64),
-        ui::size(bytes.len() as u64),
-        100.0 * bytes.len() as f64 / payload.len().max(1) as f64,
+        b.manifest.chunks.len(),
+        ui::size(payload),
+        ui::size(b.slot_bytes),
+        ui::size(b.manifest_bytes.len() as u64),
+        100.0 * b.manifest_bytes.len() as f64 / payload.max(1) as f64,
         key.id()
     ));
     Ok(names.to_vec())
