@@ -1094,6 +1094,7 @@ fn disk_full(out: &Path, file: &str, kernel_image: &Path, tree: &Tree) -> anyhow
 /// profile files (with parents), kernel fragments, the Nix expressions and Debian pins, the
 /// init, the C toolchain, SOURCE_DATE_EPOCH, the package source (by name: a Nixpkgs checkout or
 /// flake may change under it, which only Nix can tell) and the xtask binary itself.
+#[allow(clippy::too_many_arguments)]
 pub fn fingerprint(
     root: &Path,
     board: &Board,

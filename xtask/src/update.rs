@@ -37,11 +37,7 @@ impl Keygen {
                 bail!("{}: exists (--force replaces it)", p.display());
             }
         }
-        let mut random = [0u8; 40];
-        fs::File::open("/dev/urandom")
-            .and_then(|mut f| f.read_exact(&mut random))
-            .context("reading /dev/urandom")?;
-        let key = bundle::SecretKey::from_random(&random);
+        let key = bundle::SecretKey::from_random(&random40()?);
         write_new(&secret, key.to_file().as_bytes(), 0o600)?;
         write_new(&public, key.public_file().as_bytes(), 0o644)?;
         println!(
@@ -52,6 +48,15 @@ impl Keygen {
         );
         Ok(())
     }
+}
+
+/// 40 bytes from /dev/urandom: a new key's seed and id.
+pub fn random40() -> Result<[u8; 40]> {
+    let mut random = [0u8; 40];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut random))
+        .context("reading /dev/urandom")?;
+    Ok(random)
 }
 
 /// `<prefix>.pub` and `<prefix>.key`.
@@ -89,7 +94,8 @@ fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<()> {
 
 /// Reads a secret key file; errors name it.
 pub fn read_secret_key(path: &Path) -> Result<bundle::SecretKey> {
-    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), rootfs::io_message(&e)))?;
     bundle::SecretKey::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 

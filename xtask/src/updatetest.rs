@@ -55,7 +55,19 @@ pub struct UpdateTest {
     pub verbose: bool,
 }
 
-/// The progress lines a cut follows, in the order an install prints them.
+/// The scenarios before the power cuts, in the matrix's order.
+const SCENARIOS: &[&str] = &[
+    "install",
+    "refuse-wrong-signature",
+    "refuse-other-board",
+    "refuse-older-version",
+    "refuse-corrupt-chunk",
+    "refuse-truncated-bundle",
+    "rollback",
+];
+
+/// The progress lines that start the install's phases, in the order it prints them; the last
+/// phase ends with `BONSAI-UPDATE-ARMED`.
 const CUT_MARKERS: &[&str] = &[
     "BONSAI-UPDATE-VERIFIED",
     "BONSAI-UPDATE-PLAN",
@@ -63,19 +75,42 @@ const CUT_MARKERS: &[&str] = &[
     "BONSAI-UPDATE-PHASE write",
     "BONSAI-UPDATE-PHASE arm",
 ];
-/// Delays after a marker, in milliseconds of host time.
-const CUT_DELAYS: &[u64] = &[0, 100, 250, 500, 900];
+/// Where in a phase a cut falls, as a fraction of the phase's length.
+const CUT_FRACTIONS: &[f64] = &[0.0, 0.25, 0.5, 0.75, 0.9];
 
-/// The cut points: marker and delay, spread over every marker first.
-pub fn cut_points(n: usize) -> Vec<(&'static str, u64)> {
+/// The cut points: a phase's marker and a fraction of the phase, every phase first.
+pub fn cut_points(n: usize) -> Vec<(&'static str, f64)> {
     let mut v = Vec::new();
-    for d in CUT_DELAYS {
+    for f in CUT_FRACTIONS {
         for m in CUT_MARKERS {
-            v.push((*m, *d));
+            v.push((*m, *f));
         }
     }
     v.truncate(n);
     v
+}
+
+/// Each phase's length in milliseconds, from the host times of the install's lines (at
+/// least 1 ms): the marker's line to the next phase's line (`BONSAI-UPDATE-ARMED` after the
+/// last).
+fn phase_ms(times: &[(String, f64)]) -> Result<Vec<(&'static str, u64)>> {
+    let at = |prefix: &str| {
+        times
+            .iter()
+            .find(|(l, _)| l.starts_with(prefix))
+            .map(|(_, t)| *t)
+            .with_context(|| format!("the install printed no {prefix} line"))
+    };
+    let mut out = Vec::new();
+    for (i, m) in CUT_MARKERS.iter().enumerate() {
+        let next = CUT_MARKERS
+            .get(i + 1)
+            .copied()
+            .unwrap_or("BONSAI-UPDATE-ARMED");
+        let ms = ((at(next)? - at(m)?) * 1000.0).round().max(1.0) as u64;
+        out.push((*m, ms));
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Serialize)]
@@ -96,8 +131,11 @@ pub struct Matrix {
     pub profile: String,
     pub init: String,
     pub bundle_bytes: u64,
-    /// "N of N" power cuts after which the device booted and a new install completed.
+    /// "N of M": of the M launches the host cut during an install, N after which the device
+    /// booted a good slot and a new install completed (or the armed slot's trial passed).
     pub power_cuts_survived: String,
+    /// Cut points the install had already finished by (it rebooted before the cut).
+    pub power_cuts_missed: usize,
     pub scenarios: Vec<Row>,
 }
 
@@ -114,6 +152,8 @@ pub struct Seen {
     pub rolled_back: Option<String>,
     /// `BONSAI-UPDATE-*` lines, in order.
     pub update: Vec<String>,
+    /// The same lines with the host's seconds since QEMU started, as they arrived.
+    pub update_times: Vec<(String, f64)>,
     /// `bonsai-update: refused: ...` lines.
     pub refused: Vec<String>,
     /// done, checks-failed, panic, reset, timeout, or cut (killed by the host).
@@ -174,7 +214,25 @@ impl UpdateTest {
         Ok(())
     }
 
+    /// Every scenario name, in the matrix's order.
+    fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = SCENARIOS.iter().map(|s| s.to_string()).collect();
+        v.extend((1..=cut_points(self.cuts).len()).map(|i| format!("power-cut-{i:02}")));
+        v
+    }
+
     fn matrix(&self) -> Result<Matrix> {
+        if let Some(list) = &self.only {
+            let names = self.names();
+            for w in list.split(',').map(str::trim) {
+                if !names.iter().any(|n| n.starts_with(w)) || w.is_empty() {
+                    bail!(
+                        "--only: unknown scenario '{w}' (one of: {}, or a prefix such as power-cut or refuse)",
+                        SCENARIOS.join(", ")
+                    );
+                }
+            }
+        }
         let root = project_root();
         let board = Config::new(&root).load_board(&self.board)?;
         let disk = crate::image::disk_config(&board)?;
@@ -191,15 +249,19 @@ impl UpdateTest {
             .unwrap_or_else(|| crate::out_root().join(&board.name).join("update-test"));
         fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
 
-        // A key for this run only: the secret stays in the working folder, never in an image.
-        let mut random = [0u8; 40];
-        {
-            use std::io::Read;
-            fs::File::open("/dev/urandom")
-                .and_then(|mut f| f.read_exact(&mut random))
-                .context("reading /dev/urandom")?;
-        }
-        let key = bundle::SecretKey::from_random(&random);
+        // The run's signing key, kept in the working folder (never in an image) so that a
+        // second run finds its releases up to date.
+        let key_file = work.join("update-test.key");
+        let key = match fs::read_to_string(&key_file) {
+            Ok(text) => bundle::SecretKey::parse(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", key_file.display()))?,
+            Err(_) => {
+                let key = bundle::SecretKey::from_random(&crate::update::random40()?);
+                fs::write(&key_file, key.to_file())
+                    .with_context(|| format!("writing {}", key_file.display()))?;
+                key
+            }
+        };
         let public = key.public_file();
 
         let base = self.build(&work, "1.0.0", "", &public)?;
@@ -255,13 +317,32 @@ impl UpdateTest {
             Ok((dir.clone(), base_dev.copy_to(&dir)?))
         };
 
-        if want("install") {
+        let points = cut_points(self.cuts);
+        let cuts_wanted = (1..=points.len()).any(|i| want(&format!("power-cut-{i:02}")));
+        // The install also times its phases: the power cuts fall at fractions of them.
+        let mut phases = Vec::new();
+        if want("install") || cuts_wanted {
             let (dir, dev) = scenario_dir("install")?;
             ui::step("scenario install: 1.0.0 to 1.1.0, trial boot, blessed");
-            rows.push(ctx.install(&dir, &dev, &b_next.bytes, next.version)?);
+            let r = ctx.install(&dir, &dev, &b_next.bytes, next.version)?;
+            if cuts_wanted {
+                phases = phase_ms(&r.launches[0].update_times)
+                    .context("the install scenario, which times the phases the cuts fall in")?;
+                ui::detail(format!(
+                    "install phases (ms, host time between its lines): {}",
+                    phases
+                        .iter()
+                        .map(|(m, ms)| format!("{} {ms}", m.trim_start_matches("BONSAI-UPDATE-")))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+            if want("install") {
+                rows.push(r);
+            }
         }
         // Bad bundles: each refused with one line naming why, the boot partition unchanged.
-        let other_key = bundle::SecretKey::from_random(&[random[0] ^ 0xff; 40]);
+        let other_key = bundle::SecretKey::from_random(&crate::update::random40()?);
         let mut corrupt = b_next.bytes.clone();
         let mut local = bundle::Local::default();
         local.add(
@@ -331,22 +412,33 @@ impl UpdateTest {
             ui::step("scenario rollback: 1.2.0 fails its health check, the device goes back");
             rows.push(ctx.rollback(&dir, &dev, &b_bad.bytes, disk.tries)?);
         }
-        let points = cut_points(self.cuts);
         let mut survived = 0;
         let mut cuts = 0;
-        for (i, (marker, delay)) in points.iter().enumerate() {
+        let mut missed = 0;
+        for (i, (marker, fraction)) in points.iter().enumerate() {
             let name = format!("power-cut-{:02}", i + 1);
             if !want(&name) {
                 continue;
             }
+            let phase = phases
+                .iter()
+                .find(|(m, _)| m == marker)
+                .map(|(_, ms)| *ms)
+                .unwrap_or(1);
+            let delay = (phase as f64 * fraction).round() as u64;
             let (dir, dev) = scenario_dir(&name)?;
             ui::step(format!(
-                "scenario {name}: power cut {delay} ms after {marker}"
+                "scenario {name}: power cut {delay} ms ({:.0} % of {phase} ms) after {marker}",
+                fraction * 100.0
             ));
-            let row = ctx.power_cut(&name, &dir, &dev, &b_next.bytes, marker, *delay)?;
-            cuts += 1;
-            if row.result == "pass" {
-                survived += 1;
+            let row = ctx.power_cut(&name, &dir, &dev, &b_next.bytes, marker, delay)?;
+            if row.launches[0].ending == "cut" {
+                cuts += 1;
+                if row.result == "pass" {
+                    survived += 1;
+                }
+            } else {
+                missed += 1;
             }
             rows.push(row);
         }
@@ -356,6 +448,7 @@ impl UpdateTest {
             init: base.info.init.clone(),
             bundle_bytes: b_next.bytes.len() as u64,
             power_cuts_survived: format!("{survived} of {cuts}"),
+            power_cuts_missed: missed,
             scenarios: rows,
         };
         fs::write(
@@ -447,6 +540,7 @@ impl Ctx<'_> {
         let last_update: Arc<Mutex<Option<String>>> = Arc::default();
         let cut_after: Arc<Mutex<Option<String>>> = Arc::default();
         let mut fired = false;
+        let mut times = Vec::new();
         let start = Instant::now();
         let verbose = self.verbose;
         let mut progress = |e: qemu::Event| {
@@ -456,6 +550,7 @@ impl Ctx<'_> {
                 }
                 if l.starts_with("BONSAI-UPDATE-") {
                     *last_update.lock().unwrap_or_else(|e| e.into_inner()) = Some(l.clone());
+                    times.push((l.clone(), start.elapsed().as_secs_f64()));
                 }
                 if let Some((marker, delay)) = cut {
                     if !fired && l.starts_with(marker) {
@@ -501,6 +596,7 @@ impl Ctx<'_> {
         s.log = log.to_path_buf();
         s.ending = ending.into();
         s.cut_after = cut_line;
+        s.update_times = times;
         s.wall_s = start.elapsed().as_secs_f64();
         s.entries_after = crate::abtest::read_entries(&dev.disk, self.epoch)?;
         s.esp_changed = self.esp_sha(dev)? != before;
@@ -751,7 +847,12 @@ impl Ctx<'_> {
             launches.push(l2);
         }
         let detail = format!(
-            "cut {delay} ms after {marker} (last line: {}); {}",
+            "{} {delay} ms after {marker} (last line: {}); {}",
+            if launches[0].ending == "cut" {
+                "cut"
+            } else {
+                "missed: the install had rebooted before the cut"
+            },
             launches[0].cut_after.as_deref().unwrap_or("none"),
             if armed {
                 "slot b was armed: its trial passed"
@@ -833,12 +934,20 @@ fn observe(text: &str, nonce: &str) -> Seen {
 
 fn print_matrix(m: &Matrix) {
     println!(
-        "update-test {} (profile {}, init {}): bundle {}, power cuts survived {}",
+        "update-test {} (profile {}, init {}): bundle {}, power cuts survived {}{}",
         m.board,
         m.profile,
         m.init,
         ui::size(m.bundle_bytes),
-        m.power_cuts_survived
+        m.power_cuts_survived,
+        if m.power_cuts_missed > 0 {
+            format!(
+                " ({} cut points came after the install had finished)",
+                m.power_cuts_missed
+            )
+        } else {
+            String::new()
+        }
     );
     let w = m
         .scenarios
@@ -864,13 +973,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn twenty_cuts_cover_every_phase_at_four_delays() {
+    fn twenty_cuts_cover_every_phase_at_four_places() {
         let p = cut_points(20);
         assert_eq!(p.len(), 20);
         for m in CUT_MARKERS {
             assert_eq!(p.iter().filter(|(x, _)| x == m).count(), 4, "{m}");
         }
         assert_eq!(cut_points(20), p, "the points are the same every run");
+        let lines = [
+            ("BONSAI-UPDATE-VERIFIED x", 1.0),
+            ("BONSAI-UPDATE-PLAN x", 1.5),
+            ("BONSAI-UPDATE-FETCHED x", 1.6),
+            ("BONSAI-UPDATE-PHASE write slot b", 1.6),
+            ("BONSAI-UPDATE-PHASE arm slot b", 2.4),
+            ("BONSAI-UPDATE-ARMED slot b", 2.45),
+        ];
+        let times: Vec<(String, f64)> = lines.iter().map(|(l, t)| (l.to_string(), *t)).collect();
+        let ms: Vec<u64> = phase_ms(&times)
+            .unwrap()
+            .iter()
+            .map(|(_, ms)| *ms)
+            .collect();
+        assert_eq!(ms, [500, 100, 1, 800, 50]);
+        assert!(
+            phase_ms(&times[..5]).is_err(),
+            "no ARMED line: no phase lengths"
+        );
     }
 
     #[test]
@@ -889,6 +1017,6 @@ BONSAI-SLOT other b bonsai-b.conf blessed\r
         assert_eq!(s.fetched(), Some(5000));
         assert_eq!(s.refused, vec!["signature: made with another key"]);
         assert!(s.has("BONSAI-UPDATE-VERIFIED"));
-        assert!(!observe(text, "other0").kernel_slot.is_some());
+        assert!(observe(text, "other0").kernel_slot.is_none());
     }
 }

@@ -702,6 +702,32 @@ fn health_check_out_of_place() {
 }
 
 #[test]
+fn unknown_update_test_scenario() {
+    let s = Scratch::new();
+    fails_with(
+        &s,
+        &["update-test", "--only", "install-twice"],
+        "error: --only: unknown scenario 'install-twice' (one of: install, refuse-wrong-signature, refuse-other-board, refuse-older-version, refuse-corrupt-chunk, refuse-truncated-bundle, rollback, or a prefix such as power-cut or refuse)",
+    );
+}
+
+#[test]
+fn bundle_key_unusable() {
+    let s = Scratch::new();
+    s.write("keys/ci.pub", "untrusted comment: minisign public key 0\nRWQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\n");
+    fails_with(
+        &s,
+        &["bundle", "--version", "1", "--key", "keys/ci.pub"],
+        "error: keys/ci.pub: secret key: not a minisign Ed25519 secret key",
+    );
+    fails_with(
+        &s,
+        &["bundle", "--version", "1", "--key", "keys/absent.key"],
+        "error: keys/absent.key: No such file or directory",
+    );
+}
+
+#[test]
 fn unknown_ab_test_scenario() {
     let s = Scratch::new();
     fails_with(
