@@ -20,6 +20,7 @@ pub const SLOW_TEST_TARGETS: &[(&str, &str)] = &[
     ("xtask", "nix_glue"),
     ("xtask", "disk"),
     ("xtask", "ab_test"),
+    ("xtask", "update_test"),
     // Debian's minisign as the oracle of the bundle's signatures (installed by the full run)
     ("bundle", "minisign"),
 ];

@@ -223,7 +223,7 @@ pub struct Delta {
     pub old: PathBuf,
     /// The release it updates to
     pub new: PathBuf,
-    /// Print JSON on stdout
+    /// Print JSON on stdout (schemas/delta.schema.json)
     #[arg(long)]
     pub json: bool,
 }
@@ -249,6 +249,65 @@ pub struct DeltaReport {
     pub index_percent: f64,
     /// Per slot file: (name, size, bytes of its chunks fetched).
     pub files: Vec<FileDelta>,
+    /// The other choice, measured on the same pair: the initramfs chunked uncompressed (the
+    /// cpio, same chunking), each new chunk compressed with zstd -19 on its own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpio_alternative: Option<CpioAlternative>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CpioAlternative {
+    pub cpio_bytes: u64,
+    pub chunks: usize,
+    pub chunks_fetched: usize,
+    /// New chunks' bytes before and after compressing each with zstd -19.
+    pub fetched_raw: u64,
+    pub fetched_compressed: u64,
+    /// What the compressed initramfs costs in this delta (its new chunks' bytes).
+    pub initramfs_fetched: u64,
+}
+
+/// The initramfs of a release folder, uncompressed (gzip only; `None` for other compressions).
+fn release_cpio(dir: &Path) -> Option<Vec<u8>> {
+    let gz = fs::read(dir.join("initramfs.cpio.gz")).ok()?;
+    let mut out = Vec::new();
+    flate2::read::MultiGzDecoder::new(&gz[..])
+        .read_to_end(&mut out)
+        .ok()?;
+    Some(out)
+}
+
+fn cpio_alternative(old: &Path, new: &Path, initramfs_fetched: u64) -> Option<CpioAlternative> {
+    let (a, b) = (release_cpio(old)?, release_cpio(new)?);
+    let c = bundle::Chunking::default();
+    let have: std::collections::HashSet<String> = c
+        .cut(&a)
+        .iter()
+        .map(|&(o, l)| bundle::sha256_hex(&a[o..o + l]))
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    let (mut chunks, mut fetched, mut raw, mut comp) = (0, 0, 0u64, 0u64);
+    for (o, l) in c.cut(&b) {
+        let bytes = &b[o..o + l];
+        let sha = bundle::sha256_hex(bytes);
+        if !seen.insert(sha.clone()) {
+            continue;
+        }
+        chunks += 1;
+        if !have.contains(&sha) {
+            fetched += 1;
+            raw += l as u64;
+            comp += zstd::bulk::compress(bytes, 19).ok()?.len() as u64;
+        }
+    }
+    Some(CpioAlternative {
+        cpio_bytes: b.len() as u64,
+        chunks,
+        chunks_fetched: fetched,
+        fetched_raw: raw,
+        fetched_compressed: comp,
+        initramfs_fetched,
+    })
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -302,7 +361,7 @@ pub fn delta(old: &Path, new: &Path) -> Result<DeltaReport> {
         om.chunks.iter().map(|c| c.sha256.as_str()).collect();
     let plan = bundle::Plan::new(&nm, |h| have.contains(h));
     let fetched: std::collections::HashSet<u32> = plan.fetch.iter().copied().collect();
-    let files = nm
+    let files: Vec<FileDelta> = nm
         .files
         .iter()
         .map(|f| {
@@ -328,6 +387,11 @@ pub fn delta(old: &Path, new: &Path) -> Result<DeltaReport> {
     let bundle_bytes = fs::metadata(&np)?.len();
     let head = nh.payload_offset();
     let fetched_bytes = head + plan.fetch_bytes;
+    let initrd_fetched = files
+        .iter()
+        .find(|f| f.name == "initrd")
+        .map(|f| f.fetched)
+        .unwrap_or(0);
     Ok(DeltaReport {
         old: format!("{} {}", om.board, om.version),
         new: format!("{} {}", nm.board, nm.version),
@@ -340,6 +404,7 @@ pub fn delta(old: &Path, new: &Path) -> Result<DeltaReport> {
         fetched_percent: 100.0 * fetched_bytes as f64 / bundle_bytes.max(1) as f64,
         index_percent: 100.0 * nh.manifest_len as f64 / nm.payload_len().max(1) as f64,
         files,
+        cpio_alternative: cpio_alternative(old, new, initrd_fetched),
     })
 }
 
@@ -371,6 +436,16 @@ impl Delta {
             );
         }
         println!("  chunk index: {:.2} % of the payload", r.index_percent);
+        if let Some(c) = &r.cpio_alternative {
+            println!(
+                "  chunking the uncompressed cpio instead: {} of {} chunks new, {} ({} with zstd -19 per chunk), against {} of compressed initramfs chunks",
+                c.chunks_fetched,
+                c.chunks,
+                ui::size(c.fetched_raw),
+                ui::size(c.fetched_compressed),
+                ui::size(c.initramfs_fetched)
+            );
+        }
         Ok(())
     }
 }

@@ -38,7 +38,7 @@ pub struct UpdateTest {
     pub profile: Option<String>,
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(INITS))]
     pub init: Option<String>,
-    /// Print the scenario x result matrix as JSON on stdout
+    /// Print the scenario x result matrix as JSON on stdout (schemas/update-test.schema.json)
     #[arg(long)]
     pub json: bool,
     /// Power cuts during an install (spread over its phases)

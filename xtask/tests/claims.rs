@@ -122,7 +122,16 @@ fn every_json_flag_names_its_schema() {
     with_json.sort();
     assert_eq!(
         with_json,
-        ["ab-test", "diff", "eval", "list", "size", "test-boards"]
+        [
+            "ab-test",
+            "delta",
+            "diff",
+            "eval",
+            "list",
+            "size",
+            "test-boards",
+            "update-test"
+        ]
     );
 }
 

@@ -12,7 +12,7 @@ use std::fs;
 use std::process::Command;
 
 mod common;
-use common::{command, ok, out_root, require};
+use common::{assert_matches_schema, command, ok, out_root, require};
 
 const SCENARIOS: &[&str] = &[
     "install",
@@ -167,13 +167,14 @@ fn a_bundle_verifies_with_minisign_and_delta_reads_two_releases() {
         assert!(!String::from_utf8_lossy(&bytes).contains(&secret_line));
     }
     // The same image in both releases: nothing to fetch but the head.
-    let json: serde_json::Value = serde_json::from_str(&ok(&[
+    let text = ok(&[
         "delta",
         d.to_str().unwrap(),
         releases.join("qemu-x86_64-1.0.1").to_str().unwrap(),
         "--json",
-    ]))
-    .unwrap();
+    ]);
+    assert_matches_schema("delta", &text);
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(json["payload_fetched"], 0);
     assert_eq!(json["chunks_fetched"], 0);
     assert!(json["index_percent"].as_f64().unwrap() < 1.0);
