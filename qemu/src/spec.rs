@@ -113,6 +113,10 @@ pub struct UserNet {
     pub device: String,
     /// `(host port, guest port)` TCP forwards; the host side binds 127.0.0.1 only.
     pub host_forwards: Vec<(u16, u16)>,
+    /// `(guest address:port, command)`: a guest connection to that address runs the command,
+    /// one process per connection, speaking over its stdin and stdout (QEMU's `guestfwd` with
+    /// `cmd:`). The only way out of `restrict=on`.
+    pub guest_forwards: Vec<(String, String)>,
 }
 
 impl UserNet {
@@ -121,6 +125,13 @@ impl UserNet {
         let mut arg = String::from("user,id=net0,restrict=on");
         for (host, guest) in &self.host_forwards {
             arg.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
+        }
+        for (addr, cmd) in &self.guest_forwards {
+            // QEMU's option syntax escapes a comma by doubling it.
+            arg.push_str(&format!(
+                ",guestfwd=tcp:{addr}-cmd:{}",
+                cmd.replace(',', ",,")
+            ));
         }
         arg
     }
@@ -261,6 +272,7 @@ mod tests {
             network: Some(UserNet {
                 device: "virtio-net-pci".into(),
                 host_forwards: vec![(2222, 22), (8080, 80)],
+                guest_forwards: vec![],
             }),
             drives: vec!["/tmp/data.img".into()],
             firmware: None,
@@ -441,10 +453,20 @@ mod tests {
         let net = UserNet {
             device: "virtio-net-pci".into(),
             host_forwards: vec![],
+            guest_forwards: vec![],
         };
         assert_eq!(net.netdev_arg(), "user,id=net0,restrict=on");
+        let fwd = UserNet {
+            guest_forwards: vec![("10.0.2.100:80".into(), "serve --stdio a,b".into())],
+            ..net.clone()
+        };
+        assert_eq!(
+            fwd.netdev_arg(),
+            "user,id=net0,restrict=on,guestfwd=tcp:10.0.2.100:80-cmd:serve --stdio a,,b"
+        );
         let net = UserNet {
             host_forwards: vec![(10022, 22)],
+            guest_forwards: vec![],
             ..net
         };
         assert_eq!(

@@ -367,18 +367,29 @@ fi
 printf 'BONSAI-SERVICES-UP %s %s\n' "${nonce:-none}" "$services_up" >/dev/console
 # A boot from a disk slot: health checks, then blessing (or a reboot, for a failed trial).
 /etc/bonsai/health "${nonce:-none}"
-# bonsai.update=<file>: install that bundle from the data partition now, once the boot is
-# healthy (cargo xtask update-test; a lab or a factory line). On success it reboots.
+# bonsai.update=<file|http://...>: install that bundle (a file of the data partition, or a URL)
+# now, once the boot is healthy (cargo xtask update-test; a lab or a factory line). On success
+# it reboots.
 update=$(sed -n 's/.*bonsai[.]update=\([^ ]*\).*/\1/p' /proc/cmdline)
 if [ -n "$update" ] && [ "$update" != none ] && [ -x /bin/bonsai-update ]; then
 	data=/run/bonsai/data
-	mkdir -p "$data"
-	for u in /sys/class/block/*/uevent; do
-		grep -qx 'PARTNAME=data' "$u" 2>/dev/null || continue
-		mount -t vfat -o ro "/dev/$(sed -n 's/^DEVNAME=//p' "$u")" "$data"
-		break
-	done
-	/bin/bonsai-update install "$data/$update" >/dev/console 2>&1
+	case "$update" in
+	http://*)
+		# QEMU's user network, where the guest is 10.0.2.15 (a device uses its profile's network)
+		ip link set eth0 up 2>/dev/null && ip addr add 10.0.2.15/24 dev eth0 2>/dev/null
+		src=$update
+		;;
+	*)
+		mkdir -p "$data"
+		for u in /sys/class/block/*/uevent; do
+			grep -qx 'PARTNAME=data' "$u" 2>/dev/null || continue
+			mount -t vfat -o ro "/dev/$(sed -n 's/^DEVNAME=//p' "$u")" "$data"
+			break
+		done
+		src=$data/$update
+		;;
+	esac
+	/bin/bonsai-update install "$src" >/dev/console 2>&1
 	umount "$data" 2>/dev/null
 fi
 # bonsai.hold=1: stay up without a console shell (the host logs in over SSH).

@@ -291,6 +291,7 @@ pub fn qemu_spec(
         network: board.qemu.net_device.as_ref().map(|d| UserNet {
             device: d.clone(),
             host_forwards: host_forward.into_iter().collect(),
+            guest_forwards: Vec::new(),
         }),
         drives: Vec::new(),
         firmware: None,

@@ -28,6 +28,7 @@ pub mod pid1;
 pub mod release;
 pub mod repro;
 pub mod sbom;
+pub mod serve;
 pub mod size;
 pub mod sizemap;
 pub mod skip;
@@ -83,6 +84,8 @@ pub enum Command {
     /// Field updates in QEMU through the firmware: install, refusals, rollback and power cuts
     /// during an install; prints a scenario x result matrix
     UpdateTest(updatetest::UpdateTest),
+    /// Serve release folders over HTTP with range requests (to devices; --stdio for QEMU's guestfwd)
+    Serve(serve::Serve),
     /// Write a minisign key pair for signing update bundles: <prefix>.pub and <prefix>.key
     Keygen(update::Keygen),
     /// A release with its signed update bundle: out/release/<board>-<version>/<board>-<version>.bundle
@@ -169,6 +172,7 @@ pub fn main() -> ExitCode {
         Command::TestBoards(c) => c.run(),
         Command::Release(c) => c.run().map(|_| ()),
         Command::Keygen(c) => c.run(),
+        Command::Serve(c) => c.run(),
         Command::UpdateTest(c) => c.run(),
         Command::Bundle(c) => c.run(),
         Command::Delta(c) => c.run(),

@@ -63,6 +63,7 @@ const SCENARIOS: &[&str] = &[
     "refuse-older-version",
     "refuse-corrupt-chunk",
     "refuse-truncated-bundle",
+    "resume-over-http",
     "rollback",
 ];
 
@@ -407,6 +408,12 @@ impl UpdateTest {
             ui::step(format!("scenario {name}: {description}"));
             rows.push(ctx.refuse(name, description, &dir, &dev, &bytes, needle)?);
         }
+        if want("resume-over-http") {
+            let (dir, dev) = scenario_dir("resume-over-http")?;
+            ui::step("scenario resume-over-http: the transfer is cut half-way and resumes");
+            let plan = bundle::Plan::new(&b_next.manifest, |h| local.get(h).is_some());
+            rows.push(ctx.resume(&dir, &dev, &b_next, &plan, head)?);
+        }
         if want("rollback") {
             let (dir, dev) = scenario_dir("rollback")?;
             ui::step("scenario rollback: 1.2.0 fails its health check, the device goes back");
@@ -521,8 +528,19 @@ impl Ctx<'_> {
         update: Option<&str>,
         cut: Option<(&str, u64)>,
     ) -> Result<Seen> {
+        self.launch_with(&self.spec, dev, log, update, cut)
+    }
+
+    fn launch_with(
+        &self,
+        base: &qemu::QemuSpec,
+        dev: &RunDisk,
+        log: &Path,
+        update: Option<&str>,
+        cut: Option<(&str, u64)>,
+    ) -> Result<Seen> {
         let nonce = qemu::protocol::new_nonce();
-        let mut spec = self.spec.clone();
+        let mut spec = base.clone();
         dev.apply(&mut spec);
         spec.append = format!("{} bonsai.update={}", spec.append, update.unwrap_or("none"))
             .trim()
@@ -726,6 +744,117 @@ impl Ctx<'_> {
         }
         let detail = l.refused.first().cloned();
         Ok(row(name, description, p, detail, None, vec![l]))
+    }
+
+    /// The bundle over HTTP (QEMU's guestfwd to `cargo xtask serve --stdio`), the first
+    /// payload response cut part-way: the install must resume and fetch exactly what it lacks.
+    fn resume(
+        &self,
+        dir: &Path,
+        dev: &RunDisk,
+        b: &crate::update::Signed,
+        plan: &bundle::Plan,
+        head: u64,
+    ) -> Result<Row> {
+        let m = &b.manifest;
+        let ranges = plan.ranges(m);
+        // The last run of chunks to fetch is cut after its first chunk and half of the next
+        // (half-way, when it is one chunk). The runs before it were fetched whole and verified:
+        // after the cut the device must ask for what it still lacks and nothing else.
+        let Some(&(off, len)) = ranges.last() else {
+            bail!("release 1.1.0 needs no chunk from the bundle: nothing to resume");
+        };
+        let mut sizes = Vec::new();
+        for c in &m.chunks {
+            if c.offset >= off && c.offset < off + len {
+                sizes.push(u64::from(c.size));
+            }
+        }
+        let cut_after = match sizes.as_slice() {
+            [first, second, ..] => first + second / 2,
+            _ => len / 2,
+        };
+        let verified_in_cut: u64 = {
+            let mut sum = 0;
+            for s in &sizes {
+                if sum + s > cut_after {
+                    break;
+                }
+                sum += s;
+            }
+            sum
+        };
+        let verified_before = plan.fetch_bytes - len + verified_in_cut;
+        let serve_dir = dir.join("serve").join("u");
+        fs::create_dir_all(&serve_dir)?;
+        fs::write(serve_dir.join(BUNDLE_FILE), &b.bytes)?;
+        let log = dir.join("serve.log");
+        let _ = fs::remove_file(&log);
+        let exe = std::env::current_exe().context("the xtask binary's path")?;
+        let quote = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', "'\\''"));
+        let cmd = format!(
+            "{} serve --stdio {} --log {} --cut-first 1 --cut-after {cut_after} --cut-from {}",
+            quote(&exe),
+            quote(&serve_dir),
+            quote(&log),
+            head + off
+        );
+        let mut spec = self.spec.clone();
+        let Some(net) = spec.network.as_mut() else {
+            bail!(
+                "{}: no [qemu] net-device: the guest cannot reach an HTTP server",
+                self.board.name
+            );
+        };
+        net.guest_forwards = vec![("10.0.2.100:80".into(), cmd)];
+        let url = format!("http://10.0.2.100/u/{BUNDLE_FILE}");
+        let l = self.launch_with(
+            &spec,
+            dev,
+            &dir.join("launch-1.serial.log"),
+            Some(&url),
+            None,
+        )?;
+        let served = crate::serve::read_log(&log);
+        let payload: u64 = served
+            .iter()
+            .filter(|(o, _, _)| *o >= head)
+            .map(|(_, n, _)| n)
+            .sum();
+        let cuts = served.iter().filter(|(_, _, c)| *c).count();
+        let want = plan.fetch_bytes + cut_after - verified_in_cut;
+        let mut p = Vec::new();
+        if !l.has("BONSAI-UPDATE-ARMED slot b") || l.ending != "reset" {
+            p.push(format!(
+                "the install did not complete: {:?} {:?}",
+                l.update.last(),
+                l.refused
+            ));
+        }
+        if !l.has("BONSAI-UPDATE-RESUME") {
+            p.push("no BONSAI-UPDATE-RESUME line".into());
+        }
+        if cuts != 1 {
+            p.push(format!("the server cut {cuts} responses, not 1"));
+        }
+        if payload != want {
+            p.push(format!(
+                "the server sent {payload} payload bytes; with {verified_before} verified before the cut at {cut_after}, it should be exactly {want} (fetch {})",
+                plan.fetch_bytes
+            ));
+        }
+        Ok(row(
+            "resume-over-http",
+            "the bundle over HTTP ranges, the last payload response cut part-way: resumes, verified chunks not fetched again",
+            p,
+            Some(format!(
+                "cut at {cut_after} of the last {len}-byte run, {verified_before} bytes of chunks verified before the cut; the server sent {payload} payload bytes in {} responses, the plan needed {}",
+                served.iter().filter(|(o, _, _)| *o >= head).count(),
+                plan.fetch_bytes
+            )),
+            None,
+            vec![l],
+        ))
     }
 
     fn rollback(&self, dir: &Path, dev: &RunDisk, bundle: &[u8], tries: u32) -> Result<Row> {

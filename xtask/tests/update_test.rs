@@ -21,6 +21,7 @@ const SCENARIOS: &[&str] = &[
     "refuse-older-version",
     "refuse-corrupt-chunk",
     "refuse-truncated-bundle",
+    "resume-over-http",
     "rollback",
 ];
 
@@ -92,6 +93,17 @@ fn every_scenario_passes(init: &str, cuts: usize) {
         assert_eq!(l["esp_changed"], false, "{}", r["name"]);
         assert_eq!(l["refused"].as_array().unwrap().len(), 1, "{}", r["name"]);
     }
+    // Over HTTP, the cut response was resumed: the server sent what the plan needed plus the
+    // cut part, no verified chunk twice (the row checks the exact count).
+    let resume = rows
+        .iter()
+        .find(|r| r["name"] == "resume-over-http")
+        .unwrap();
+    assert!(resume["launches"][0]["update"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|l| l.as_str().unwrap().starts_with("BONSAI-UPDATE-RESUME")));
     // The cuts landed in every phase of the install.
     let phases: std::collections::BTreeSet<String> = rows[SCENARIOS.len()..]
         .iter()
