@@ -707,7 +707,7 @@ fn unknown_update_test_scenario() {
     fails_with(
         &s,
         &["update-test", "--only", "install-twice"],
-        "error: --only: unknown scenario 'install-twice' (one of: install, refuse-wrong-signature, refuse-other-board, refuse-older-version, refuse-corrupt-chunk, refuse-truncated-bundle, rollback, or a prefix such as power-cut or refuse)",
+        "error: --only: unknown scenario 'install-twice' (one of: install, refuse-wrong-signature, refuse-other-board, refuse-older-version, refuse-corrupt-chunk, refuse-truncated-bundle, resume-over-http, rollback, or a prefix such as power-cut or refuse)",
     );
 }
 
