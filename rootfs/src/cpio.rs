@@ -24,10 +24,31 @@ const S_IFLNK: u32 = 0o120000;
 const S_IFCHR: u32 = 0o020000;
 const S_IFBLK: u32 = 0o060000;
 
+/// The mtime of every entry under `nix/store/`: the store's own (Nix canonicalises every
+/// store file's mtime to 1), which `SOURCE_DATE_EPOCH` clamps to itself. bonsai's own binary
+/// ([`BUILT_BINARIES`]) gets it too. So what did not change gives the same bytes in two
+/// releases of different dates, and an update fetches only what changed.
+pub const STORE_MTIME: u32 = 1;
+
+/// Files outside the store that come from a build rather than from the release's profile:
+/// bonsai-init (the init, and bonsai-update in every image that takes updates).
+pub const BUILT_BINARIES: &[&str] = &["bin/bonsai-init", "bin/bonsai-update"];
+
+/// An entry's mtime: [`STORE_MTIME`] for the store's entries and [`BUILT_BINARIES`], the
+/// caller's (`SOURCE_DATE_EPOCH`) for the rest.
+pub fn mtime_of(path: &str, epoch: u32) -> u32 {
+    if path.starts_with("nix/store/") || BUILT_BINARIES.contains(&path) {
+        STORE_MTIME
+    } else {
+        epoch
+    }
+}
+
 /// Settings for [`write_newc`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CpioOptions {
-    /// The mtime of every entry, normally `SOURCE_DATE_EPOCH` (newc's field is 32 bits).
+    /// The mtime of the entries bonsai composes for the release, normally `SOURCE_DATE_EPOCH`
+    /// (newc's field is 32 bits); see [`mtime_of`].
     pub mtime: u32,
 }
 
@@ -86,9 +107,14 @@ pub fn write_newc<W: Write>(tree: &Tree, opts: &CpioOptions, out: W) -> Result<C
     write_newc_segmented(tree, opts, Unsegmented(out))
 }
 
-/// The segment an entry belongs to: its store path (`nix/store/<hash>-<name>`), or `None`
-/// for everything outside the store paths.
+/// The segment an entry belongs to: its store path (`nix/store/<hash>-<name>`), one of its
+/// own for each of [`BUILT_BINARIES`], or `None` for everything else outside the store paths.
+/// (A built binary in the middle of `bin/` would otherwise be compressed after entries whose
+/// mtime is the release's date, and so differ in every release.)
 fn segment_of(path: &str) -> Option<&str> {
+    if BUILT_BINARIES.contains(&path) {
+        return Some(path);
+    }
     let rest = path.strip_prefix("nix/store/")?;
     let end = rest
         .find('/')
@@ -138,7 +164,7 @@ pub fn write_newc_segmented<W: Segmented>(
             .uid(0)
             .gid(0)
             .nlink(1)
-            .mtime(opts.mtime)
+            .mtime(mtime_of(path.as_str(), opts.mtime))
             .dev_major(0)
             .dev_minor(0);
         write_entry(&mut out, path, node, header, &mut buf, &mut stats)?;
@@ -359,6 +385,24 @@ mod tests {
     }
 
     #[test]
+    fn store_entries_and_bonsais_binary_keep_mtime_1_the_rest_take_the_epoch() {
+        for (path, want) in [
+            ("nix/store/abc-glibc", 1),
+            ("nix/store/abc-glibc/lib/libc.so.6", 1),
+            ("bin/bonsai-init", 1),
+            ("bin/bonsai-update", 1),
+            ("nix", 7),
+            ("nix/store", 7),
+            ("bin/sh", 7),
+            ("etc/bonsai/update.pub", 7),
+            ("init", 7),
+            ("bin/bonsai-initx", 7),
+        ] {
+            assert_eq!(mtime_of(path, 7), want, "{path}");
+        }
+    }
+
+    #[test]
     fn round_trip_through_the_cpio_crate_reader() {
         let dir = tempfile::tempdir().unwrap();
         let host = dir.path().join("libc.so.6");
@@ -418,7 +462,14 @@ mod tests {
                 e.ino
             );
             assert_eq!((e.uid, e.gid, e.nlink), (0, 0, 1), "{}", e.name);
-            assert_eq!(e.mtime, 1_700_000_000, "{}", e.name);
+            // The store's entries keep the store's mtime; the rest get the caller's.
+            let want = if e.name.starts_with("nix/store/") {
+                STORE_MTIME
+            } else {
+                1_700_000_000
+            };
+            assert_eq!(mtime_of(&e.name, 1_700_000_000), want, "{}", e.name);
+            assert_eq!(e.mtime, want, "{}", e.name);
             assert_eq!(e.dev, (0, 0), "{}", e.name);
         }
         let by_name = |n: &str| entries.iter().find(|e| e.name == n).unwrap();

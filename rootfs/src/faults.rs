@@ -36,9 +36,6 @@ pub enum Fault {
     Hang,
     /// The health step says it blessed a trial but leaves the entry as it is.
     NoBless,
-    /// Not a fault: a later release that differs from the one built without it by one line of
-    /// one script (the update test's next release, a small real change in the image).
-    NextRelease,
 }
 
 pub const FAULTS: &[(&str, Fault)] = &[
@@ -55,7 +52,6 @@ pub const FAULTS: &[(&str, Fault)] = &[
     ("health-fails", Fault::HealthFails),
     ("hang", Fault::Hang),
     ("no-bless", Fault::NoBless),
-    ("next-release", Fault::NextRelease),
 ];
 
 /// The faults of the A/B test's releases (and of its own negative test): `all` leaves them out,
@@ -65,7 +61,6 @@ const RELEASE_FAULTS: &[Fault] = &[
     Fault::HealthFails,
     Fault::Hang,
     Fault::NoBless,
-    Fault::NextRelease,
 ];
 
 /// Parses a comma-separated list (`all` for every fault).
@@ -247,11 +242,6 @@ fn edit(path: &str, t: &str, fault: Fault) -> String {
         Fault::NoBless if path == "etc/bonsai/health" => t.replace(
             "\t\tif bless; then",
             "\t\tif true; then",
-        ),
-        Fault::NextRelease if path == "etc/bonsai/health" => t.replacen(
-            "#!/bin/sh\n",
-            "#!/bin/sh\n# a later release: this line is its one change\n",
-            1,
         ),
         Fault::Hang if path == "etc/bonsai/health" => t.replace(
             "# health checks: ",

@@ -26,7 +26,11 @@ mod piececache;
 mod tree;
 
 pub use crate::compress::{compress_writer, Compression, Encoder, XZ_MAX_DICT_SIZE};
-pub use crate::cpio::{write_newc, write_newc_segmented, CpioOptions, CpioStats, Segmented};
+pub use crate::cpio::mtime_of;
+pub use crate::cpio::{
+    write_newc, write_newc_segmented, CpioOptions, CpioStats, Segmented, BUILT_BINARIES,
+    STORE_MTIME,
+};
 pub use crate::error::{io_message, Error, Result};
 pub use crate::hex::hex;
 pub use crate::manifest::{manifest, EntryType, Manifest, ManifestEntry, Totals, MANIFEST_VERSION};

@@ -43,7 +43,7 @@ pub struct AbTest {
     /// Only these scenarios (comma-separated names; see the matrix)
     #[arg(long)]
     pub only: Option<String>,
-    /// Working folder: releases, disks and each launch's serial log (default: out/<board>/ab-test)
+    /// Working folder: releases, disks and each launch's serial log (default: out/ab-test/<board>)
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Show every console line
@@ -373,7 +373,7 @@ impl AbTest {
     fn work(&self) -> PathBuf {
         self.out
             .clone()
-            .unwrap_or_else(|| crate::out_root().join(&self.board).join("ab-test"))
+            .unwrap_or_else(|| crate::out_root().join("ab-test").join(&self.board))
     }
 
     /// Builds the releases, runs the wanted scenarios and writes `ab-test.json`; the matrix,

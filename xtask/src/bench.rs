@@ -330,6 +330,12 @@ impl Bench {
             ));
             Some(bench_media(&root, &self.board, runs, scratch.path())?)
         };
+        ui::step(format!(
+            "bench: update {} from 1.0.0 to 1.1.0 (one package changed): the device's install{}, and the delta by every tool",
+            self.board,
+            if self.quick { "" } else { ", every update-test scenario and 20 power cuts" }
+        ));
+        let updates = crate::benchupdate::bench_updates(&self.board, scratch.path(), self.quick)?;
 
         let report = render(&Report {
             command,
@@ -342,6 +348,7 @@ impl Bench {
             rebuild: &rebuild,
             boots: boots.as_deref(),
             media: media.as_ref(),
+            updates: Some(&updates),
         });
         if let Some(parent) = output.parent() {
             fs::create_dir_all(parent)?;
@@ -753,7 +760,7 @@ fn bench_rebuild(root: &Path, board: &str, scratch: &Path, runs: usize) -> Resul
 
     // One package changed: a scratch copy of the data folders, hello.c edited before each run.
     let copy = scratch.join("root");
-    for d in ["boards", "profiles", "kernel-configs", "nix", "examples"] {
+    for d in crate::update::DATA_FOLDERS {
         copy_dir(&root.join(d), &copy.join(d))?;
     }
     // The first build warms this pack cache; each changed build reuses what did not change.
@@ -801,7 +808,7 @@ fn bench_rebuild(root: &Path, board: &str, scratch: &Path, runs: usize) -> Resul
     })
 }
 
-fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+pub(crate) fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     fs::create_dir_all(to)?;
     for entry in fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
         let entry = entry?;
@@ -1072,6 +1079,7 @@ struct Report<'a> {
     /// Per profile: its boot rows.
     boots: Option<&'a [(String, Vec<BootRow>)]>,
     media: Option<&'a MediaResult>,
+    updates: Option<&'a crate::benchupdate::UpdateResult>,
 }
 
 fn mb(bytes: u64) -> String {
@@ -1082,7 +1090,7 @@ fn pct(a: f64, b: f64) -> String {
     format!("{:+.2} %", (a / b - 1.0) * 100.0)
 }
 
-fn yes(met: bool) -> &'static str {
+pub(crate) fn yes(met: bool) -> &'static str {
     if met {
         "**met**"
     } else {
@@ -1103,6 +1111,7 @@ fn render(r: &Report) -> String {
     render_rebuild(r, &figures, &mut line);
     render_boot(r, &mut line);
     render_media(r, &mut line);
+    crate::benchupdate::render(r.updates, r.board, &mut line);
     render_targets(r, &figures, &mut line);
     s
 }
@@ -1569,6 +1578,7 @@ fn render_targets(r: &Report, f: &RebuildFigures, line: &mut impl FnMut(String))
             yes(b.init_to_up.is_some_and(|v| v < 0.05))
         ));
     }
+    crate::benchupdate::render_targets(r.updates, line);
 }
 
 #[cfg(test)]
@@ -1624,6 +1634,7 @@ mod tests {
             rebuild,
             boots,
             media: None,
+            updates: None,
         }
     }
 

@@ -352,7 +352,10 @@ impl Plan {
         let closure = nix::closure(&realised.packages)?;
         // bonsai-init: the init, and bonsai-update in an image that takes updates.
         let binary = if self.backend == rootfs::Backend::BonsaiInit || self.update_key.is_some() {
-            Some(crate::pid1::build(&self.root, &self.board)?)
+            Some(crate::pid1::build(
+                &crate::source_root(&self.root),
+                &self.board,
+            )?)
         } else {
             None
         };
@@ -1153,7 +1156,7 @@ pub fn fingerprint(
     h.update(format!("init={init}\nepoch={epoch}\n").as_bytes());
     // bonsai-init is in the image as the init, or as bonsai-update with the update key.
     if init == rootfs::Backend::BonsaiInit.name() || update_key.is_some() {
-        add_bonsai_init_inputs(&mut h, root, board, &add_file)?;
+        add_bonsai_init_inputs(&mut h, &crate::source_root(root), board, &add_file)?;
     }
     if let Some(k) = update_key {
         h.update(format!("update-key={k}\n").as_bytes());

@@ -3,6 +3,7 @@
 
 pub mod abtest;
 pub mod bench;
+pub mod benchupdate;
 pub mod boot;
 pub mod build;
 pub mod cache;
@@ -40,7 +41,7 @@ pub mod update;
 pub mod updatetest;
 pub mod why;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -123,6 +124,16 @@ pub enum Command {
 pub fn project_root() -> PathBuf {
     if let Some(r) = std::env::var_os("BONSAI_ROOT") {
         return PathBuf::from(r);
+    }
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    dir.parent().map(PathBuf::from).unwrap_or(dir)
+}
+
+/// Where bonsai-init's sources are: the project root when it holds them, else (a `BONSAI_ROOT`
+/// with the data folders only) the checkout this binary was built from.
+pub fn source_root(root: &Path) -> PathBuf {
+    if root.join("pid1/Cargo.toml").is_file() {
+        return root.to_path_buf();
     }
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     dir.parent().map(PathBuf::from).unwrap_or(dir)

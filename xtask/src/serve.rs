@@ -53,10 +53,11 @@ impl Serve {
         }
         let l = TcpListener::bind(("127.0.0.1", self.port))
             .with_context(|| format!("listening on 127.0.0.1:{}", self.port))?;
+        // The port the kernel chose for `--port 0`.
         eprintln!(
             "serving {} folders on http://127.0.0.1:{}/",
             self.folders.len(),
-            self.port
+            l.local_addr()?.port()
         );
         for s in l.incoming() {
             let Ok(s) = s else { continue };
@@ -97,6 +98,8 @@ impl Serve {
             return Ok(());
         }
         let mut range: Option<(u64, Option<u64>)> = None;
+        // More than one range (zsync asks for several at once): a multipart answer.
+        let mut ranges: Vec<(u64, Option<u64>)> = Vec::new();
         loop {
             let mut h = String::new();
             if r.read_line(&mut h)? == 0 || h == "\r\n" || h == "\n" {
@@ -107,9 +110,14 @@ impl Serve {
             };
             if k.trim().eq_ignore_ascii_case("range") {
                 let v = v.trim().strip_prefix("bytes=").unwrap_or("");
-                if let Some((a, b)) = v.split_once('-') {
-                    range = a.parse().ok().map(|a| (a, b.parse().ok()));
-                }
+                ranges = v
+                    .split(',')
+                    .filter_map(|r| {
+                        let (a, b) = r.trim().split_once('-')?;
+                        Some((a.parse().ok()?, b.parse().ok()))
+                    })
+                    .collect();
+                range = ranges.first().copied();
             }
         }
         let mut words = first.split_whitespace();
@@ -130,6 +138,9 @@ impl Serve {
         };
         let mut f = fs::File::open(&path)?;
         let total = f.metadata()?.len();
+        if ranges.len() > 1 {
+            return self.multipart(w, url, &mut f, total, &ranges);
+        }
         let (start, end) = match range {
             Some((a, b)) if a < total => (a, b.unwrap_or(total - 1).min(total - 1)),
             Some(_) => {
@@ -168,6 +179,58 @@ impl Serve {
     }
 }
 
+impl Serve {
+    /// A 206 with `multipart/byteranges`, one part per range (each logged as a response).
+    fn multipart(
+        &self,
+        w: &mut impl Write,
+        url: &str,
+        f: &mut fs::File,
+        total: u64,
+        ranges: &[(u64, Option<u64>)],
+    ) -> Result<()> {
+        const BOUNDARY: &str = "bonsai-byteranges";
+        let mut body = Vec::new();
+        let mut parts = Vec::new();
+        for &(a, b) in ranges {
+            if a >= total {
+                continue;
+            }
+            let end = b.unwrap_or(total - 1).min(total - 1);
+            if end < a {
+                continue;
+            }
+            write!(
+                body,
+                "\r\n--{BOUNDARY}\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes {a}-{end}/{total}\r\n\r\n"
+            )?;
+            f.seek(SeekFrom::Start(a))?;
+            let len = end + 1 - a;
+            let n = Read::by_ref(f).take(len).read_to_end(&mut body)?;
+            parts.push((a, len, n));
+        }
+        if parts.is_empty() {
+            write!(w, "HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{total}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+            return Ok(());
+        }
+        write!(body, "\r\n--{BOUNDARY}--\r\n")?;
+        write!(
+            w,
+            "HTTP/1.1 206 Partial Content\r\nContent-Type: multipart/byteranges; boundary={BOUNDARY}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )?;
+        w.write_all(&body)?;
+        w.flush()?;
+        if let Some(log) = &self.log {
+            let mut l = fs::OpenOptions::new().create(true).append(true).open(log)?;
+            for (a, len, n) in parts {
+                writeln!(l, "{url} {a} {len} {n}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The log's lines: (offset, bytes sent, cut).
 pub fn read_log(path: &Path) -> Vec<(u64, u64, bool)> {
     fs::read_to_string(path)
@@ -182,4 +245,59 @@ pub fn read_log(path: &Path) -> Vec<(u64, u64, bool)> {
             ))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ask(s: &Serve, range: &str) -> String {
+        let req = format!("GET /rel/f.bin HTTP/1.1\r\nHost: x\r\nRange: {range}\r\n\r\n");
+        let mut out = Vec::new();
+        s.connection(&mut req.as_bytes(), &mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn one_range_is_a_206_and_several_are_multipart_each_logged() {
+        let d = tempfile::tempdir().unwrap();
+        let rel = d.path().join("rel");
+        fs::create_dir(&rel).unwrap();
+        fs::write(rel.join("f.bin"), b"0123456789abcdef").unwrap();
+        let log = d.path().join("log");
+        let s = Serve {
+            folders: vec![rel],
+            port: 0,
+            stdio: false,
+            log: Some(log.clone()),
+            cut_first: 0,
+            cut_after: 0,
+            cut_from: 0,
+        };
+        let one = ask(&s, "bytes=2-5");
+        assert!(one.starts_with("HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 2-5/16\r\nContent-Length: 4\r\n"), "{one}");
+        assert!(one.ends_with("\r\n\r\n2345"), "{one}");
+        let many = ask(&s, "bytes=0-1, 10-12,14-");
+        assert!(
+            many.contains("Content-Type: multipart/byteranges; boundary=bonsai-byteranges\r\n"),
+            "{many}"
+        );
+        let body = many.split_once("\r\n\r\n").unwrap().1;
+        assert_eq!(
+            body,
+            "\r\n--bonsai-byteranges\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes 0-1/16\r\n\r\n01\
+             \r\n--bonsai-byteranges\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes 10-12/16\r\n\r\nabc\
+             \r\n--bonsai-byteranges\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes 14-15/16\r\n\r\nef\
+             \r\n--bonsai-byteranges--\r\n"
+        );
+        assert!(
+            many.contains(&format!("Content-Length: {}\r\n", body.len())),
+            "{many}"
+        );
+        assert_eq!(
+            read_log(&log),
+            [(2, 4, false), (0, 2, false), (10, 3, false), (14, 2, false)]
+        );
+        assert!(ask(&s, "bytes=40-50,60-70").starts_with("HTTP/1.1 416 "));
+    }
 }

@@ -135,6 +135,48 @@ impl Bundle {
     }
 }
 
+/// The data folders a build reads (`BONSAI_ROOT` may point at a copy of them).
+pub const DATA_FOLDERS: [&str; 5] = ["boards", "profiles", "kernel-configs", "nix", "examples"];
+
+/// The package the next release changes, and its two versions.
+pub const CHANGED_PACKAGE: (&str, &str, &str) = ("hello", "1.0", "1.1");
+
+/// Copies the data folders of `root` to `dest` (afresh) with one package changed: the example
+/// program `hello` goes from 1.0 to 1.1, both its Nix version and the line `--version` prints,
+/// so that Nix builds a new store path with different bytes. It is the release N+1 of the
+/// update test and of the bench's delta comparison; everything else is the same.
+pub fn one_package_changed(root: &Path, dest: &Path) -> Result<()> {
+    if dest.exists() {
+        fs::remove_dir_all(dest).with_context(|| format!("removing {}", dest.display()))?;
+    }
+    for d in DATA_FOLDERS {
+        crate::bench::copy_dir(&root.join(d), &dest.join(d))?;
+    }
+    let (_, old, new) = CHANGED_PACKAGE;
+    for (file, from, to) in [
+        (
+            "examples/hello/default.nix",
+            format!("version = \"{old}\";"),
+            format!("version = \"{new}\";"),
+        ),
+        (
+            "examples/hello/src/hello.c",
+            format!("\"hello (bonsai example) {old}\""),
+            format!("\"hello (bonsai example) {new}\""),
+        ),
+    ] {
+        let path = dest.join(file);
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        if text.matches(&from).count() != 1 {
+            bail!("{file}: expected one '{from}' to change for the next release");
+        }
+        fs::write(&path, text.replace(&from, &to))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// The bundle's file names in a release folder of `board` at `version`.
 pub fn bundle_names(board: &str, version: &str) -> [String; 3] {
     let stem = format!("{board}-{version}");
@@ -447,5 +489,48 @@ impl Delta {
             );
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_next_release_changes_hello_and_nothing_else() {
+        let root = crate::project_root();
+        let dest = tempfile::tempdir().unwrap();
+        let copy = dest.path().join("next");
+        one_package_changed(&root, &copy).unwrap();
+        let read = |r: &Path, f: &str| fs::read_to_string(r.join(f)).unwrap();
+        let nix = read(&copy, "examples/hello/default.nix");
+        assert!(nix.contains("version = \"1.1\";"), "{nix}");
+        assert!(
+            read(&copy, "examples/hello/src/hello.c").contains("\"hello (bonsai example) 1.1\"")
+        );
+        // Everything else is byte for byte the original.
+        for f in [
+            "boards/qemu-x86_64.toml",
+            "profiles/minimal.toml",
+            "nix/bonsai.nix",
+        ] {
+            assert_eq!(read(&root, f), read(&copy, f), "{f}");
+        }
+        let changed =
+            |r: &Path| read(r, "examples/hello/default.nix").replace("\"1.0\"", "\"1.1\"");
+        assert_eq!(changed(&root), nix);
+        // A second call starts afresh rather than bumping again.
+        one_package_changed(&root, &copy).unwrap();
+        assert_eq!(read(&copy, "examples/hello/default.nix"), nix);
+        // A package that no longer has the expected line is an error naming the file.
+        let bent = dest.path().join("bent");
+        one_package_changed(&root, &bent).unwrap();
+        let err = one_package_changed(&bent, &dest.path().join("again"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "examples/hello/default.nix: expected one 'version = \"1.0\";' to change for the next release"
+        );
     }
 }

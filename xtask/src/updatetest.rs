@@ -47,7 +47,7 @@ pub struct UpdateTest {
     /// Only these scenarios (comma-separated names, or prefixes such as power-cut)
     #[arg(long)]
     pub only: Option<String>,
-    /// Working folder (default: out/<board>/update-test)
+    /// Working folder (default: out/update-test/<board>)
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Show every console line
@@ -91,17 +91,20 @@ pub fn cut_points(n: usize) -> Vec<(&'static str, f64)> {
     v
 }
 
+/// The host time of the first install line that starts with `prefix`.
+pub fn line_time(times: &[(String, f64)], prefix: &str) -> Result<f64> {
+    times
+        .iter()
+        .find(|(l, _)| l.starts_with(prefix))
+        .map(|(_, t)| *t)
+        .with_context(|| format!("the install printed no {prefix} line"))
+}
+
 /// Each phase's length in milliseconds, from the host times of the install's lines (at
 /// least 1 ms): the marker's line to the next phase's line (`BONSAI-UPDATE-ARMED` after the
 /// last).
 fn phase_ms(times: &[(String, f64)]) -> Result<Vec<(&'static str, u64)>> {
-    let at = |prefix: &str| {
-        times
-            .iter()
-            .find(|(l, _)| l.starts_with(prefix))
-            .map(|(_, t)| *t)
-            .with_context(|| format!("the install printed no {prefix} line"))
-    };
+    let at = |prefix: &str| line_time(times, prefix);
     let mut out = Vec::new();
     for (i, m) in CUT_MARKERS.iter().enumerate() {
         let next = CUT_MARKERS
@@ -247,7 +250,7 @@ impl UpdateTest {
         let work = self
             .out
             .clone()
-            .unwrap_or_else(|| crate::out_root().join(&board.name).join("update-test"));
+            .unwrap_or_else(|| crate::out_root().join("update-test").join(&board.name));
         fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
 
         // The run's signing key, kept in the working folder (never in an image) so that a
@@ -265,9 +268,16 @@ impl UpdateTest {
         };
         let public = key.public_file();
 
-        let base = self.build(&work, "1.0.0", "", &public)?;
-        let next = self.build(&work, "1.1.0", "next-release", &public)?;
-        let bad = self.build(&work, "1.2.0", "health-fails", &public)?;
+        // 1.1.0 is 1.0.0 with one package changed (hello 1.0 -> 1.1), built from a copy of
+        // the data folders; 1.2.0 fails its health check.
+        let next_root = work.join("next-root");
+        crate::update::one_package_changed(&root, &next_root)?;
+        // A later release is also of a later date: 1.1.0's SOURCE_DATE_EPOCH is a day after
+        // 1.0.0's, as a release from the next commit would be.
+        let base = self.build(&work, "1.0.0", "", None, &public)?;
+        let later = Some((Path::new(&next_root), base.info.source_date_epoch + 86_400));
+        let next = self.build(&work, "1.1.0", "", later, &public)?;
+        let bad = self.build(&work, "1.2.0", "health-fails", None, &public)?;
         let files = |r: &Rel| SlotFiles::read(&r.out, &r.info);
         let (base_files, next_files) = (files(&base)?, files(&next)?);
         let b_next = crate::update::make_bundle(&board.name, next.version, &next_files, &key)?;
@@ -329,7 +339,7 @@ impl UpdateTest {
         let mut phases = Vec::new();
         if want("install") || cuts_wanted {
             let (dir, dev) = scenario_dir("install")?;
-            ui::step("scenario install: 1.0.0 to 1.1.0, trial boot, blessed");
+            ui::step("scenario install: 1.0.0 to 1.1.0 (one package changed), trial boot, blessed");
             let r = ctx.install(&dir, &dev, &b_next.bytes, next.version)?;
             if cuts_wanted {
                 phases = phase_ms(&r.launches[0].update_times)
@@ -472,14 +482,22 @@ impl UpdateTest {
 
     /// Builds the profile as release `version` (with a test fault, if given) into
     /// `<work>/build/<version>`, with the update key built in.
-    fn build(&self, work: &Path, version: &'static str, fault: &str, public: &str) -> Result<Rel> {
+    fn build(
+        &self,
+        work: &Path,
+        version: &'static str,
+        fault: &str,
+        data: Option<(&Path, u64)>,
+        public: &str,
+    ) -> Result<Rel> {
         let out = work.join("build").join(version);
+        let (pkg, _, new) = crate::update::CHANGED_PACKAGE;
         ui::step(format!(
             "build release {version}{}",
-            if fault.is_empty() {
-                String::new()
-            } else {
-                format!(" ({fault})")
+            match (fault.is_empty(), data.is_some()) {
+                (false, _) => format!(" ({fault})"),
+                (true, true) => format!(" ({pkg} {new})"),
+                (true, false) => String::new(),
             }
         ));
         // The release's fault goes with any the caller set (the tests' deliberately broken
@@ -494,6 +512,12 @@ impl UpdateTest {
             .filter(|f| !f.is_empty())
             .collect();
         std::env::set_var(crate::conformance::BROKEN_ENV, faults.join(","));
+        let root_before = std::env::var_os("BONSAI_ROOT");
+        let epoch_before = std::env::var_os("SOURCE_DATE_EPOCH");
+        if let Some((d, epoch)) = data {
+            std::env::set_var("BONSAI_ROOT", d);
+            std::env::set_var("SOURCE_DATE_EPOCH", epoch.to_string());
+        }
         let built = Build {
             board: self.board.clone(),
             profile: self.profile.clone(),
@@ -504,9 +528,15 @@ impl UpdateTest {
             ..Build::default()
         }
         .run();
-        match before {
-            Some(v) => std::env::set_var(crate::conformance::BROKEN_ENV, v),
-            None => std::env::remove_var(crate::conformance::BROKEN_ENV),
+        for (var, was) in [
+            (crate::conformance::BROKEN_ENV, before),
+            ("BONSAI_ROOT", root_before),
+            ("SOURCE_DATE_EPOCH", epoch_before),
+        ] {
+            match was {
+                Some(v) => std::env::set_var(var, v),
+                None => std::env::remove_var(var),
+            }
         }
         Ok(Rel {
             version,
@@ -707,7 +737,12 @@ impl Ctx<'_> {
         let fetched = launches[0].fetched();
         Ok(row(
             "install",
-            &format!("1.0.0 to {version}: installs into slot b, the trial boot passes, blessed"),
+            &format!(
+                "1.0.0 to {version} ({} {} -> {}): installs into slot b, the trial boot passes, blessed",
+                crate::update::CHANGED_PACKAGE.0,
+                crate::update::CHANGED_PACKAGE.1,
+                crate::update::CHANGED_PACKAGE.2
+            ),
             p,
             fetched.map(|f| {
                 format!(
