@@ -1,7 +1,8 @@
 //! Field updates end to end. `cargo xtask keygen` and `bundle` write a release whose manifest
 //! Debian's minisign verifies and which holds no secret; `delta` reads two of them. Then
 //! `cargo xtask update-test` on qemu-x86_64 through OVMF and systemd-boot, with busybox init
-//! (twenty power cuts) and bonsai-init (one cut per phase), in parallel: every scenario must
+//! (twenty power cuts) and bonsai-init (one cut per phase), and runit and s6 (install, a
+//! refusal, rollback), in parallel: every scenario must
 //! pass as the host judges it from the consoles, the entry names and the boot partition's
 //! bytes. A guest that never blesses its trial fails the install scenario.
 //!
@@ -145,6 +146,28 @@ fn every_scenario_passes_with_busybox_and_twenty_power_cuts() {
 #[test]
 fn every_scenario_passes_with_bonsai_init() {
     every_scenario_passes("bonsai-init", 5);
+}
+
+/// runit and s6 run the same harness as busybox: the install (one package changed), a
+/// refused bundle and the rollback, each judged as for the other two.
+#[test]
+fn runit_and_s6_install_refuse_and_roll_back() {
+    for init in ["runit", "s6"] {
+        let (ok, json, stderr) = update_test(
+            init,
+            &["--only", "install,refuse-corrupt-chunk,rollback"],
+            None,
+        );
+        let rows = json["scenarios"].as_array().unwrap();
+        let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["install", "refuse-corrupt-chunk", "rollback"], "{init}");
+        for r in rows {
+            assert_eq!(r["result"], "pass", "{init} {}: {}", r["name"], r["detail"]);
+        }
+        assert!(ok, "{init}: {stderr}");
+        assert_eq!(json["init"], init);
+        assert_eq!(rows[1]["launches"][0]["esp_changed"], false, "{init}");
+    }
 }
 
 #[test]
