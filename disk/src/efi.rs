@@ -373,6 +373,14 @@ pub fn entries<T: Read + Write + Seek>(disk: &mut T, epoch: u64) -> Result<Vec<S
     Ok(names)
 }
 
+/// The text of the entry file `name` under `loader/entries/` (lossy UTF-8).
+pub fn entry_file<T: Read + Write + Seek>(disk: &mut T, epoch: u64, name: &str) -> Result<String> {
+    let esp = find_esp(disk)?;
+    let part = Part::new(disk, esp.offset, esp.size).map_err(Error::io("the ESP"))?;
+    let v = Volume::open(part, epoch, "the ESP")?;
+    Ok(String::from_utf8_lossy(&v.read(&format!("{ENTRIES}/{name}"))?).into_owned())
+}
+
 /// The SHA-256 (hex) of a partition's bytes.
 pub fn partition_sha256<T: Read + Seek>(disk: &mut T, p: &Partition) -> Result<String> {
     disk.seek(SeekFrom::Start(p.offset))

@@ -758,6 +758,10 @@ fn write_slot(
         &tmp,
         entry_text(own, target, m, generation, has_dtb).as_bytes(),
     )?;
+    // The new file's directory entry (its size and first cluster) on the disk before the
+    // rename copies it.
+    fsync_path(&edir)?;
+    nix::unistd::sync();
     let armed = edir.join(format!("bonsai-{target}+{tries}.conf"));
     fs::rename(&tmp, &armed).map_err(|e| format!("renaming {}: {e}", tmp.display()))?;
     fsync_path(&edir)?;

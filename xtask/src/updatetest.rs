@@ -985,8 +985,24 @@ impl Ctx<'_> {
             Some(BUNDLE_FILE),
             Some((marker, delay)),
         )?;
-        // The install may have finished and rebooted before the cut came.
-        let armed = l1.entries_after.iter().any(|e| e.starts_with("bonsai-b+"));
+        // The install may have finished and rebooted before the cut came. Slot b is armed
+        // when its counted entry is on the disk and whole (a cut inside the arm step can leave
+        // the name without its text, which the boot loader skips: then slot a must boot).
+        let renamed = l1
+            .entries_after
+            .iter()
+            .find(|e| e.starts_with("bonsai-b+"))
+            .cloned();
+        let whole = match &renamed {
+            Some(name) => {
+                let mut f = crate::image::open_rw(&dev.disk)?;
+                let text = disk::efi::entry_file(&mut f, self.epoch, name)?;
+                text.lines().any(|l| l.starts_with("linux "))
+                    && text.lines().any(|l| l.starts_with("initrd "))
+            }
+            None => false,
+        };
+        let armed = renamed.is_some() && whole;
         if l1.ending != "cut" && !(l1.ending == "reset" && l1.has("BONSAI-UPDATE-ARMED")) {
             p.push(format!("launch 1 ended {}, not cut", l1.ending));
         }
@@ -1035,6 +1051,8 @@ impl Ctx<'_> {
             launches[0].cut_after.as_deref().unwrap_or("none"),
             if armed {
                 "slot b was armed: its trial passed"
+            } else if renamed.is_some() {
+                "slot b's entry was renamed but its text had not reached the disk: slot a booted, the install completed again"
             } else {
                 "slot a booted, the install completed again"
             }

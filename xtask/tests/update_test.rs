@@ -160,7 +160,11 @@ fn runit_and_s6_install_refuse_and_roll_back() {
         );
         let rows = json["scenarios"].as_array().unwrap();
         let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
-        assert_eq!(names, ["install", "refuse-corrupt-chunk", "rollback"], "{init}");
+        assert_eq!(
+            names,
+            ["install", "refuse-corrupt-chunk", "rollback"],
+            "{init}"
+        );
         for r in rows {
             assert_eq!(r["result"], "pass", "{init} {}: {}", r["name"], r["detail"]);
         }
