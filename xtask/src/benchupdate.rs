@@ -498,7 +498,7 @@ pub fn render(u: Option<&UpdateResult>, board: &str, line: &mut impl FnMut(Strin
     let d = &u.delta;
     line(format!(
         "From {board} {old} to {new}: {change}, nothing else (`cargo xtask update-test` builds \
-         both from the same checkout, 1.1.0 from a copy with that package's version bumped). \
+         both from the same checkout, 1.1.0 from a copy with that package's version bumped and a SOURCE_DATE_EPOCH a day later). \
          The device side is update-test's install scenario under the firmware; the host side \
          bundles the same two builds with the same key and runs each tool on the same pair. \
          The other tools see the slot as one file ({slot} B: kernel, then initramfs); every \
