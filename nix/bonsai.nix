@@ -3,6 +3,7 @@
 # request: { "packages": ["busybox", "hello", ...],
 #            "localPackages": { "hello": { "path": "examples/hello/default.nix", "profile": "profiles/minimal.toml" } },
 #            "overlays": [ { "path": "overlays/x.nix", "profile": "profiles/minimal.toml" } ],
+#            "overrides": { "busybox": { "args": { "enableStatic": true }, "from": { "enableStatic": "profiles/p.toml" } } },
 #            "kernel": { "package": "linux" } | { "base": "tinyconfig", "fragments": ["x.config"] } }
 # The package source is the offline set (nix/offline) or a Nixpkgs checkout or flake.
 { source ? "offline"
@@ -35,9 +36,37 @@ let
       else let r = g prev; in if builtins.isAttrs r then r else bad "does not return an attribute set"
   ) (req.overlays or [ ]);
 
+  # The profile's [overrides.<attribute>]: { args, from = argument -> profile file }, applied
+  # as one overlay after the profile's own: `attribute = prev.attribute.override args`, so in
+  # Nixpkgs every package that takes the attribute gets the overridden one. An argument the
+  # function does not take is an error naming the profile key and listing the ones it takes
+  # (the function's formals, as `lib.functionArgs` reads them through `.override`).
+  overridesReq = req.overrides or { };
+  argsOf = f:
+    if builtins.isFunction f then builtins.functionArgs f
+    else if f ? __functor then f.__functionArgs or (builtins.functionArgs (f.__functor f))
+    else { };
+  overrideOne = prev: attr: o:
+    let
+      names = builtins.attrNames o.args;
+      firstFrom = o.from.${builtins.head names};
+      where = "bonsai: ${firstFrom}: key 'overrides.${attr}'";
+      pkg = prev.${attr};
+      accepted = argsOf pkg.override;
+      unknown = builtins.filter (a: !(accepted ? ${a})) names;
+      bad = builtins.head unknown;
+      takes = builtins.concatStringsSep ", " (builtins.attrNames accepted);
+    in
+    if !(prev ? ${attr}) then throw "${where}: '${attr}' is not an attribute of the ${source} package set"
+    else if !(builtins.isAttrs pkg) || !(pkg ? override) then throw "${where}: '${attr}' has no .override (it is not made with callPackage or lib.makeOverridable)"
+    else if accepted != { } && unknown != [ ] then throw "bonsai: ${o.from.${bad}}: key 'overrides.${attr}.${bad}': ${attr}.override takes no argument '${bad}'; it takes: ${takes}"
+    else pkg.override o.args;
+  overridesOverlay = final: prev: builtins.mapAttrs (overrideOne prev) overridesReq;
+  allOverlays = overlays ++ (if overridesReq == { } then [ ] else [ overridesOverlay ]);
+
   basePkgs =
-    if source == "offline" then import ./offline { inherit system hostSystem debs bootstrap hostTools toolchainId overlays; }
-    else if source == "nixpkgs" then import ./nixpkgs.nix { inherit nixpkgs nixpkgsFlake system hostSystem overlays; }
+    if source == "offline" then import ./offline { inherit system hostSystem debs bootstrap hostTools toolchainId; overlays = allOverlays; }
+    else if source == "nixpkgs" then import ./nixpkgs.nix { inherit nixpkgs nixpkgsFlake system hostSystem; overlays = allOverlays; }
     else throw "bonsai: unknown package source '${source}' (expected offline or nixpkgs)";
 
   # The profile's [local-packages]: name -> { path (relative to the repository root), profile }.
@@ -89,9 +118,11 @@ let
       configfile = "${kernelConfig}/config";
       allowImportFromDerivation = false;
     };
+  # Every override is checked, also of attributes the image does not name.
+  checked = builtins.foldl' (acc: attr: builtins.seq pkgs.${attr} acc) true (builtins.attrNames overridesReq);
 in
 {
-  packages = indexed (map attrByDottedPath req.packages);
+  packages = builtins.seq checked (indexed (map attrByDottedPath req.packages));
   kernelConfig = if fromPackage then null else kernelConfig;
   inherit kernel;
   # What the image's SBOM and reports say about the source.

@@ -252,7 +252,7 @@ let
   # installs them (CONFIG_INSTALL_NO_USR): bin/<a> -> busybox, sbin/<a> -> ../bin/busybox. The
   # applet list comes from the host architecture's build of the same Debian package (same
   # version and config), so a cross build never runs a target binary.
-  mkBusybox = { debName, pname ? "busybox", name ? null, withGlibc }: mkDeb {
+  mkBusybox = { debName, pname ? "busybox", name ? null, withGlibc, applets ? null }: mkDeb {
     inherit pname name withGlibc;
     debNames = [ debName ];
     split = "rm -rf $stage/share";
@@ -260,7 +260,7 @@ let
       dpkg-deb -x ${hostDeb debName} $TMPDIR/host
       ${if withGlibc
         then "${hostGlibc}/lib/${host.ld} --library-path ${hostGlibc}/lib $TMPDIR/host/bin/busybox --list-full"
-        else "$TMPDIR/host/bin/busybox --list-full"} >$TMPDIR/applets
+        else "$TMPDIR/host/bin/busybox --list-full"} >$TMPDIR/applets${if applets == null then "" else "\n" + selectApplets applets}
       while read -r a; do
         a=''${a#usr/}
         case "$a" in
@@ -273,10 +273,75 @@ let
       done <$TMPDIR/applets
     '';
   };
-  # Dynamic, linked to the store glibc, as Nixpkgs' default busybox.
-  busybox = mkBusybox { debName = "busybox"; withGlibc = true; };
+
+  # The applet links an override asks for, from the binary's own list: every applet unless
+  # `minimal`, then each `CONFIG_<APPLET> y|n` of `config` turns one on or off. An applet's
+  # option is its name in capitals with `-` as `_` (run-parts: CONFIG_RUN_PARTS), as in
+  # busybox's Kconfig; `[` and `[[` are CONFIG_TEST1 and CONFIG_TEST2, `sh` and `bash`
+  # CONFIG_SH_IS_ASH and CONFIG_BASH_IS_ASH. An option that names no applet of this binary
+  # fails the build with a line that says so.
+  selectApplets = { minimal, config, label }: ''
+    cat >$TMPDIR/config <<'EOC'
+    ${config}
+    EOC
+    awk -v minimal=${if minimal then "1" else "0"} '
+      function opt(a,  n) {
+        n = a; sub(/.*\//, "", n)
+        if (n == "[") return "CONFIG_TEST1"
+        if (n == "[[") return "CONFIG_TEST2"
+        if (n == "sh") return "CONFIG_SH_IS_ASH"
+        if (n == "bash") return "CONFIG_BASH_IS_ASH"
+        n = toupper(n); gsub(/-/, "_", n)
+        return "CONFIG_" n
+      }
+      FNR == NR {
+        line = $0
+        if (match(line, /^# *CONFIG_[A-Za-z0-9_]+ is not set/)) { split(line, f, " "); want[f[2]] = "n"; next }
+        sub(/#.*/, "", line); gsub(/=/, " ", line)
+        if (split(line, f, " ") == 0) next
+        if (f[2] != "y" && f[2] != "n") { print "error: bonsai: busybox.override: extraConfig = (" $0 "): ${label} is Debian'"'"'s prebuilt binary, so extraConfig turns its applets on or off (CONFIG_<APPLET> y or n) and nothing else" > "/dev/stderr"; bad = 1; next }
+        want[f[1]] = f[2]; next
+      }
+      { o = opt($0); seen[o] = 1; if ((o in want) ? (want[o] == "y") : (minimal == 0 || $0 ~ /(^|\/)bin\/busybox$/)) print }
+      END {
+        for (o in want) if (!(o in seen)) { print "error: bonsai: busybox.override: extraConfig = (" o " " want[o] "): " o " names no applet of ${label}" > "/dev/stderr"; bad = 1 }
+        exit bad
+      }' $TMPDIR/config $TMPDIR/applets >$TMPDIR/applets.chosen
+    mv $TMPDIR/applets.chosen $TMPDIR/applets
+  '';
+
+  # Nixpkgs' lib.makeOverridable: the result of `f args` with `.override`, which takes new
+  # arguments (a set, or a function of the old ones) and calls `f` again; `lib.functionArgs`
+  # reads `f`'s arguments through it.
+  makeOverridable = f: args:
+    let
+      r = f args;
+      override = {
+        __functionArgs = builtins.functionArgs f;
+        __functor = self: new: makeOverridable f (args // (if builtins.isFunction new then new args else new));
+      };
+    in r // { inherit override; };
+
+  # Nixpkgs' busybox arguments, as far as a prebuilt binary can follow them: enableStatic picks
+  # Debian's busybox-static; enableMinimal, enableAppletSymlinks and extraConfig choose which
+  # applet links the package has (the binary keeps every applet's code: a busybox built from
+  # source with that configuration is smaller still). useMusl cannot be followed: Debian builds
+  # both against glibc.
+  busyboxWith = { enableStatic ? false, enableMinimal ? false, enableAppletSymlinks ? true, useMusl ? false, extraConfig ? "" }:
+    let
+      debName = if enableStatic then "busybox-static" else "busybox";
+      linksChanged = enableMinimal || extraConfig != "";
+      suffix = if !enableAppletSymlinks then "-nolinks" else if linksChanged then "-applets" else "";
+      v = debVersion targetLock.packages.${debName}.version;
+    in
+    if useMusl then throw "bonsai: busybox.override: useMusl = true: the offline set's busybox is Debian's, built against glibc (static with enableStatic = true)"
+    else if !enableAppletSymlinks then (mkBusybox { inherit debName; withGlibc = !enableStatic; name = "${debName}${suffix}-${v}"; applets = { minimal = true; config = ""; label = "${debName} ${v}"; }; })
+    else mkBusybox ({ inherit debName; withGlibc = !enableStatic; }
+      // (if enableStatic || linksChanged then { name = "${debName}${suffix}-${v}"; } else { })
+      // (if linksChanged then { applets = { minimal = enableMinimal; config = extraConfig; label = "${debName} ${v}"; }; } else { }));
+  busybox = makeOverridable busyboxWith { };
   # `pkgsStatic.busybox`: static, no glibc in the closure (Debian's busybox-static).
-  busyboxStatic = mkBusybox { debName = "busybox-static"; name = "busybox-static-${debVersion targetLock.packages.busybox-static.version}"; withGlibc = false; };
+  busyboxStatic = makeOverridable busyboxWith { enableStatic = true; };
 
   # skaware packages, with Nixpkgs' outputs (pkgs/development/skaware-packages).
   skalibs = mkDeb { pname = "skalibs"; debNames = [ "libskarnet2.13" ];
@@ -318,7 +383,14 @@ let
   gmp = mkDeb { pname = "gmp"; debNames = [ "libgmp10" ]; };
   libtomcrypt = mkDeb { pname = "libtomcrypt"; debNames = [ "libtomcrypt1" ]; deps = [ libtommath gmp ]; };
   # Nixpkgs' dropbear: the client tools in out/bin, the server in out/sbin.
-  dropbear = mkDeb { pname = "dropbear"; debNames = [ "dropbear-bin" ]; deps = [ zlib libxcrypt libtomcrypt libtommath gmp ]; };
+  # Its libraries are arguments, as in Nixpkgs (`dropbear.override { zlib = ...; }`), so an
+  # override can give it another build of one; Debian's binary needs each of them.
+  dropbear = makeOverridable ({ zlib, libxcrypt, libtomcrypt, libtommath, gmp }@args:
+    let notPackages = builtins.filter (n: !(builtins.isAttrs args.${n} && args.${n} ? outPath)) (builtins.attrNames args);
+        bad = builtins.head notPackages;
+    in if notPackages != [ ] then throw "bonsai: dropbear.override: ${bad} = ${builtins.toJSON args.${bad}}: the offline set's dropbear is Debian's prebuilt dropbear-bin, which links against ${bad}; give it another ${bad} package (from an overlay), or build dropbear from source to leave it out"
+    else mkDeb { pname = "dropbear"; debNames = [ "dropbear-bin" ]; deps = [ zlib libxcrypt libtomcrypt libtommath gmp ]; })
+    { inherit zlib libxcrypt libtomcrypt libtommath gmp; };
 
   # The shell of generated scripts (Nixpkgs' runtimeShell is bash; here the target's busybox).
   runtimeShell = "${busybox}/bin/sh";

@@ -75,6 +75,11 @@ pub struct Policy {
     /// `[[secrets]]` or are made at first boot).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub allow_private_keys: Vec<String>,
+    /// Globs on store path names (`systemd`, `openssl*`) the image must not contain: a kept
+    /// file from or referring to a match fails the build (checked by the caller, which knows
+    /// the closure).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub forbid: Vec<String>,
     /// Lowest `.note.dlopen` priority that is followed (default `recommended`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dlopen: Option<DlopenThreshold>,
@@ -118,6 +123,7 @@ impl Policy {
             allow_setuid: append(&parent.allow_setuid, &child.allow_setuid),
             allow_world_writable: append(&parent.allow_world_writable, &child.allow_world_writable),
             allow_private_keys: append(&parent.allow_private_keys, &child.allow_private_keys),
+            forbid: append(&parent.forbid, &child.forbid),
             dlopen: child.dlopen.or(parent.dlopen),
             strip: child.strip.or(parent.strip),
             strip_modules: child.strip_modules.or(parent.strip_modules),
@@ -152,6 +158,16 @@ impl Policy {
         any("allow-setuid", &self.allow_setuid)?;
         any("allow-world-writable", &self.allow_world_writable)?;
         any("allow-private-keys", &self.allow_private_keys)?;
+        for (i, g) in self.forbid.iter().enumerate() {
+            let glob = Glob::new(g).map_err(|reason| invalid("forbid", i, reason))?;
+            if glob.is_absolute() {
+                return Err(invalid(
+                    "forbid",
+                    i,
+                    format!("{g:?} is a path; give a store path name glob like \"systemd\" or \"openssl*\""),
+                ));
+            }
+        }
         for (i, rule) in self.drop.iter().enumerate() {
             let glob = Glob::new(&rule.path).map_err(|reason| invalid("drop", i, reason))?;
             if glob.is_absolute() {
@@ -695,6 +711,22 @@ mod tests {
     }
 
     #[test]
+    fn merge_appends_forbid() {
+        let parent = Policy {
+            forbid: vec!["systemd".into()],
+            ..Policy::default()
+        };
+        let child = Policy {
+            forbid: vec!["openssl*".into(), "systemd".into()],
+            ..Policy::default()
+        };
+        assert_eq!(
+            Policy::merge(&parent, &child).forbid,
+            ["systemd", "openssl*"]
+        );
+    }
+
+    #[test]
     fn merge_appends_lists_overrides_scalars_and_toggles_classes() {
         let parent = Policy {
             keep: vec!["/nix/store/*-a/x".into()],
@@ -738,6 +770,15 @@ mod tests {
             ..Policy::default()
         };
         assert!(p.validate().unwrap_err().to_string().contains("drop[0]"));
+        let p = Policy {
+            forbid: vec!["systemd".into(), "/nix/store/*-openssl-*".into()],
+            ..Policy::default()
+        };
+        let err = p.validate().unwrap_err().to_string();
+        assert!(
+            err.starts_with("image policy key forbid[1]: ") && err.contains("store path name glob"),
+            "{err}"
+        );
         let p = Policy {
             keep_classes: vec![PruneClass::Docs],
             prune_classes: vec![PruneClass::Docs],

@@ -112,6 +112,10 @@ pub struct Selection {
     pub pruned: BTreeMap<String, PruneCount>,
     /// Things worth knowing that did not stop the selection.
     pub warnings: Vec<Problem>,
+    /// Kept entries that entries of another store path also refer to: entry → those other
+    /// reasons (the first is in [`Kept::reason`]), so every chain into a store path is known.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub also: BTreeMap<String, BTreeSet<Reason>>,
 }
 
 /// One kept entry.
@@ -545,6 +549,7 @@ struct Walker<'a> {
     stubs: BTreeMap<String, Reason>,
     whole: BTreeMap<String, String>,
     rewrites: BTreeMap<String, BTreeSet<String>>,
+    also: BTreeMap<String, BTreeSet<Reason>>,
     pruned: BTreeMap<String, PruneCount>,
     pruned_seen: BTreeSet<String>,
     gconv_done: BTreeSet<String>,
@@ -606,6 +611,7 @@ impl<'a> Walker<'a> {
             stubs: BTreeMap::new(),
             whole: BTreeMap::new(),
             rewrites: BTreeMap::new(),
+            also: BTreeMap::new(),
             pruned: BTreeMap::new(),
             pruned_seen: BTreeSet::new(),
             gconv_done: BTreeSet::new(),
@@ -822,6 +828,7 @@ impl<'a> Walker<'a> {
         }
         self.keep_links_on_the_way(path, &reason, &found.via)?;
         if self.entries.contains_key(&found.path) {
+            self.note_also(&found.path, reason);
             self.revisit(&found.path, ask, subtree, lib)?;
             return Ok(Visit::Kept);
         }
@@ -830,6 +837,22 @@ impl<'a> Walker<'a> {
         }
         self.keep_new(found, sp, reason, ask, subtree, lib)?;
         Ok(Visit::Kept)
+    }
+
+    /// Records `reason` for the kept entry `path` when it comes from another store path and
+    /// is not the entry's first reason: one more chain into that store path.
+    fn note_also(&mut self, path: &str, reason: Reason) {
+        let Some(kept) = self.entries.get(path) else {
+            return;
+        };
+        let other = reason
+            .from
+            .as_deref()
+            .and_then(store_path_of)
+            .is_some_and(|from| from != kept.store_path);
+        if other && kept.reason != reason {
+            self.also.entry(path.to_owned()).or_default().insert(reason);
+        }
     }
 
     /// Keeps the symlinks a lookup of `path` passed through (`via`), those in dropped store
@@ -1431,8 +1454,20 @@ impl<'a> Walker<'a> {
     /// soname, else a problem.
     fn resolve_deferred(&mut self) {
         for d in std::mem::take(&mut self.deferred) {
-            let satisfied = d.names.iter().any(|n| self.loaded(&d.from, n).is_some());
-            if satisfied {
+            let found = d
+                .names
+                .iter()
+                .find_map(|n| self.loaded(&d.from, n).map(|p| (n.clone(), p.clone())));
+            if let Some((name, path)) = found {
+                // Satisfied by an object already loaded: one more chain into its store path.
+                let reason = Reason {
+                    from: Some(d.from.clone()),
+                    how: match d.dlopen {
+                        Some(_) => How::Dlopen(name),
+                        None => How::Needed(name),
+                    },
+                };
+                self.note_also(&path, reason);
                 continue;
             }
             let allowed = d.names.iter().any(|n| self.allow_missing.matches(n));
@@ -1767,6 +1802,7 @@ impl<'a> Walker<'a> {
             rewrites: self.rewrites,
             pruned: self.pruned,
             warnings: self.warnings,
+            also: self.also,
         })
     }
 }

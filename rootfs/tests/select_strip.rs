@@ -180,6 +180,52 @@ fn files(sel: &Selection) -> BTreeSet<String> {
 const USE_FOO: &str =
     "#include <stdio.h>\nconst char *foo(void);\nint main(void) { puts(foo()); return 0; }\n";
 
+/// Two programs of two store paths both need glibc: the selection keeps the first referrer as
+/// the reason and the other in `also`, so every chain into glibc is known; references from
+/// inside one store path are not recorded twice.
+#[test]
+fn every_referrer_from_another_store_path_is_recorded() {
+    let s = Store::new();
+    let glibc = s.glibc();
+    let hello = "#include <stdio.h>\nint main(void) { puts(\"hi\"); return 0; }\n";
+    let src = s.source("hi.c", hello);
+    let (one, two) = (s.sp("one-1.0"), s.sp("two-2.0"));
+    let rpath = format!("-Wl,-rpath,{glibc}/lib");
+    for (sp, name) in [(&one, "one"), (&one, "one-b"), (&two, "two")] {
+        s.program(
+            &format!("{sp}/bin/{name}"),
+            &src,
+            &glibc,
+            std::slice::from_ref(&rpath),
+        );
+    }
+    let roots = [
+        Root::new(format!("{one}/bin"), "package one"),
+        Root::new(format!("{two}/bin"), "package two"),
+    ];
+    let sel = s.select(&roots, &Policy::default()).unwrap();
+    for lib in ["libc.so.6", "ld-linux-x86-64.so.2"] {
+        let path = format!("{glibc}/lib/{lib}");
+        let first = sel.entries[&path].reason.from.clone().unwrap();
+        let also: Vec<String> = sel.also[&path]
+            .iter()
+            .filter_map(|r| r.from.clone())
+            .collect();
+        let mut all = vec![first.clone()];
+        all.extend(also.iter().cloned());
+        assert!(all.contains(&format!("{one}/bin/one")), "{lib}: {all:?}");
+        assert!(all.contains(&format!("{two}/bin/two")), "{lib}: {all:?}");
+        // one-b is in the same store path as one: it leads into glibc too, and is a chain of
+        // its own, but never the first reason repeated.
+        assert!(
+            !also.contains(&first),
+            "{lib}: the first reason again in {also:?}"
+        );
+    }
+    let json = serde_json::to_string(&sel).unwrap();
+    assert!(json.contains("\"also\":{"), "{json}");
+}
+
 #[test]
 fn runpath_order_origin_and_the_loaded_interpreter() {
     let s = Store::new();

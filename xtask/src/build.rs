@@ -89,6 +89,15 @@ pub struct BuildInfo {
     /// The Nix that built it, the Nixpkgs it used, and the kernel's store paths.
     #[serde(default)]
     pub nix: NixRecord,
+    /// `[image] forbid` in force: store path name globs the image was checked not to hold.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forbid: Vec<String>,
+    /// `[overrides.<attribute>]` in force: attribute -> argument -> value and profile.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub overrides: std::collections::BTreeMap<
+        String,
+        std::collections::BTreeMap<String, crate::config::OverrideArg>,
+    >,
 }
 
 /// Where an output's store paths came from (`build.json`'s `nix`).
@@ -547,6 +556,15 @@ pub struct Assembly {
     pub pruned: serde_json::Value,
     /// Why each kept file is there: path -> (referrer, how).
     pub reasons: std::collections::BTreeMap<String, (Option<String>, String)>,
+    /// Entries that files of other store paths also refer to: path -> [(referrer, how)].
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub also: std::collections::BTreeMap<String, Vec<(Option<String>, String)>>,
+    /// The closure's store references (store path -> the store paths it refers to) and the
+    /// packages' store paths, for chains to store paths nothing was kept from.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub references: std::collections::BTreeMap<String, Vec<String>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub packages: Vec<(String, String)>,
 }
 
 /// Compose bonsai's files, then walk from the roots (the packages' programs, the init, the
@@ -698,7 +716,25 @@ fn select_files(
     }
     rootfs::verify(tree, policy).map_err(problems)?;
     crate::hygiene::check(tree, profile, system, &plan.secrets)?;
-    assembly_of(&selection, &report)
+    let mut assembly = assembly_of(&selection, &report)?;
+    assembly.references = closure
+        .iter()
+        .map(|(p, info)| {
+            let refs = info.references.iter().filter(|r| *r != p).cloned();
+            (p.clone(), refs.collect())
+        })
+        .collect();
+    assembly.packages = plan
+        .packages
+        .iter()
+        .zip(package_paths)
+        .map(|(attr, p)| (attr.clone(), p.display().to_string()))
+        .collect();
+    // Nothing is written when the image holds what the profile forbids.
+    for w in crate::forbid::check(&profile.name, &policy.forbid, &assembly)? {
+        ui::warn(w);
+    }
+    Ok(assembly)
 }
 
 /// A selection or verification error: every problem on a line of its own, under a line that
@@ -737,12 +773,26 @@ fn assembly_of(selection: &rootfs::Selection, report: &rootfs::PopulateReport) -
         .iter()
         .map(|(p, k)| (p.clone(), (k.reason.from.clone(), k.reason.how.to_string())))
         .collect();
+    let also = selection
+        .also
+        .iter()
+        .map(|(p, rs)| {
+            let rs = rs
+                .iter()
+                .map(|r| (r.from.clone(), r.how.to_string()))
+                .collect();
+            (p.clone(), rs)
+        })
+        .collect();
     Ok(Assembly {
         sizes: serde_json::to_value(&report.sizes)?,
         vanished,
         rewritten: report.rewritten.clone(),
         pruned: serde_json::to_value(&selection.pruned)?,
         reasons,
+        also,
+        references: std::collections::BTreeMap::new(),
+        packages: Vec::new(),
     })
 }
 
@@ -1066,6 +1116,8 @@ fn build_info(
         secrets: crate::hygiene::secret_paths(&plan.secrets),
         update_key: plan.update_key.clone(),
         nix: record,
+        forbid: profile.policy.forbid.clone(),
+        overrides: profile.overrides.clone(),
     }
 }
 

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use rootfs::system::{GroupSpec, HealthSpec, ServiceSpec, SetupSpec, SystemSpec, UserSpec};
 use rootfs::Compression;
@@ -222,6 +222,19 @@ struct RawProfile {
     /// `final: prev: { ... }`, applied to the package set in use, parents' first.
     #[serde(default)]
     overlays: Vec<String>,
+    /// Arguments for a package's `.override`: attribute -> argument -> value.
+    #[serde(default)]
+    overrides: BTreeMap<String, toml::Table>,
+}
+
+/// One argument of a package's `.override`, as the profile chain sets it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OverrideArg {
+    /// The TOML value as JSON (booleans, strings, numbers, lists and tables), which Nix reads
+    /// with `builtins.fromJSON`.
+    pub value: serde_json::Value,
+    /// The profile that sets it (the child wins).
+    pub profile: String,
 }
 
 /// A `.nix` file a profile names (a `[local-packages]` entry or an overlay), validated: it
@@ -393,6 +406,9 @@ pub struct Profile {
     pub local_packages: BTreeMap<String, ProfileNixFile>,
     /// `overlays` of the profile and its parents, parents' first, each file once.
     pub overlays: Vec<ProfileNixFile>,
+    /// `[overrides.<attribute>]` of the profile and its parents: attribute -> argument ->
+    /// value; a child changes an argument its parent set.
+    pub overrides: BTreeMap<String, BTreeMap<String, OverrideArg>>,
 }
 
 // ---------------------------------------------------------------- loading
@@ -639,8 +655,22 @@ impl Config {
         let mut user_origin = BTreeMap::new();
         let mut local_packages = BTreeMap::new();
         let mut overlays: Vec<ProfileNixFile> = Vec::new();
+        let mut overrides: BTreeMap<String, BTreeMap<String, OverrideArg>> = BTreeMap::new();
         for p in &order {
             let raw = &raws[p];
+            for (attr, args) in &raw.overrides {
+                let into = overrides.entry(attr.clone()).or_default();
+                for (arg, value) in args {
+                    let key = format!("profiles/{p}.toml: key 'overrides.{attr}.{arg}'");
+                    into.insert(
+                        arg.clone(),
+                        OverrideArg {
+                            value: override_value(value, &key)?,
+                            profile: p.clone(),
+                        },
+                    );
+                }
+            }
             for o in &raw.overlays {
                 if !overlays.iter().any(|x| &x.path == o) {
                     overlays.push(ProfileNixFile {
@@ -754,6 +784,7 @@ impl Config {
             user_origin,
             local_packages,
             overlays,
+            overrides,
         })
     }
 
@@ -794,6 +825,20 @@ impl Config {
         }
         for path in &raw.overlays {
             self.validate_nix_file(&format!("{shown}: key 'overlays'"), path)?;
+        }
+        for (attr, args) in &raw.overrides {
+            let key = format!("{shown}: key 'overrides.{attr}'");
+            if attr.contains('.') || !valid_attr_path(attr) {
+                bail!("{key}: '{attr}' is not a plain Nix attribute name (overrides apply to top-level attributes of the package set)");
+            }
+            if args.is_empty() {
+                bail!("{key}: the table sets no argument");
+            }
+            for arg in args.keys() {
+                if arg.contains('.') || !valid_attr_path(arg) {
+                    bail!("{key}: '{arg}' is not a Nix argument name");
+                }
+            }
         }
         for p in &raw.packages {
             if !valid_attr_path(p) {
@@ -954,6 +999,34 @@ fn validate_checks(checks: &[CheckSpec], shown: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A TOML value as the JSON that Nix's `builtins.fromJSON` turns into the same Nix value:
+/// booleans, strings, integers, floats, lists and attribute sets. TOML dates have no Nix
+/// counterpart and are an error naming `key`.
+fn override_value(v: &toml::Value, key: &str) -> Result<serde_json::Value> {
+    Ok(match v {
+        toml::Value::Boolean(b) => serde_json::Value::Bool(*b),
+        toml::Value::String(s) => serde_json::Value::String(s.clone()),
+        toml::Value::Integer(i) => serde_json::Value::from(*i),
+        toml::Value::Float(f) => serde_json::Number::from_f64(*f)
+            .map(serde_json::Value::Number)
+            .ok_or_else(|| anyhow::anyhow!("{key}: {f} has no Nix value (give a finite number)"))?,
+        toml::Value::Array(a) => serde_json::Value::Array(
+            a.iter()
+                .enumerate()
+                .map(|(i, x)| override_value(x, &format!("{key}[{i}]")))
+                .collect::<Result<_>>()?,
+        ),
+        toml::Value::Table(t) => serde_json::Value::Object(
+            t.iter()
+                .map(|(k, x)| Ok((k.clone(), override_value(x, &format!("{key}.{k}"))?)))
+                .collect::<Result<_>>()?,
+        ),
+        toml::Value::Datetime(d) => {
+            bail!("{key}: the date {d} has no Nix value (give it as a string)")
+        }
+    })
 }
 
 /// Board and profile names: what can be a file name without surprises.
@@ -1153,6 +1226,54 @@ memory = "256M"
             e,
             "boards/f.toml: key 'kernel.fragments': no fragment kernel-configs/nope.config"
         );
+    }
+
+    #[test]
+    fn overrides_merge_per_argument_and_the_child_wins() {
+        let d = project();
+        write(
+            d.path(),
+            "profiles/mid.toml",
+            "description = \"m\"\ninherit = [\"base\"]\n[overrides.busybox]\nenableStatic = true\nextraConfig = \"CONFIG_VI n\"\n[overrides.dropbear.zlib]\nx = [1, 2.5, \"s\"]\n",
+        );
+        write(
+            d.path(),
+            "profiles/top.toml",
+            "description = \"t\"\ninherit = [\"mid\"]\n[overrides.busybox]\nenableStatic = false\n",
+        );
+        let p = Config::new(d.path()).load_profile("top").unwrap();
+        let bb = &p.overrides["busybox"];
+        assert_eq!(bb["enableStatic"].value, serde_json::json!(false));
+        assert_eq!(bb["enableStatic"].profile, "top");
+        assert_eq!(bb["extraConfig"].value, serde_json::json!("CONFIG_VI n"));
+        assert_eq!(bb["extraConfig"].profile, "mid");
+        assert_eq!(
+            p.overrides["dropbear"]["zlib"].value,
+            serde_json::json!({ "x": [1, 2.5, "s"] })
+        );
+    }
+
+    #[test]
+    fn bad_overrides_name_the_key() {
+        let d = project();
+        let cases = [
+            ("[overrides.\"pkgsStatic.busybox\"]\nenableStatic = true\n", "profiles/o.toml: key 'overrides.pkgsStatic.busybox': 'pkgsStatic.busybox' is not a plain Nix attribute name (overrides apply to top-level attributes of the package set)"),
+            ("[overrides.busybox]\n", "profiles/o.toml: key 'overrides.busybox': the table sets no argument"),
+            ("[overrides.busybox]\n\"a b\" = 1\n", "profiles/o.toml: key 'overrides.busybox': 'a b' is not a Nix argument name"),
+            ("[overrides.busybox]\nwhen = 1979-05-27\n", "profiles/o.toml: key 'overrides.busybox.when': the date 1979-05-27 has no Nix value (give it as a string)"),
+        ];
+        for (body, want) in cases {
+            write(
+                d.path(),
+                "profiles/o.toml",
+                &format!("description = \"o\"\ninherit = [\"base\"]\n{body}"),
+            );
+            let e = Config::new(d.path())
+                .load_profile("o")
+                .unwrap_err()
+                .to_string();
+            assert_eq!(e, want);
+        }
     }
 
     #[test]

@@ -52,6 +52,14 @@ pub struct Report {
     pub allow_import_from_derivation: bool,
     pub items: Vec<Item>,
     pub summary: Summary,
+    /// `[overrides.<attribute>]` in force (inherited, the child winning per argument):
+    /// attribute -> argument -> {value, profile}.
+    pub overrides: std::collections::BTreeMap<
+        String,
+        std::collections::BTreeMap<String, crate::config::OverrideArg>,
+    >,
+    /// `[image] forbid` in force: the store path name globs a build checks.
+    pub forbid: Vec<String>,
 }
 
 /// One derivation a build would realise.
@@ -227,6 +235,8 @@ impl Eval {
             allow_import_from_derivation: false,
             items,
             summary,
+            overrides: profile.overrides.clone(),
+            forbid: profile.policy.forbid.clone(),
         })
     }
 }

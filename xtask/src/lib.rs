@@ -13,6 +13,7 @@ pub mod conformance;
 pub mod diff;
 pub mod digest;
 pub mod eval;
+pub mod forbid;
 pub mod host;
 pub mod hygiene;
 pub mod image;

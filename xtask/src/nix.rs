@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-use crate::config::{Arch, Board, KernelSource, Profile, ProfileNixFile};
+use crate::config::{Arch, Board, KernelSource, OverrideArg, Profile, ProfileNixFile};
 use crate::host;
 use crate::offline;
 use crate::ui;
@@ -68,6 +68,9 @@ pub struct Eval {
     pub args: Vec<String>,
     /// Real Nixpkgs, which needs Nix >= 2.18 (see [`crate::nixbin::select`]).
     pub nixpkgs: bool,
+    /// `attribute.argument` -> the profile file that sets it, to name the key when a
+    /// package refuses an override (`bonsai: dropbear.override: zlib = false: ...`).
+    pub override_origins: BTreeMap<String, String>,
 }
 
 impl Eval {
@@ -77,7 +80,15 @@ impl Eval {
         packages: &[String],
         source: &PackageSource,
     ) -> Result<Eval> {
-        Eval::with_nix_files(root, board, packages, &BTreeMap::new(), &[], source)
+        Eval::with_nix_files(
+            root,
+            board,
+            packages,
+            &BTreeMap::new(),
+            &[],
+            &BTreeMap::new(),
+            source,
+        )
     }
 
     /// Like [`Eval::new`], with the profile's `overlays` applied to the package set and its
@@ -90,7 +101,8 @@ impl Eval {
         source: &PackageSource,
     ) -> Result<Eval> {
         let (local, overlays) = (&profile.local_packages, &profile.overlays);
-        Eval::with_nix_files(root, board, packages, local, overlays, source)
+        let overrides = &profile.overrides;
+        Eval::with_nix_files(root, board, packages, local, overlays, overrides, source)
     }
 
     fn with_nix_files(
@@ -99,6 +111,7 @@ impl Eval {
         packages: &[String],
         local: &BTreeMap<String, ProfileNixFile>,
         overlays: &[ProfileNixFile],
+        overrides: &BTreeMap<String, BTreeMap<String, OverrideArg>>,
         source: &PackageSource,
     ) -> Result<Eval> {
         let kernel = match &board.kernel.source {
@@ -124,10 +137,37 @@ impl Eval {
                 serde_json::json!({ "path": o.path, "profile": profile })
             })
             .collect();
+        let override_origins = overrides
+            .iter()
+            .flat_map(|(attr, args)| {
+                args.iter().map(move |(arg, a)| {
+                    (
+                        format!("{attr}.{arg}"),
+                        format!("profiles/{}.toml", a.profile),
+                    )
+                })
+            })
+            .collect();
+        // attribute -> { args: the `.override` argument set, from: argument -> profile file }
+        let overrides: BTreeMap<&String, serde_json::Value> = overrides
+            .iter()
+            .map(|(attr, args)| {
+                let values: serde_json::Map<String, serde_json::Value> = args
+                    .iter()
+                    .map(|(k, a)| (k.clone(), a.value.clone()))
+                    .collect();
+                let from: serde_json::Map<String, serde_json::Value> = args
+                    .iter()
+                    .map(|(k, a)| (k.clone(), format!("profiles/{}.toml", a.profile).into()))
+                    .collect();
+                (attr, serde_json::json!({ "args": values, "from": from }))
+            })
+            .collect();
         let request = serde_json::json!({
             "packages": packages,
             "localPackages": local,
             "overlays": overlays,
+            "overrides": overrides,
             "kernel": kernel,
         })
         .to_string();
@@ -185,6 +225,7 @@ impl Eval {
         Ok(Eval {
             args,
             nixpkgs: matches!(source, PackageSource::Nixpkgs(_)),
+            override_origins,
         })
     }
 
@@ -195,7 +236,7 @@ impl Eval {
         for a in attrs {
             cmd.arg("-A").arg(a);
         }
-        let out = run_nix(cmd, what)?;
+        let out = run_nix(cmd, what).map_err(|e| self.locate(e))?;
         let paths: Vec<PathBuf> = out
             .lines()
             .filter(|l| l.starts_with('/'))
@@ -227,7 +268,7 @@ impl Eval {
         for a in attrs {
             cmd.arg("-A").arg(a);
         }
-        let out = run_nix(cmd, what)?;
+        let out = run_nix(cmd, what).map_err(|e| self.locate(e))?;
         let drvs: Vec<(String, Option<String>)> = out
             .lines()
             .filter(|l| l.starts_with('/'))
@@ -250,6 +291,23 @@ impl Eval {
 /// Runs a Nix command, streaming what it builds as progress, and returns its stdout. On
 /// failure, the error is bonsai's own message from the evaluation if there is one, else the
 /// last lines of Nix's log.
+impl Eval {
+    /// A package's refusal of an override (`<what>: <attribute>.override: <argument> = ...`)
+    /// with the profile file and key that set the argument.
+    fn locate(&self, e: anyhow::Error) -> anyhow::Error {
+        let msg = e.to_string();
+        for (key, file) in &self.override_origins {
+            let (attr, arg) = key.split_once('.').unwrap_or((key, ""));
+            let needle = format!(": {attr}.override: {arg} = ");
+            if let Some(at) = msg.find(&needle) {
+                let (what, rest) = (&msg[..at], &msg[at + needle.len() - arg.len() - 3..]);
+                return anyhow::anyhow!("{what}: {file}: key 'overrides.{key}': {rest}");
+            }
+        }
+        e
+    }
+}
+
 fn run_nix(mut cmd: Command, what: &str) -> Result<String> {
     let program = cmd.get_program().to_string_lossy().to_string();
     let program = program.rsplit('/').next().unwrap_or("nix").to_string();

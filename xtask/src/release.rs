@@ -179,6 +179,8 @@ impl Release {
             development: info.development,
             secrets: &info.secrets,
             boot_loader: disk_info.as_ref().map(|d| &d.loader),
+            forbid: &info.forbid,
+            overrides: &info.overrides,
         });
         fs::write(
             stage.path().join("sbom.cdx.json"),

@@ -136,6 +136,13 @@ pub struct SbomInput<'a> {
     pub secrets: &'a [String],
     /// The boot loader on the release's disk image (systemd-boot, U-Boot), when it has one.
     pub boot_loader: Option<&'a crate::image::LoaderInfo>,
+    /// `[image] forbid`: store path name globs the build checked the image against.
+    pub forbid: &'a [String],
+    /// `[overrides.<attribute>]` the packages were built with.
+    pub overrides: &'a std::collections::BTreeMap<
+        String,
+        std::collections::BTreeMap<String, crate::config::OverrideArg>,
+    >,
 }
 
 /// ISO 8601 UTC for a Unix time, without a clock or a time-zone database.
@@ -215,6 +222,16 @@ pub fn cyclonedx(input: &SbomInput) -> Value {
     if input.development {
         image_props.push(json!({"name": "bonsai:development-image", "value": "true"}));
     }
+    // What the release guarantees to leave out, and the package overrides it was built with.
+    for pattern in input.forbid {
+        image_props.push(json!({"name": "bonsai:forbid", "value": pattern}));
+    }
+    for (attr, args) in input.overrides {
+        for (arg, a) in args {
+            let value = format!("{attr}.{arg} = {} ({})", a.value, a.profile);
+            image_props.push(json!({"name": "bonsai:override", "value": value}));
+        }
+    }
     if !input.secrets.is_empty() {
         image_props.push(json!({"name": "bonsai:holds-secrets", "value": "true"}));
         for path in input.secrets {
@@ -256,6 +273,55 @@ pub fn cyclonedx(input: &SbomInput) -> Value {
 mod tests {
     use super::*;
 
+    type Overrides = std::collections::BTreeMap<
+        String,
+        std::collections::BTreeMap<String, crate::config::OverrideArg>,
+    >;
+    static NO_OVERRIDES: Overrides = std::collections::BTreeMap::new();
+
+    #[test]
+    fn forbidden_patterns_and_overrides_are_stated() {
+        let mut overrides = Overrides::new();
+        overrides.entry("busybox".into()).or_default().insert(
+            "enableStatic".into(),
+            crate::config::OverrideArg {
+                value: serde_json::json!(true),
+                profile: "tiny".into(),
+            },
+        );
+        let forbid = vec!["systemd".to_string(), "openssl*".to_string()];
+        let doc = cyclonedx(&SbomInput {
+            board: "b",
+            version: "1",
+            profile: "tiny",
+            init: "busybox",
+            source: "offline",
+            epoch: 0,
+            initramfs_sha256: "00",
+            kernel_sha256: "11",
+            paths: &[],
+            kernel: None,
+            development: false,
+            secrets: &[],
+            boot_loader: None,
+            forbid: &forbid,
+            overrides: &overrides,
+        });
+        let props = doc["metadata"]["component"]["properties"]
+            .as_array()
+            .unwrap();
+        for (name, value) in [
+            ("bonsai:forbid", "systemd"),
+            ("bonsai:forbid", "openssl*"),
+            ("bonsai:override", "busybox.enableStatic = true (tiny)"),
+        ] {
+            assert!(
+                props.contains(&serde_json::json!({"name": name, "value": value})),
+                "{name}={value} missing from {props:?}"
+            );
+        }
+    }
+
     #[test]
     fn development_images_and_secrets_are_marked_only_when_true() {
         let secrets = vec!["/etc/dropbear/dropbear_ed25519_host_key".to_string()];
@@ -273,6 +339,8 @@ mod tests {
             development,
             secrets,
             boot_loader: None,
+            forbid: &[],
+            overrides: &NO_OVERRIDES,
         };
         let names = |doc: &Value| -> Vec<String> {
             doc["metadata"]["component"]["properties"]
@@ -401,6 +469,8 @@ mod tests {
             development: false,
             secrets: &[],
             boot_loader: Some(&loader),
+            forbid: &[],
+            overrides: &NO_OVERRIDES,
         });
         let components = doc["components"].as_array().unwrap();
         assert_eq!(components.len(), 5);

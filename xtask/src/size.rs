@@ -56,6 +56,16 @@ pub struct Report {
     pub total: Row,
     /// Store paths of the closure that vanished from the image.
     pub vanished: Vec<String>,
+    /// `[image] forbid`: what the build checked the image does not hold.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub forbid: Vec<String>,
+    /// `[overrides.<attribute>]` the packages were built with: attribute -> argument ->
+    /// {value, profile}.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub overrides: std::collections::BTreeMap<
+        String,
+        std::collections::BTreeMap<String, crate::config::OverrideArg>,
+    >,
 }
 
 impl Size {
@@ -230,6 +240,8 @@ pub fn report(out: &Path, by_file: bool) -> Result<Report> {
         rows,
         total,
         vanished: assembly.vanished,
+        forbid: info.forbid,
+        overrides: info.overrides,
     })
 }
 
@@ -261,6 +273,14 @@ fn print_table(r: &Report) {
     }
     for v in &r.vanished {
         println!("vanished: {v}");
+    }
+    for f in &r.forbid {
+        println!("forbidden (checked absent): {f}");
+    }
+    for (attr, args) in &r.overrides {
+        for (arg, a) in args {
+            println!("override: {attr}.{arg} = {} ({})", a.value, a.profile);
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! `cargo xtask why --board <b> <path>`: the chain of references that kept a file (or a store
-//! path) in the image, back to its root.
+//! path) in the image, back to its root. `why --board <b> <name-glob>` prints every chain into
+//! each store path whose name matches (as `[image] forbid` does), for the image and its closure.
 
 use anyhow::{bail, Result};
 use clap::Args;
@@ -10,7 +11,8 @@ use crate::size;
 pub struct Why {
     #[arg(long, default_value = "qemu-x86_64")]
     pub board: String,
-    /// An image path (/nix/store/…/lib/libc.so.6) or a store path
+    /// An image path (/nix/store/…/lib/libc.so.6), a store path, or a glob on store path
+    /// names (`glibc*`, `systemd`): every chain into each store path that matches
     pub path: String,
 }
 
@@ -18,6 +20,9 @@ impl Why {
     pub fn run(self) -> Result<()> {
         let out = crate::out_root().join(&self.board);
         let assembly = size::read_assembly_pub(&out)?;
+        if !self.path.starts_with('/') {
+            return self.by_name(&assembly);
+        }
         let target = self.path.trim_end_matches('/').to_string();
         let is_dir_only = assembly
             .reasons
@@ -66,6 +71,52 @@ impl Why {
             match from {
                 Some(f) => cur = f.clone(),
                 None => break,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Why {
+    /// Every chain into each store path whose name matches the glob `self.path`.
+    fn by_name(&self, assembly: &crate::build::Assembly) -> Result<()> {
+        let globs = crate::forbid::parse(std::slice::from_ref(&self.path))
+            .map_err(|e| anyhow::anyhow!("{}", e.trim_start_matches("forbid[0]: ")))?;
+        if assembly.packages.is_empty() {
+            bail!(
+                "out/{}/selection.json was written by an older bonsai and has no closure graph: run `cargo xtask build --board {}` again",
+                self.board,
+                self.board
+            );
+        }
+        let found = crate::forbid::findings(&globs, assembly);
+        if found.is_empty() {
+            bail!(
+                "no store path of {}'s image or its closure matches {:?}",
+                self.board,
+                self.path
+            );
+        }
+        for f in found {
+            let name = crate::forbid::name_of(&f.store_path);
+            if f.in_image {
+                println!(
+                    "{} (in the image, {} entries), {} chains:",
+                    f.store_path,
+                    f.kept_files,
+                    f.chains.len()
+                );
+            } else {
+                println!(
+                    "{} (only in the closure: nothing of it is kept):",
+                    f.store_path
+                );
+            }
+            for c in &f.chains {
+                println!("  {c}");
+            }
+            if f.chains.is_empty() {
+                println!("  ({name}: no chain from a package or root)");
             }
         }
         Ok(())

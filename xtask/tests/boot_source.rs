@@ -27,14 +27,7 @@ fn run(scratch: &Path, args: &[&str], nixpkgs_env: Option<&Path>) -> Output {
     if let Some(n) = nixpkgs_env {
         cmd.env("BONSAI_NIXPKGS", n);
     }
-    let out = cmd.output().expect("running the xtask binary");
-    eprintln!(
-        "$ xtask {}\n{}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    common::echo(args, cmd.output().expect("running the xtask binary"))
 }
 
 /// The Nixpkgs fixture: it builds a real (unbootable, fake-kernel) image offline.

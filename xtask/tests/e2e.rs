@@ -225,13 +225,7 @@ fn xtask_in(project: &Path, args: &[&str]) -> std::process::Output {
         .env("BONSAI_ROOT", project)
         .output()
         .unwrap();
-    eprintln!(
-        "$ xtask {}\n{}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    common::echo(args, out)
 }
 
 /// A kernel warning while the checks run reaches the console and fails the boot, even

@@ -81,14 +81,7 @@ impl Scratch {
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        let out = self.command(args).output().expect("running xtask");
-        eprintln!(
-            "$ xtask {}\n{}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
+        common::echo(args, self.command(args).output().expect("running xtask"))
     }
 
     fn out(&self, board: &str) -> PathBuf {

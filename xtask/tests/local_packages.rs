@@ -40,21 +40,7 @@ impl Scratch {
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
-            .args(args)
-            .current_dir(self.root())
-            .env("BONSAI_ROOT", self.root())
-            .env("NO_COLOR", "1")
-            .env_remove("BONSAI_NIXPKGS")
-            .output()
-            .expect("running xtask");
-        eprintln!(
-            "$ xtask {}\n{}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
+        common::xtask_in(self.root(), args)
     }
 
     fn ok(&self, args: &[&str]) -> String {

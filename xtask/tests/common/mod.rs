@@ -35,7 +35,15 @@ pub fn command(args: &[&str]) -> Command {
 
 /// Runs the xtask binary in the repository root, writing into [`out_root`].
 pub fn xtask(args: &[&str]) -> Output {
-    let out = command(args).output().expect("running the xtask binary");
+    echo(
+        args,
+        command(args).output().expect("running the xtask binary"),
+    )
+}
+
+/// Echoes a run of the xtask binary (the command line, its stdout and stderr) for the test
+/// log, and returns it.
+pub fn echo(args: &[&str], out: Output) -> Output {
     eprintln!(
         "$ xtask {}\n{}{}",
         args.join(" "),
@@ -43,6 +51,22 @@ pub fn xtask(args: &[&str]) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
+}
+
+/// Runs the xtask binary on a scratch repository (`BONSAI_ROOT`, see [`scratch_repo`]),
+/// without colour and without the caller's BONSAI_NIXPKGS and BONSAI_OUT: its builds write
+/// into the scratch folder's `out/`.
+pub fn xtask_in(root: &Path, args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(args)
+        .current_dir(root)
+        .env("BONSAI_ROOT", root)
+        .env("NO_COLOR", "1")
+        .env_remove("BONSAI_NIXPKGS")
+        .env_remove("BONSAI_OUT")
+        .output()
+        .expect("running xtask");
+    echo(args, out)
 }
 
 /// Runs the xtask binary, fails the test unless it succeeds, and returns its stdout.

@@ -16,6 +16,22 @@ rec {
   fix = f: let x = f x; in x;
   # An overlay: self: super: { ... }, applied like Nixpkgs' lib.extends.
   extends = overlay: f: self: let super = f self; in super // overlay self super;
+  # lib.functionArgs, setFunctionArgs, mirrorFunctionArgs and makeOverridable
+  # (lib/trivial.nix, lib/customisation.nix): `.override` is a functor that carries the
+  # function's formals, so `functionArgs pkg.override` lists what it takes.
+  setFunctionArgs = f: args: { __functor = self: f; __functionArgs = args; };
+  functionArgs = f: if f ? __functor then f.__functionArgs or (functionArgs (f.__functor f)) else builtins.functionArgs f;
+  mirrorFunctionArgs = f: let fArgs = functionArgs f; in g: setFunctionArgs g fArgs;
+  makeOverridable = f:
+    let mirrorArgs = mirrorFunctionArgs f; in
+    mirrorArgs (origArgs:
+      let
+        result = f origArgs;
+        overrideWith = newArgs: origArgs // (if builtins.isFunction newArgs then newArgs origArgs else newArgs);
+      in
+      if builtins.isAttrs result
+      then result // { override = mirrorArgs (newArgs: makeOverridable f (overrideWith newArgs)); }
+      else result);
   # lib.systems.elaborate for the two systems bonsai ships boards for.
   systems.elaborate = import ./systems.nix;
 }

@@ -107,9 +107,10 @@ let
 
   # callPackage: a function (or a file holding one) called with the arguments it names from the
   # set; newScope: a callPackage that also sees `extra` (Nixpkgs' lib.callPackageWith).
+  # Like Nixpkgs, the result is overridable (lib.makeOverridable).
   callPackageWith = scope: fn: args:
     let f = if builtins.isFunction fn then fn else import fn;
-    in f (builtins.intersectAttrs (builtins.functionArgs f) scope // args);
+    in lib.makeOverridable f (builtins.intersectAttrs (builtins.functionArgs f) scope // args);
   callPackage = callPackageWith self;
   newScope = extra: callPackageWith (self // extra);
 
@@ -143,6 +144,25 @@ let
     buildPhase = "$CC -O2 -s -o hello hello.c";
     installPhase = "mkdir -p $out/bin && cp hello $out/bin/";
   };
+
+  # A library named like systemd's, and a `ps` that links it unless `withSystemd = false`, the
+  # switch Nixpkgs' procps has: the case a profile's `forbid` and `[overrides.procps]` solve.
+  systemd = mkDerivation {
+    pname = "systemd";
+    version = "257.6";
+    inherit src;
+    buildPhase = "$CC -O2 -fPIC -shared -Wl,-soname,libsystemd.so.0 -o libsystemd.so.0.40.0 systemd.c";
+    installPhase = "mkdir -p $out/lib && cp libsystemd.so.0.40.0 $out/lib/ && ln -s libsystemd.so.0.40.0 $out/lib/libsystemd.so.0";
+  };
+  procps = callPackage ({ stdenv, systemd, withSystemd ? true }: stdenv.mkDerivation {
+    pname = "procps";
+    version = "4.0.4";
+    inherit src;
+    buildPhase = if withSystemd
+      then "$CC -O2 -DWITH_SYSTEMD -o ps ps.c -L${systemd}/lib -Wl,-rpath,${systemd}/lib -l:libsystemd.so.0"
+      else "$CC -O2 -o ps ps.c";
+    installPhase = "mkdir -p $out/bin && cp ps $out/bin/";
+  }) { };
 
   # skalibs: outputs lib dev doc out (the first is lib); no programs; libskarnet in lib/lib,
   # the sysdeps in out/lib/skalibs (where s6 and execline builds find them).
@@ -273,7 +293,7 @@ let
 in
 {
   inherit lib config stdenv buildPackages pkgsCross pkgsStatic fixture callPackage newScope runtimeShell runCommand;
-  inherit glibc busybox hello skalibs execline linux linuxManualConfig;
+  inherit glibc busybox hello skalibs execline linux linuxManualConfig systemd procps;
   # Build tools, as Nixpkgs names them (the host's programs).
   gnumake = hostTool "gnumake" [ "make" ];
   flex = hostTool "flex" [ "flex" ];

@@ -1,0 +1,1 @@
+int sd_booted(void) { return 0; }
