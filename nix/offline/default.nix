@@ -517,7 +517,9 @@ let
   # board with the host's toolchain (cross for another architecture) and link against the set's
   # glibc: the interpreter and RUNPATH are set at link time (the compiler's own C library only
   # serves the link), so no patching is needed. NIX_CFLAGS_COMPILE and NIX_CFLAGS_LINK (set by
-  # mkDerivation from buildInputs) are added, as Nixpkgs' cc-wrapper does.
+  # mkDerivation from buildInputs) are added, as Nixpkgs' cc-wrapper does. The build folder is
+  # written as /build in debug info and __FILE__ (-ffile-prefix-map), so a build in Nix's
+  # sandbox (a remote builder's) and one without it give the same bytes.
   ccWrapper = run "bonsai-cc-wrapper" { inherit toolchainId; } ''
     mkdir -p $out/bin
     for t in cc:gcc gcc:gcc c++:g++ g++:g++; do
@@ -529,7 +531,7 @@ let
         echo "no ${crossPrefix}''${t#*:} in ${hostTools}"; exit 1; }
       cat >$out/bin/$name <<EOS
     #!${hostShell}
-    exec $real "\$@" \$NIX_CFLAGS_COMPILE \$NIX_CFLAGS_LINK -Wl,--dynamic-linker=${glibc}/lib/${target.ld} -Wl,-rpath,${glibc}/lib
+    exec $real "\$@" -ffile-prefix-map=\''${NIX_BUILD_TOP:-/build}=/build \$NIX_CFLAGS_COMPILE \$NIX_CFLAGS_LINK -Wl,--dynamic-linker=${glibc}/lib/${target.ld} -Wl,-rpath,${glibc}/lib
     EOS
       chmod 555 $out/bin/$name
       ${if crossPrefix == "" then "" else "ln -s $name $out/bin/${crossPrefix}$name"}

@@ -42,6 +42,10 @@ pub struct Bench {
     /// one (root only) keeps other work on a shared machine from skewing the times
     #[arg(long, allow_hyphen_values = true)]
     pub nice: Option<i32>,
+    /// Measure only the team-cache section (a cold build on a fresh store, with the team's
+    /// cache and without: the latter builds a kernel) and replace that section in the report
+    #[arg(long, conflicts_with = "quick")]
+    pub team_cache: bool,
     /// Internal: pack DIR into OUT as bonsai does and print the cost as JSON
     #[arg(long, hide = true, num_args = 2, value_names = ["DIR", "OUT"])]
     pub pack_dir: Vec<PathBuf>,
@@ -263,6 +267,21 @@ impl Bench {
             ..Build::default()
         }
         .run()?;
+        if self.team_cache {
+            let team =
+                crate::benchteam::bench_team_cache(&self.board, &built.out, scratch.path(), false)?;
+            let mut section = String::new();
+            crate::benchteam::render(Some(&team), &self.board, &mut |l: String| {
+                section.push_str(&l);
+                section.push('\n');
+            });
+            let old = fs::read_to_string(&output)
+                .with_context(|| format!("reading {}", output.display()))?;
+            fs::write(&output, splice_section(&old, "## Team cache", &section))?;
+            print!("{section}");
+            println!("wrote the team-cache section of {}", output.display());
+            return Ok(());
+        }
         let image_dir = scratch.path().join("image");
         unpack_image(&built.out.join(&built.info.initramfs), &image_dir)?;
 
@@ -336,6 +355,17 @@ impl Bench {
             if self.quick { "" } else { ", every update-test scenario and 20 power cuts" }
         ));
         let updates = crate::benchupdate::bench_updates(&self.board, scratch.path(), self.quick)?;
+        ui::step(format!(
+            "bench: a cold build of {} on a fresh Nix store, from the team's cache{}",
+            self.board,
+            if self.quick { "" } else { " and without one" }
+        ));
+        let team = crate::benchteam::bench_team_cache(
+            &self.board,
+            &built.out,
+            scratch.path(),
+            self.quick,
+        )?;
 
         let report = render(&Report {
             command,
@@ -349,6 +379,7 @@ impl Bench {
             boots: boots.as_deref(),
             media: media.as_ref(),
             updates: Some(&updates),
+            team: Some(&team),
         });
         if let Some(parent) = output.parent() {
             fs::create_dir_all(parent)?;
@@ -367,6 +398,25 @@ impl Bench {
             output.strip_prefix(&root).unwrap_or(&output).display()
         );
         Ok(())
+    }
+}
+
+/// `report` with the section that starts at the line `heading` replaced by `section` (up to
+/// the next `## ` heading), or `section` put before `## Targets` when it has none.
+fn splice_section(report: &str, heading: &str, section: &str) -> String {
+    let start = report.find(&format!("\n{heading}\n")).map(|i| i + 1);
+    match start {
+        Some(a) => {
+            let end = report[a + heading.len()..]
+                .find("\n## ")
+                .map(|i| a + heading.len() + i + 1)
+                .unwrap_or(report.len());
+            format!("{}{section}{}", &report[..a], &report[end..])
+        }
+        None => match report.find("\n## Targets") {
+            Some(i) => format!("{}\n{section}{}", &report[..i], &report[i + 1..]),
+            None => format!("{report}\n{section}"),
+        },
     }
 }
 
@@ -1080,6 +1130,7 @@ struct Report<'a> {
     boots: Option<&'a [(String, Vec<BootRow>)]>,
     media: Option<&'a MediaResult>,
     updates: Option<&'a crate::benchupdate::UpdateResult>,
+    team: Option<&'a crate::benchteam::TeamResult>,
 }
 
 fn mb(bytes: u64) -> String {
@@ -1112,6 +1163,7 @@ fn render(r: &Report) -> String {
     render_boot(r, &mut line);
     render_media(r, &mut line);
     crate::benchupdate::render(r.updates, r.board, &mut line);
+    crate::benchteam::render(r.team, r.board, &mut line);
     render_targets(r, &figures, &mut line);
     s
 }
@@ -1585,6 +1637,51 @@ fn render_targets(r: &Report, f: &RebuildFigures, line: &mut impl FnMut(String))
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_section_is_replaced_in_place_or_put_before_the_targets() {
+        let report = "# B\n\n## Updates\n\nu\n\n## Team cache\n\nold\n\n## Targets\n\nt\n";
+        let new = "## Team cache\n\nnew\n\n";
+        assert_eq!(
+            splice_section(report, "## Team cache", new),
+            "# B\n\n## Updates\n\nu\n\n## Team cache\n\nnew\n\n## Targets\n\nt\n"
+        );
+        let without = "# B\n\n## Updates\n\nu\n\n## Targets\n\nt\n";
+        assert_eq!(
+            splice_section(without, "## Team cache", new),
+            "# B\n\n## Updates\n\nu\n\n## Team cache\n\nnew\n\n## Targets\n\nt\n"
+        );
+    }
+
+    #[test]
+    fn the_team_cache_section_states_the_ratio_and_the_goal() {
+        let run = |wall_s, built, fetched| crate::benchteam::Run {
+            wall_s,
+            built,
+            fetched,
+        };
+        let r = crate::benchteam::TeamResult {
+            push_s: 5.0,
+            pushed: "6 store paths (16.11 MiB)".into(),
+            with_cache: run(12.0, 0, 6),
+            without_cache: Some(run(600.0, 14, 0)),
+        };
+        let mut text = String::new();
+        crate::benchteam::render(Some(&r), "qemu-x86_64", &mut |l: String| {
+            text.push_str(&l);
+            text.push('\n');
+        });
+        assert!(text.starts_with("## Team cache\n"), "{text}");
+        assert!(
+            text.contains("| with the team's cache | 12.0 s | 0 derivations | 6 store paths |"),
+            "{text}"
+        );
+        assert!(
+            text.contains("| without a cache | 600.0 s | 14 derivations | 0 store paths |"),
+            "{text}"
+        );
+        assert!(text.contains("takes 2.0 % of the time without it (12.0 s against 600.0 s); the goal is 60 s or less with the cache: met."), "{text}");
+    }
+
     fn timed(wall: f64, phases: &[(&str, f64)]) -> TimedBuild {
         TimedBuild {
             wall,
@@ -1635,6 +1732,7 @@ mod tests {
             boots,
             media: None,
             updates: None,
+            team: None,
         }
     }
 

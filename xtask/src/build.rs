@@ -36,6 +36,11 @@ pub struct Build {
     /// Run as a step of another command: the summary goes to stderr, stdout stays theirs.
     #[arg(skip)]
     pub nested: bool,
+    /// Build nothing on this machine: everything comes from the binary caches in bonsai.toml
+    /// or is built on its remote builders; fails naming each derivation that would be built
+    /// here
+    #[arg(long)]
+    pub no_local_builds: bool,
     /// The public key (minisign format) bonsai-update checks bundles against, built into the
     /// image with the board's name (`cargo xtask bundle`).
     #[arg(skip)]
@@ -170,6 +175,9 @@ impl Build {
         let mut record = plan.nix_record()?;
         plan.ensure_host_tools()?;
         let eval = Eval::for_profile(root, board, &plan.packages, &plan.profile, &plan.source)?;
+        if self.no_local_builds {
+            no_local_builds(&eval, &plan)?;
+        }
         // The kernel's config first: a dropped option must stop the build before a long compile.
         if let KernelSource::Build { fragments, .. } = &board.kernel.source {
             realise_kernel_config(&eval, fragments, &mut record)?;
@@ -201,6 +209,7 @@ impl Build {
     /// it locks (one build per folder); then SOURCE_DATE_EPOCH.
     fn plan(&self) -> Result<(Plan, crate::outdir::OutLock)> {
         let root = project_root();
+        crate::settings::load(&root)?;
         let cfg = Config::new(&root);
         let board = cfg.load_board(&self.board)?;
         let profile_name = self
@@ -237,6 +246,50 @@ impl Build {
         };
         Ok((plan, lock))
     }
+}
+
+/// `--no-local-builds`: Nix runs with `max-jobs = 0` from here on, and the build stops first,
+/// naming the derivations, when Nix would build any of them on this machine (no remote builder
+/// is set) or when a cache's copy of a path it would fetch is not signed by a trusted key.
+fn no_local_builds(eval: &Eval, plan: &Plan) -> Result<()> {
+    crate::settings::forbid_local_builds();
+    let settings = crate::settings::current();
+    let mut attrs: Vec<String> = (0..plan.packages.len())
+        .map(|i| format!("packages.p{i}"))
+        .collect();
+    if matches!(plan.board.kernel.source, KernelSource::Build { .. }) {
+        attrs.push("kernelConfig".into());
+    }
+    attrs.push("kernel".into());
+    ui::step("check that nothing would be built on this machine (--no-local-builds)");
+    // The outputs the build reads (nix-instantiate names one when it is not `out`), not every
+    // output: a cache need not hold a kernel's `dev`.
+    let drvs: Vec<String> = eval
+        .instantiate_without_ifd(&attrs, "evaluating")?
+        .into_iter()
+        .map(|(d, o)| format!("{d}!{}", o.unwrap_or_else(|| "out".into())))
+        .collect();
+    let (built, fetched) = crate::eval::dry_run_both(&drvs)?;
+    if !built.is_empty() && settings.builders.is_empty() {
+        let names: Vec<String> = built.iter().map(|d| crate::forbid::short(d)).collect();
+        bail!(
+            "--no-local-builds: {} derivation{} would be built on this machine, and {} sets no remote builder: {} (cargo xtask cache status --from <cache> shows what the cache lacks)",
+            built.len(),
+            if built.len() == 1 { "" } else { "s" },
+            settings.origin,
+            names.join(", ")
+        );
+    }
+    for p in &fetched {
+        crate::teamcache::check_trusted(p, &settings.substituters)?;
+    }
+    if !built.is_empty() {
+        ui::detail(format!(
+            "{} derivations go to the remote builders (max-jobs = 0 here)",
+            built.len()
+        ));
+    }
+    Ok(())
 }
 
 /// What a build is for: the board, profile and init it was resolved to, the packages it

@@ -315,7 +315,7 @@ fn show_derivations(drvs: &[String]) -> Result<serde_json::Map<String, serde_jso
 }
 
 /// The paths among `paths` that are not valid in the store (`nix-store --check-validity`).
-fn invalid_paths(paths: &[String]) -> Result<BTreeSet<String>> {
+pub fn invalid_paths(paths: &[String]) -> Result<BTreeSet<String>> {
     let mut cmd = crate::nixbin::current()?.command("nix-store");
     cmd.args(["--check-validity", "--print-invalid"])
         .args(paths);
@@ -335,6 +335,40 @@ fn invalid_paths(paths: &[String]) -> Result<BTreeSet<String>> {
 
 /// The store paths `nix-store --realise --dry-run` would fetch from a substituter.
 fn dry_run(drvs: &[String]) -> Result<BTreeSet<String>> {
+    Ok(dry_run_both(drvs)?.1)
+}
+
+/// The paths listed under "these N paths will be fetched" (or "this path will be fetched").
+pub fn parse_dry_run(log: &str) -> BTreeSet<String> {
+    parse_dry_run_both(log).1
+}
+
+/// The derivations Nix would build and the paths it would fetch, from the log of a dry run.
+pub fn parse_dry_run_both(log: &str) -> (BTreeSet<String>, BTreeSet<String>) {
+    let (mut built, mut fetched) = (BTreeSet::new(), BTreeSet::new());
+    let mut list: Option<bool> = None;
+    for line in log.lines() {
+        if !line.starts_with(' ') {
+            let head = line.starts_with("these ") || line.starts_with("this ");
+            list = match () {
+                _ if head && line.contains("will be fetched") => Some(false),
+                _ if head && line.contains("will be built") => Some(true),
+                _ => None,
+            };
+            continue;
+        }
+        let p = line.trim();
+        match list {
+            Some(true) if p.starts_with("/nix/store/") => built.insert(p.to_string()),
+            Some(false) if p.starts_with("/nix/store/") => fetched.insert(p.to_string()),
+            _ => false,
+        };
+    }
+    (built, fetched)
+}
+
+/// [`parse_dry_run_both`] of `nix-store --realise --dry-run` on `drvs`.
+pub fn dry_run_both(drvs: &[String]) -> Result<(BTreeSet<String>, BTreeSet<String>)> {
     let mut cmd = crate::nixbin::current()?.command("nix-store");
     cmd.args(["--realise", "--dry-run"]).args(drvs);
     let out = cmd
@@ -342,36 +376,14 @@ fn dry_run(drvs: &[String]) -> Result<BTreeSet<String>> {
         .stderr(Stdio::piped())
         .output()
         .context("running nix-store --realise --dry-run")?;
+    let log = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
         bail!(
             "nix-store --realise --dry-run failed: {}",
-            nix::failure_summary(
-                &String::from_utf8_lossy(&out.stderr)
-                    .lines()
-                    .map(String::from)
-                    .collect::<Vec<_>>()
-            )
+            nix::failure_summary(&log.lines().map(String::from).collect::<Vec<_>>())
         );
     }
-    Ok(parse_dry_run(&String::from_utf8_lossy(&out.stderr)))
-}
-
-/// The paths listed under "these N paths will be fetched" (or "this path will be fetched").
-pub fn parse_dry_run(log: &str) -> BTreeSet<String> {
-    let mut fetched = BTreeSet::new();
-    let mut in_fetch = false;
-    for line in log.lines() {
-        if !line.starts_with(' ') {
-            in_fetch = (line.starts_with("these ") || line.starts_with("this "))
-                && line.contains("will be fetched");
-            continue;
-        }
-        let p = line.trim();
-        if in_fetch && p.starts_with("/nix/store/") {
-            fetched.insert(p.to_string());
-        }
-    }
-    fetched
+    Ok(parse_dry_run_both(&log))
 }
 
 /// The version of the Nix this evaluation used (`BONSAI_NIX`, see `nixbin`).
@@ -410,5 +422,17 @@ this path will be fetched (0.01 MiB download, 0.02 MiB unpacked):
         assert!(
             parse_dry_run("these 1 derivations will be built:\n  /nix/store/x.drv\n").is_empty()
         );
+        let (built, fetched) = super::parse_dry_run_both(log);
+        assert_eq!(
+            built.into_iter().collect::<Vec<_>>(),
+            [
+                "/nix/store/m71mqbzdfcnl560lygmwyv1i53l0zlpn-hello-2.12.2.drv",
+                "/nix/store/vfqyzlnxqawip12hwxz1mll5s6jrb08d-gcc-wrapper.drv",
+            ]
+        );
+        assert_eq!(fetched.len(), 3);
+        let (built, _) =
+            super::parse_dry_run_both("this derivation will be built:\n  /nix/store/y.drv\n");
+        assert_eq!(built.into_iter().collect::<Vec<_>>(), ["/nix/store/y.drv"]);
     }
 }

@@ -230,6 +230,8 @@ pub fn nix_env() -> Vec<(String, String)> {
     if !conf.contains("experimental-features") {
         conf.push_str("\nexperimental-features = nix-command flakes");
     }
+    // The team's caches and builders (bonsai.toml).
+    conf.push_str(&crate::settings::current().nix_config());
     vec![("NIX_CONFIG".into(), conf.trim().to_string())]
 }
 

@@ -22,6 +22,9 @@ pub struct KernelConfig {
     /// Print the whole merged .config too
     #[arg(long)]
     pub full: bool,
+    /// Build nothing on this machine (the caches and remote builders of bonsai.toml)
+    #[arg(long)]
+    pub no_local_builds: bool,
 }
 
 /// Realises a board's merged config; returns the folder (config, report) and the report with
@@ -71,6 +74,10 @@ fn options(text: &str) -> BTreeMap<String, String> {
 
 impl KernelConfig {
     pub fn run(self) -> Result<()> {
+        crate::settings::load(&project_root())?;
+        if self.no_local_builds {
+            crate::settings::forbid_local_builds();
+        }
         let (dir, report) = merged(&self.board)?;
         if let Some(other) = &self.diff {
             let (odir, _) = merged(other)?;

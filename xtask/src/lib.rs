@@ -3,6 +3,7 @@
 
 pub mod abtest;
 pub mod bench;
+pub mod benchteam;
 pub mod benchupdate;
 pub mod boot;
 pub mod build;
@@ -31,10 +32,12 @@ pub mod release;
 pub mod repro;
 pub mod sbom;
 pub mod serve;
+pub mod settings;
 pub mod size;
 pub mod sizemap;
 pub mod skip;
 pub mod ssh;
+pub mod teamcache;
 pub mod test;
 pub mod test_boards;
 pub mod ui;
@@ -90,6 +93,8 @@ pub enum Command {
     Serve(serve::Serve),
     /// Write a minisign key pair for signing update bundles: <prefix>.pub and <prefix>.key
     Keygen(update::Keygen),
+    /// A team's binary cache: keygen, push (sign and copy what boards need), status
+    Cache(teamcache::Cache),
     /// A release with its signed update bundle: out/release/<board>-<version>/<board>-<version>.bundle
     Bundle(update::Bundle),
     /// What a device on one release must fetch to get another (from their bundles)
@@ -184,6 +189,7 @@ pub fn main() -> ExitCode {
         Command::TestBoards(c) => c.run(),
         Command::Release(c) => c.run().map(|_| ()),
         Command::Keygen(c) => c.run(),
+        Command::Cache(c) => c.run(),
         Command::Serve(c) => c.run(),
         Command::UpdateTest(c) => c.run(),
         Command::Bundle(c) => c.run(),

@@ -233,6 +233,11 @@ impl Eval {
     pub fn build(&self, attrs: &[String], what: &str) -> Result<Vec<PathBuf>> {
         let mut cmd = crate::nixbin::select(self.nixpkgs)?.command("nix-build");
         cmd.args(&self.args).arg("--no-out-link");
+        // On the command line, not in NIX_CONFIG: a builder reached through Nix's localhost
+        // shortcut runs with this process's environment and must still build.
+        if crate::settings::no_local_builds() {
+            cmd.args(["--max-jobs", "0"]);
+        }
         for a in attrs {
             cmd.arg("-A").arg(a);
         }
@@ -320,13 +325,18 @@ fn run_nix(mut cmd: Command, what: &str) -> Result<String> {
         s
     });
     let mut log: Vec<String> = Vec::new();
+    // Derivations a remote builder took: its own `building '…'` line comes back too.
+    let mut remote = std::collections::BTreeSet::new();
     let stderr = child.stderr.take().unwrap();
     for line in BufReader::new(stderr).lines() {
         let line = line.unwrap_or_default();
-        if let Some(rest) = line.strip_prefix("building '") {
-            let drv = rest.split('\'').next().unwrap_or(rest);
-            let name = drv.rsplit('/').next().unwrap_or(drv);
-            let name = name.get(33..).unwrap_or(name).trim_end_matches(".drv");
+        if let Some((name, machine)) = building(&line) {
+            if machine.is_some() {
+                remote.insert(name.clone());
+            } else if remote.contains(&name) {
+                log.push(line);
+                continue;
+            }
             let hint = if name.starts_with("linux-")
                 && !name.contains("config")
                 && !name.ends_with(".tar.xz")
@@ -335,7 +345,17 @@ fn run_nix(mut cmd: Command, what: &str) -> Result<String> {
             } else {
                 ""
             };
-            ui::detail(format!("nix: building {name}{hint}"));
+            let on = machine.unwrap_or_else(|| "this machine".into());
+            ui::detail(format!("nix: building {name} on {on}{hint}"));
+        } else if let Some(rest) = line.strip_prefix("copying path '") {
+            // A substitution, or a remote build's output: `copying path '<path>' from '<store>'...`
+            let mut parts = rest.split('\'');
+            if let (Some(path), Some(_), Some(from)) = (parts.next(), parts.next(), parts.next()) {
+                ui::detail(format!(
+                    "nix: copying {} from {from}",
+                    crate::forbid::name_of(path)
+                ));
+            }
         }
         log.push(line);
     }
@@ -356,6 +376,20 @@ fn run_nix(mut cmd: Command, what: &str) -> Result<String> {
     Ok(stdout)
 }
 
+/// A `building '<drv>'...` line of Nix's log: the derivation's name and, for a remote build
+/// (`... on '<builder>'`), the builder.
+pub fn building(line: &str) -> Option<(String, Option<String>)> {
+    let rest = line.strip_prefix("building '")?;
+    let drv = rest.split('\'').next().unwrap_or(rest);
+    let name = drv.rsplit('/').next().unwrap_or(drv);
+    let name = name.get(33..).unwrap_or(name).trim_end_matches(".drv");
+    let machine = rest
+        .split_once("' on '")
+        .and_then(|(_, m)| m.split('\'').next())
+        .map(String::from);
+    Some((name.to_string(), machine))
+}
+
 /// Longest piece of a log line quoted in an error.
 const QUOTE_MAX: usize = 200;
 
@@ -371,6 +405,17 @@ pub fn failure_summary(log: &[String]) -> String {
             None => l.to_string(),
         }
     };
+    // A substituter's NAR that does not hash to its (signed) narinfo.
+    if let Some(l) = log
+        .iter()
+        .find(|l| l.contains("hash mismatch importing path '"))
+    {
+        let path = l.split('\'').nth(1).unwrap_or("?");
+        return format!("{path}: the NAR a substituter sent does not match the hash in its signed narinfo (hash mismatch importing path): that cache's copy is damaged or was tampered with; push the path to it again");
+    }
+    if log.iter().any(|l| l.contains("unable to start any build")) {
+        return "a derivation would be built on this machine, and local builds are off (max-jobs = 0, --no-local-builds) with no remote builder that takes it".into();
+    }
     let builder = log
         .iter()
         .position(|l| l.starts_with("error: builder for '"));
@@ -792,7 +837,36 @@ mod path_info_tests {
 
 #[cfg(test)]
 mod failure_tests {
-    use super::failure_summary;
+    use super::{building, failure_summary};
+
+    #[test]
+    fn building_lines_name_the_derivation_and_the_builder() {
+        let drv = "/nix/store/q02bs05rl4hblqhnxw470bjcb0gdpk2p-hello-1.0.drv";
+        assert_eq!(
+            building(&format!("building '{drv}'...")),
+            Some(("hello-1.0".into(), None))
+        );
+        // Nix 2.8 prints the builder as given, 2.26 with its parameters sorted and encoded.
+        for uri in [
+            "ssh-ng://localhost?remote-store=local?root=/tmp/b&remote-program=/tmp/d",
+            "ssh-ng://localhost?remote-program=/tmp/d&remote-store=local?root%3D/tmp/b",
+        ] {
+            assert_eq!(
+                building(&format!("building '{drv}' on '{uri}'...")),
+                Some(("hello-1.0".into(), Some(uri.to_string())))
+            );
+        }
+        assert_eq!(
+            building("copying path '/nix/store/x' from 'file:///c'..."),
+            None
+        );
+    }
+
+    #[test]
+    fn a_tampered_nar_names_its_store_path() {
+        let log = lines("copying path '/nix/store/9ha4nfchvb68ck6jx86khla8n7b4bfsc-linux-config-6.1.192' from 'file:///c'...\nerror: hash mismatch importing path '/nix/store/9ha4nfchvb68ck6jx86khla8n7b4bfsc-linux-config-6.1.192';\n  specified: sha256:0a\n  got:       sha256:0b");
+        assert!(failure_summary(&log).starts_with("/nix/store/9ha4nfchvb68ck6jx86khla8n7b4bfsc-linux-config-6.1.192: the NAR a substituter sent does not match"));
+    }
 
     fn lines(text: &str) -> Vec<String> {
         text.lines().map(String::from).collect()

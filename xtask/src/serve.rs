@@ -1,6 +1,6 @@
 //! `cargo xtask serve <release folder>...`: serves release folders over HTTP/1.1 with range
 //! requests, for devices to fetch bundles from. `/<folder name>/<file>` is a file of one of
-//! the folders. With `--stdio` it answers one connection on stdin and stdout: what QEMU's
+//! the folders (or below it, as a binary cache's `nar/`); HEAD says whether it is there. With `--stdio` it answers one connection on stdin and stdout: what QEMU's
 //! `guestfwd=...-cmd:` runs for each connection of a guest whose network is `restrict=on`.
 //! `--log` appends one line per response (`<path> <offset> <length> <sent>`); `--cut-first N
 //! --cut-after B --cut-from O` stops the first N responses to ranges starting at or after O
@@ -73,7 +73,9 @@ impl Serve {
     fn file(&self, url: &str) -> Option<PathBuf> {
         let rel = url.trim_start_matches('/');
         let (folder, name) = rel.split_once('/')?;
-        if name.contains('/') || name.starts_with('.') || folder.starts_with('.') {
+        // Files below the folder too (a binary cache's nar/), never a hidden or `..` part.
+        let hidden = |part: &str| part.is_empty() || part.starts_with('.');
+        if name.split('/').any(hidden) || hidden(folder) {
             return None;
         }
         self.folders
@@ -122,6 +124,20 @@ impl Serve {
         }
         let mut words = first.split_whitespace();
         let (method, url) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+        // HEAD: whether a file is there (Nix asks so of a binary cache), without the body.
+        if method == "HEAD" {
+            match self.file(url).map(|p| fs::metadata(p).map(|m| m.len())) {
+                Some(Ok(len)) => write!(
+                    w,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+                )?,
+                _ => write!(
+                    w,
+                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                )?,
+            }
+            return Ok(());
+        }
         if method != "GET" {
             write!(
                 w,
@@ -256,6 +272,54 @@ mod tests {
         let mut out = Vec::new();
         s.connection(&mut req.as_bytes(), &mut out).unwrap();
         String::from_utf8(out).unwrap()
+    }
+
+    fn request(s: &Serve, req: &str) -> String {
+        let mut out = Vec::new();
+        s.connection(&mut req.as_bytes(), &mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn files_below_a_folder_and_head_requests_are_answered_hidden_ones_never() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = d.path().join("cache");
+        fs::create_dir_all(cache.join("nar")).unwrap();
+        fs::write(cache.join("nar/x.nar.xz"), b"nar!").unwrap();
+        fs::write(cache.join(".secret"), b"no").unwrap();
+        let s = Serve {
+            folders: vec![cache],
+            port: 0,
+            stdio: false,
+            log: None,
+            cut_first: 0,
+            cut_after: 0,
+            cut_from: 0,
+        };
+        let get = request(&s, "GET /cache/nar/x.nar.xz HTTP/1.1\r\n\r\n");
+        assert!(
+            get.starts_with("HTTP/1.1 200 OK\r\n") && get.ends_with("\r\n\r\nnar!"),
+            "{get}"
+        );
+        let head = request(&s, "HEAD /cache/nar/x.nar.xz HTTP/1.1\r\n\r\n");
+        assert_eq!(
+            head,
+            "HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\n"
+        );
+        for url in [
+            "/cache/none.narinfo",
+            "/cache/.secret",
+            "/cache/nar/../.secret",
+            "/cache//x",
+        ] {
+            for m in ["GET", "HEAD"] {
+                let r = request(&s, &format!("{m} {url} HTTP/1.1\r\n\r\n"));
+                assert!(
+                    r.starts_with("HTTP/1.1 404 Not Found\r\n"),
+                    "{m} {url}: {r}"
+                );
+            }
+        }
     }
 
     #[test]

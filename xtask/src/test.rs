@@ -22,6 +22,7 @@ pub const SLOW_TEST_TARGETS: &[(&str, &str)] = &[
     ("xtask", "ab_test"),
     ("xtask", "update_test"),
     ("xtask", "optional_deps"),
+    ("xtask", "team_cache"),
     // Debian's minisign as the oracle of the bundle's signatures (installed by the full run)
     ("bundle", "minisign"),
 ];
