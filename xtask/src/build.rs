@@ -618,6 +618,9 @@ pub struct Assembly {
     pub references: std::collections::BTreeMap<String, Vec<String>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub packages: Vec<(String, String)>,
+    /// The packages' programs the image links in `/bin`: store path -> `/bin/<name>`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub programs: std::collections::BTreeMap<String, String>,
 }
 
 /// Compose bonsai's files, then walk from the roots (the packages' programs, the init, the
@@ -783,6 +786,15 @@ fn select_files(
         .zip(package_paths)
         .map(|(attr, p)| (attr.clone(), p.display().to_string()))
         .collect();
+    // The /bin links compose made (the first program of a name wins, busybox's first).
+    if let Some(bb) = plan.packages.iter().rposition(|p| is_busybox(p)) {
+        let mut names = std::collections::BTreeSet::new();
+        for (name, target) in program_links(package_paths, bb) {
+            if names.insert(name.clone()) {
+                assembly.programs.insert(target, format!("/bin/{name}"));
+            }
+        }
+    }
     // Nothing is written when the image holds what the profile forbids.
     for w in crate::forbid::check(&profile.name, &policy.forbid, &assembly)? {
         ui::warn(w);
@@ -846,6 +858,7 @@ fn assembly_of(selection: &rootfs::Selection, report: &rootfs::PopulateReport) -
         also,
         references: std::collections::BTreeMap::new(),
         packages: Vec::new(),
+        programs: std::collections::BTreeMap::new(),
     })
 }
 

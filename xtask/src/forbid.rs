@@ -94,28 +94,35 @@ fn first_chain(a: &Assembly, path: &str) -> Vec<(String, String)> {
     chain
 }
 
-/// One line for a chain: `[package busybox] …-busybox/bin/busybox → (DT_NEEDED libc.so.6)
-/// …-glibc/lib/libc.so.6`; steps into a directory's files are folded into the file.
-pub fn render(chain: &[(String, String)]) -> String {
+/// One line for a chain: `[package hello] /bin/hello → …-hello/bin/hello → (DT_NEEDED
+/// libc.so.6) …-glibc/lib/libc.so.6`; steps into a directory's files are folded into the file,
+/// and a program the image links in `/bin` starts with that link (`programs`).
+pub fn render(chain: &[(String, String)], programs: &BTreeMap<String, String>) -> String {
     let mut out = String::new();
     let mut last: Option<String> = None;
+    let mut first = true;
+    let mut flush = |out: &mut String, full: &str| {
+        if std::mem::take(&mut first) {
+            if let Some(link) = programs.get(full) {
+                out.push_str(&format!("{link} → "));
+            }
+        }
+        out.push_str(&short(full));
+    };
     for (i, (path, how)) in chain.iter().enumerate() {
         if i == 0 {
             let label = how.strip_prefix("root: ").unwrap_or(how);
             out.push_str(&format!("[{label}] "));
-            last = Some(short(path));
-        } else if is_structural(how) {
-            last = Some(short(path));
-        } else {
+        } else if !is_structural(how) {
             if let Some(l) = last.take() {
-                out.push_str(&l);
+                flush(&mut out, &l);
             }
             out.push_str(&format!(" → ({how}) "));
-            last = Some(short(path));
         }
+        last = Some(path.clone());
     }
     if let Some(l) = last {
-        out.push_str(&l);
+        flush(&mut out, &l);
     }
     out
 }
@@ -141,7 +148,7 @@ pub fn chains_into(a: &Assembly, sp: &str) -> Vec<String> {
                 }
                 Some(_) => continue,
             };
-            out.insert(render(&chain));
+            out.insert(render(&chain, &a.programs));
         }
     }
     // Files that refer to it but whose references were rewritten away.
@@ -149,7 +156,7 @@ pub fn chains_into(a: &Assembly, sp: &str) -> Vec<String> {
         if targets.iter().any(|t| t == sp) && !inside(file) {
             let mut c = first_chain(a, file);
             c.push((sp.to_string(), "refers to".into()));
-            out.insert(render(&c));
+            out.insert(render(&c, &a.programs));
         }
     }
     out.into_iter().collect()
@@ -336,6 +343,8 @@ mod tests {
             ("busybox".into(), BB.into()),
             ("hello".into(), HELLO.into()),
         ];
+        a.programs
+            .insert(format!("{HELLO}/bin/hello"), "/bin/hello".into());
         a
     }
 
@@ -365,7 +374,7 @@ mod tests {
             "{err}"
         );
         assert!(
-            err.contains("[package hello] …-hello-1.0/bin/hello → (DT_NEEDED libc.so.6) …-glibc-2.36-9/lib/libc.so.6"),
+            err.contains("[package hello] /bin/hello → …-hello-1.0/bin/hello → (DT_NEEDED libc.so.6) …-glibc-2.36-9/lib/libc.so.6"),
             "{err}"
         );
         assert!(
@@ -392,7 +401,9 @@ mod tests {
             .insert(format!("{HELLO}/bin/hello"), vec![SRC.into()]);
         let err = check("t", &["systemd".into()], &a).unwrap_err().to_string();
         assert!(
-            err.contains("[package hello] …-hello-1.0/bin/hello → (refers to) …-systemd-257"),
+            err.contains(
+                "[package hello] /bin/hello → …-hello-1.0/bin/hello → (refers to) …-systemd-257"
+            ),
             "{err}"
         );
     }
