@@ -39,10 +39,18 @@ struct Team {
 }
 
 /// NIX_CONFIG for every run: no cache.nixos.org (there is no network here), so only the
-/// team's cache is asked.
+/// team's cache is asked. Single-user as root where no daemon runs, like xtask's own Nix
+/// environment, so the test's direct `nix-store` call works where no NIX_CONFIG is set (CI).
 fn nix_config() -> String {
-    let base = std::env::var("NIX_CONFIG").unwrap_or_default();
-    format!("{base}\nsubstituters =")
+    let mut conf = std::env::var("NIX_CONFIG").unwrap_or_default();
+    let daemon = Path::new("/nix/var/nix/daemon-socket/socket").exists();
+    if !daemon && !conf.contains("build-users-group") {
+        conf.push_str("\nbuild-users-group =");
+    }
+    if !daemon && !conf.contains("sandbox") {
+        conf.push_str("\nsandbox = false");
+    }
+    format!("{conf}\nsubstituters =")
 }
 
 /// The environment of a run on the scratch repository `root`: its settings only (the
