@@ -944,9 +944,11 @@ pub fn render(tree: &mut Tree, sys: &System, inputs: &InitInputs) -> Result<()> 
                 let d = format!("etc/service/{}", svc.name);
                 let n = &svc.name;
                 files.extend(service_dir(&d, n));
+                // runsv runs control/t instead of sending TERM, for `down` and `exit` alike
+                // (control/d would run after the TERM, not instead of it).
                 if svc.stop_signal.0 != "TERM" {
                     files.push(exe(
-                        &format!("{d}/control/d"),
+                        &format!("{d}/control/t"),
                         format!(
                             "#!/bin/sh\nkill -{} \"$(cat supervise/pid)\"\n",
                             svc.stop_signal.0
@@ -1251,6 +1253,28 @@ mod tests {
                 assert_eq!(hooks, ["second", "first"], "{b:?}:\n{script}");
             }
         }
+    }
+
+    /// runit: a service's stop signal replaces the TERM (runsv's control/t); control/d would
+    /// run after the TERM. s6: its down-signal.
+    #[test]
+    fn the_stop_signal_replaces_term_under_runit_and_s6() {
+        let mut spec = SystemSpec::default();
+        let svc: ServiceSpec =
+            serde_json::from_str(r#"{"command": ["/bin/sleep", "1000"], "stop-signal": "HUP"}"#)
+                .unwrap();
+        spec.services.insert("hupper".into(), svc);
+        let sys = validate(&spec, "host", &|_| true).unwrap();
+        let mut t = Tree::new();
+        render(&mut t, &sys, &inputs(Backend::Runit)).unwrap();
+        assert_eq!(
+            text(&t, "etc/service/hupper/control/t"),
+            "#!/bin/sh\nkill -HUP \"$(cat supervise/pid)\"\n"
+        );
+        assert!(t.get("etc/service/hupper/control/d").is_none());
+        let mut t = Tree::new();
+        render(&mut t, &sys, &inputs(Backend::S6)).unwrap();
+        assert_eq!(text(&t, "etc/s6/scan/hupper/down-signal"), "SIGHUP\n");
     }
 
     /// While the checks run, the console shows KERN_WARNING (4) and worse: a WARN's trace

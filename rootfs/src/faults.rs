@@ -19,6 +19,9 @@ pub enum Fault {
     NoEnvClear,
     /// Every service is stopped with TERM, whatever its stop signal.
     TermOnly,
+    /// A service gets TERM and then its stop signal (runit's control/d, which runs after
+    /// runsv's TERM; `kill -TERM` before the signal under busybox init).
+    TermThenSignal,
     /// No KILL after the stop timeout.
     NoKill,
     /// `/tmp` is not mounted.
@@ -44,6 +47,7 @@ pub const FAULTS: &[(&str, Fault)] = &[
     ("ignore-never", Fault::IgnoreNever),
     ("no-env-clear", Fault::NoEnvClear),
     ("term-only", Fault::TermOnly),
+    ("term-then-signal", Fault::TermThenSignal),
     ("no-kill", Fault::NoKill),
     ("no-tmp", Fault::NoTmp),
     ("unordered", Fault::Unordered),
@@ -110,6 +114,13 @@ pub fn apply(files: &mut Vec<(String, Node)>, faults: &[Fault]) {
     }
     if faults.contains(&Fault::TermOnly) {
         files.retain(|(p, _)| !(p.starts_with("etc/service/") && p.contains("/control/")));
+    }
+    if faults.contains(&Fault::TermThenSignal) {
+        for (p, _) in files.iter_mut() {
+            if p.starts_with("etc/service/") && p.ends_with("/control/t") {
+                p.replace_range(p.len() - 1.., "d");
+            }
+        }
     }
     for (path, node) in files.iter_mut() {
         let NodeKind::File {
@@ -188,6 +199,16 @@ fn edit(path: &str, t: &str, fault: Fault) -> String {
                 s["stop_signal"] = 15.into();
             }
         }),
+        Fault::TermThenSignal if path == "etc/bonsai/shutdown" => {
+            let mut t = t.to_string();
+            for sig in ["HUP", "INT", "QUIT", "USR1", "USR2"] {
+                t = t.replace(
+                    &format!("kill -{sig} \"$p\""),
+                    &format!("kill -TERM \"$p\"; kill -{sig} \"$p\""),
+                );
+            }
+            t
+        }
         Fault::NoKill if path == "etc/bonsai/shutdown" => {
             let mut out = String::new();
             for l in t.lines() {
@@ -316,6 +337,8 @@ mod tests {
                 }
                 // The other backends' /init is a link to the init program itself.
                 Fault::NoExecInit => &[Backend::S6],
+                // s6's down-signal and bonsai-init's stop_signal name one signal.
+                Fault::TermThenSignal => &[Backend::Busybox, Backend::Runit],
                 _ => &[
                     Backend::Busybox,
                     Backend::Runit,

@@ -434,8 +434,20 @@ pub fn check_run(
     if let Some(r) = report.as_mut() {
         // A report comes with no failure, or with ChecksFailed: the verdict is the checks'.
         failure = None;
+        let passed_in_guest: Vec<bool> = r.checks.iter().map(|c| c.passed).collect();
         if let Err(e) = crate::judge::apply(info, r, &text, &nonce) {
             failure = Some(e);
+        }
+        // A check the guest ran fine that the host's judge failed: said with its reason, per
+        // boot (a conformance run of several boots reports only the first failure).
+        for (c, was) in r.checks.iter().zip(passed_in_guest) {
+            if was && !c.passed {
+                ui::detail(format!(
+                    "FAIL {} (judged on the host): {}",
+                    c.name,
+                    c.reason.clone().unwrap_or_default()
+                ));
+            }
         }
         if failure.is_none() {
             let failed: Vec<String> = r

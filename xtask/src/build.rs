@@ -122,6 +122,10 @@ pub struct NixRecord {
     /// file's SHA-256, for a kernel built from fragments.
     pub kernel_config_path: Option<String>,
     pub kernel_config_sha256: Option<String>,
+    /// bonsai-init's store path (`/nix/store/…-bonsai-init-<version>-<target>`), when the
+    /// image holds bonsai-init.
+    #[serde(default)]
+    pub bonsai_init: Option<String>,
 }
 
 pub struct Built {
@@ -184,6 +188,7 @@ impl Build {
         }
         let realised = plan.realise(&eval, &mut record)?;
         let image = plan.select(realised)?;
+        record.bonsai_init = image.bonsai_init.clone();
 
         let info = write_output(&plan, &image, fp.unwrap_or_default(), record)?;
         summary(self.nested, format!(
@@ -356,6 +361,7 @@ impl Plan {
             },
             kernel_config_path: None,
             kernel_config_sha256: None,
+            bonsai_init: None,
         })
     }
 
@@ -413,14 +419,16 @@ impl Plan {
         ui::step("read closure");
         let closure = nix::closure(&realised.packages)?;
         // bonsai-init: the init, and bonsai-update in an image that takes updates.
-        let binary = if self.backend == rootfs::Backend::BonsaiInit || self.update_key.is_some() {
-            Some(crate::pid1::build(
+        // It comes from its store path (`pid1::store_path`), which the record names.
+        let store = if self.backend == rootfs::Backend::BonsaiInit || self.update_key.is_some() {
+            Some(crate::pid1::store_path(
                 &crate::source_root(&self.root),
                 &self.board,
             )?)
         } else {
             None
         };
+        let binary = store.as_ref().map(|s| s.join("bin/bonsai-init"));
         let pid1 = binary
             .clone()
             .filter(|_| self.backend == rootfs::Backend::BonsaiInit);
@@ -440,6 +448,7 @@ impl Plan {
             closure,
             assembly,
             ssh_key,
+            bonsai_init: store.map(|s| s.display().to_string()),
         })
     }
 
@@ -901,6 +910,8 @@ struct Image {
     assembly: Assembly,
     /// The private key that logs in as root, when bonsai made it.
     ssh_key: Option<PathBuf>,
+    /// bonsai-init's store path, when the image has it (the init, or bonsai-update).
+    bonsai_init: Option<String>,
 }
 
 /// The folder an output is written into before it is swapped in, and which of its files is

@@ -714,9 +714,16 @@ fn stop_signal(shutdown: &str, name: &str, svc: &ServiceSpec) -> Result<(), Stri
     let sig = stop_signal_name(svc);
     let got = got_signals(shutdown, name);
     match got.first() {
-        Some((s, _)) if *s == sig => Ok(()),
-        Some((s, _)) => Err(format!("{name} got {s} first, not its stop signal {sig}")),
-        None => Err(format!("{name} got no signal at shutdown ({sig} expected)")),
+        Some((s, _)) if *s != sig => {
+            return Err(format!("{name} got {s} first, not its stop signal {sig}"))
+        }
+        None => return Err(format!("{name} got no signal at shutdown ({sig} expected)")),
+        Some(_) => {}
+    }
+    // Its stop signal alone: a TERM sent along with it (before or after) is a TERM too.
+    match got.iter().find(|(s, _)| *s != sig) {
+        Some((s, _)) => Err(format!("{name} got {s} as well as its stop signal {sig}")),
+        None => Ok(()),
     }
 }
 
@@ -1134,6 +1141,15 @@ tmpfs /tmp tmpfs rw,nosuid,nodev 0 0
                 .contains("not its stop signal HUP")
         );
         assert!(run_at("stop-signal hupper", "", "").is_err());
+        // runit's control/d runs after runsv's TERM: the service gets both.
+        assert_eq!(
+            run_at(
+                "stop-signal hupper",
+                "",
+                "hupper got HUP at 20.0\nhupper got TERM at 20.0\n"
+            ),
+            Err("hupper got TERM as well as its stop signal HUP".into())
+        );
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! Builds bonsai-init (the `pid1/` crate) for a board: static, for the board's Rust target
 //! (musl, installed with rustup when missing), else the matching gnu target with crt-static.
+//! [`store_path`] adds the binary to the Nix store (`nix-store --add`), so that an image takes
+//! it from a store path like every other program, and a team's cache can hold it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -165,4 +167,55 @@ pub fn build(root: &Path, board: &Board) -> Result<PathBuf> {
         bail!("cargo built bonsai-init but {} is missing", bin.display());
     }
     Ok(bin)
+}
+
+/// The crate's version, from `pid1/Cargo.toml`.
+fn version(root: &Path) -> Result<String> {
+    let path = root.join("pid1/Cargo.toml");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{}: cannot read it", path.display()))?;
+    let doc: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{}: not TOML", path.display()))?;
+    doc.get("package")
+        .and_then(|p| p.get("version"))
+        .and_then(|v| v.as_str())
+        .map(String::from)
+        .with_context(|| format!("{}: key 'package.version' is missing", path.display()))
+}
+
+/// Builds bonsai-init for `board` and adds it to the Nix store as
+/// `/nix/store/<hash>-bonsai-init-<version>-<target>/bin/bonsai-init`. The store path is the
+/// hash of the binary's bytes (`nix-store --add`), and the binary is reproducible (no host
+/// paths in it), so every machine with the same sources and compiler gets the same path, and a
+/// cache that holds it serves it. Returns the store path.
+pub fn store_path(root: &Path, board: &Board) -> Result<PathBuf> {
+    let bin = build(root, board)?;
+    let triple = bin
+        .parent()
+        .and_then(Path::parent)
+        .and_then(Path::file_name)
+        .map(|t| t.to_string_lossy().into_owned())
+        .unwrap_or_else(|| board.rust_target.clone());
+    let name = format!("bonsai-init-{}-{triple}", version(root)?);
+    let stage = tempfile::tempdir().context("creating a folder to stage bonsai-init")?;
+    let dir = stage.path().join(&name);
+    std::fs::create_dir_all(dir.join("bin"))?;
+    let staged = dir.join("bin/bonsai-init");
+    std::fs::copy(&bin, &staged)
+        .with_context(|| format!("copying {} to {}", bin.display(), staged.display()))?;
+    std::fs::set_permissions(&staged, std::os::unix::fs::PermissionsExt::from_mode(0o555))?;
+    let mut cmd = crate::nixbin::current()?.command("nix-store");
+    real_clock(&mut cmd).arg("--add").arg(&dir);
+    let out = cmd.output().context("running nix-store --add")?;
+    if !out.status.success() {
+        bail!(
+            "nix-store --add {name}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if !path.ends_with(&format!("-{name}")) {
+        bail!("nix-store --add {name} printed '{path}', not a store path");
+    }
+    Ok(PathBuf::from(path))
 }

@@ -50,6 +50,9 @@ struct RawBuilder {
     features: Option<Vec<String>>,
     #[serde(default)]
     mandatory_features: Vec<String>,
+    /// The builder's SSH host key, as its `.pub` file has it (`ssh-ed25519 AAAA…`): ssh
+    /// checks the builder against it, with no `known_hosts` entry needed.
+    public_host_key: Option<String>,
 }
 
 fn one() -> u32 {
@@ -144,8 +147,16 @@ pub fn load(root: &Path) -> Result<Settings> {
             .nix
             .builders
             .iter()
-            .map(|b| machine_line(b, &host))
-            .collect(),
+            .enumerate()
+            .map(|(i, b)| {
+                if let Some(k) = &b.public_host_key {
+                    check_host_key(k).map_err(|e| {
+                        anyhow::anyhow!("{shown}: key 'nix.builders[{i}].public-host-key': {e}")
+                    })?;
+                }
+                Ok(machine_line(b, &host))
+            })
+            .collect::<Result<Vec<_>>>()?,
     };
     let list = |v: &str| v.split_whitespace().map(String::from).collect::<Vec<_>>();
     if let Ok(v) = std::env::var("BONSAI_SUBSTITUTERS") {
@@ -188,7 +199,8 @@ pub fn load(root: &Path) -> Result<Settings> {
     Ok(s)
 }
 
-/// A Nix machine line: `uri systems ssh-key max-jobs speed-factor features mandatory`.
+/// A Nix machine line: `uri systems ssh-key max-jobs speed-factor features mandatory
+/// host-key`, the host key base64-encoded as Nix reads it.
 fn machine_line(b: &RawBuilder, host: &str) -> String {
     let dash = |v: &[String]| {
         if v.is_empty() {
@@ -206,7 +218,7 @@ fn machine_line(b: &RawBuilder, host: &str) -> String {
         .features
         .clone()
         .unwrap_or_else(|| vec!["big-parallel".into()]);
-    format!(
+    let mut line = format!(
         "{} {systems} {} {} {} {} {}",
         b.uri,
         b.ssh_key.as_deref().unwrap_or("-"),
@@ -214,7 +226,14 @@ fn machine_line(b: &RawBuilder, host: &str) -> String {
         b.speed_factor,
         dash(&features),
         dash(&b.mandatory_features)
-    )
+    );
+    if let Some(key) = &b.public_host_key {
+        // Nix writes `<host> <decoded>` to a known_hosts file of its own: type and key only.
+        let words: Vec<&str> = key.split_whitespace().take(2).collect();
+        line.push(' ');
+        line.push_str(&base64(words.join(" ").as_bytes()));
+    }
+    line
 }
 
 /// A store URL bonsai can use: `file://`, `http(s)://`, `ssh://`, `ssh-ng://`; `push` also
@@ -245,6 +264,43 @@ pub fn check_key(k: &str) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// An SSH public key line: `<type> <base64> [comment]`, as a `.pub` file holds it.
+fn check_host_key(k: &str) -> std::result::Result<(), String> {
+    let words: Vec<&str> = k.split_whitespace().collect();
+    let ok = words.len() >= 2
+        && (words[0].starts_with("ssh-") || words[0].starts_with("ecdsa-"))
+        && words[1].len() > 16
+        && words[1]
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'='));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "'{k}' is not an SSH public key (the builder's /etc/ssh/ssh_host_ed25519_key.pub: 'ssh-ed25519 AAAA…')"
+        ))
+    }
+}
+
+/// Standard base64 with padding.
+fn base64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in data.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,11 +315,28 @@ mod tests {
             speed_factor: 2,
             features: None,
             mandatory_features: vec![],
+            public_host_key: None,
         };
         assert_eq!(
             machine_line(&b, "x86_64-linux"),
             "ssh-ng://ci@builder x86_64-linux /root/.ssh/id_ed25519 4 2 big-parallel -"
         );
+        // The host key, base64 of its type and key (the comment dropped), as `base64 -w0`
+        // of the .pub file without its comment gives.
+        let keyed = RawBuilder {
+            public_host_key: Some("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE root@builder".into()),
+            ..b.clone()
+        };
+        assert_eq!(
+            machine_line(&keyed, "x86_64-linux"),
+            "ssh-ng://ci@builder x86_64-linux /root/.ssh/id_ed25519 4 2 big-parallel - c3NoLWVkMjU1MTkgQUFBQUMzTnphQzFsWkRJMU5URTVBQUFBSUU="
+        );
+        assert_eq!(base64(b"a"), "YQ==");
+        assert_eq!(base64(b"ab"), "YWI=");
+        assert_eq!(base64(b"abc"), "YWJj");
+        assert!(check_host_key("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE").is_ok());
+        let e = check_host_key("AAAAC3NzaC1lZDI1NTE5AAAAIE").unwrap_err();
+        assert!(e.contains("is not an SSH public key"), "{e}");
         let s = Settings {
             origin: String::new(),
             substituters: vec!["file:///srv/cache".into()],

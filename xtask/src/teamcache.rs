@@ -1,6 +1,6 @@
 //! `cargo xtask cache keygen | push | status`: a team's binary cache, with Nix's own machinery.
 //! `keygen` is `nix-store --generate-binary-cache-key`; `push` realises what boards need (the
-//! kernel, its config, the packages), signs the closure in the local store (`nix store sign`)
+//! kernel, its config, the packages, bonsai-init's store path), signs the closure in the local store (`nix store sign`)
 //! and copies it (`nix copy`) to a `file://`, `ssh://` or `ssh-ng://` store; `status` asks a
 //! cache (any store URL Nix reads, `http(s)://` too) for each of those paths and its closure.
 //! Settings for pulling live in `bonsai.toml` ([`crate::settings`]).
@@ -33,7 +33,7 @@ pub enum Action {
         #[arg(long)]
         name: Option<String>,
     },
-    /// Sign and copy what boards need (kernel, kernel config, packages, with their closures)
+    /// Sign and copy what boards need (kernel, kernel config, packages, bonsai-init, with their closures)
     Push {
         /// Boards to push (default: every board)
         #[arg(long)]
@@ -141,8 +141,22 @@ fn boards(names: &[String]) -> Result<Vec<String>> {
     }
 }
 
-/// The store paths `board` needs, from an evaluation (nothing built): its kernel, the kernel's
-/// config and its packages (the outputs bonsai reads), as `eval` reports them.
+/// bonsai-init's store path for `board` (built with cargo and added to this machine's store),
+/// or `None` with a warning when the board has no Rust target for it.
+fn bonsai_init(board_name: &str) -> Result<Option<String>> {
+    let root = project_root();
+    let board = Config::new(&root).load_board(board_name)?;
+    if let Some(why) = crate::pid1::unavailable(&board) {
+        ui::warn(format!("{board_name}: bonsai-init is left out: {why}"));
+        return Ok(None);
+    }
+    let path = crate::pid1::store_path(&crate::source_root(&root), &board)?;
+    Ok(Some(path.display().to_string()))
+}
+
+/// The store paths `board` needs: its kernel, the kernel's config and its packages (the
+/// outputs bonsai reads), as `eval` reports them (Nix builds nothing), and bonsai-init's store
+/// path (cargo builds it, when it is not built yet).
 fn needs(board: &str, nixpkgs: Option<&str>) -> Result<Vec<Need>> {
     let report = crate::eval::Eval {
         board: board.to_string(),
@@ -150,6 +164,10 @@ fn needs(board: &str, nixpkgs: Option<&str>) -> Result<Vec<Need>> {
         ..Default::default()
     }
     .report()?;
+    let pid1 = bonsai_init(board)?.map(|path| Need {
+        what: "bonsai-init".into(),
+        path,
+    });
     Ok(report
         .items
         .iter()
@@ -164,11 +182,12 @@ fn needs(board: &str, nixpkgs: Option<&str>) -> Result<Vec<Need>> {
                 path: o.path.clone(),
             })
         })
+        .chain(pid1)
         .collect())
 }
 
-/// Realises what `board` needs (building what is not in the store or a cache) and returns the
-/// paths.
+/// Realises what `board` needs (building what is not in the store or a cache), bonsai-init's
+/// store path included, and returns the paths.
 fn realise(board_name: &str, nixpkgs: Option<&str>) -> Result<Vec<String>> {
     let root = project_root();
     let cfg = Config::new(&root);
@@ -188,7 +207,11 @@ fn realise(board_name: &str, nixpkgs: Option<&str>) -> Result<Vec<String>> {
     attrs.push("kernel".into());
     ui::step(format!("realise {board_name}: {} store paths", attrs.len()));
     let paths = eval.build(&attrs, &format!("realising {board_name}"))?;
-    Ok(paths.iter().map(|p| p.display().to_string()).collect())
+    Ok(paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .chain(bonsai_init(board_name)?)
+        .collect())
 }
 
 /// Pushes what the boards need; returns "<n> store paths (<size>)".
@@ -204,6 +227,8 @@ pub fn push(names: &[String], to: &str, key: &Path, nixpkgs: Option<&str>) -> Re
         );
     };
     let timer = ui::Timer::start();
+    let nixbin = crate::nixbin::current()?;
+    ui::step(format!("nix: {} ({})", nixbin.version, nixbin.kind));
     let mut roots = BTreeSet::new();
     for b in boards(names)? {
         roots.extend(realise(&b, nixpkgs)?);
@@ -216,7 +241,6 @@ pub fn push(names: &[String], to: &str, key: &Path, nixpkgs: Option<&str>) -> Re
         closure.len(),
         ui::size(bytes)
     ));
-    let nixbin = crate::nixbin::current()?;
     let mut sign = nixbin.command("nix");
     sign.args(["store", "sign", "--recursive", "--key-file"])
         .arg(key)
@@ -225,7 +249,14 @@ pub fn push(names: &[String], to: &str, key: &Path, nixpkgs: Option<&str>) -> Re
     ui::step(format!("copy to {to}"));
     let mut copy = nixbin.command("nix");
     copy.args(["copy", "--to", to]).args(&roots);
-    run(copy, "nix copy")?;
+    if let Err(e) = run(copy, "nix copy") {
+        let text = format!("{e:#}");
+        // A store (ssh-ng://, a daemon) checks the signatures against its own keys.
+        if text.contains("lacks a valid signature") {
+            bail!("{text} ({to} does not trust {key_name}: add the public key that `cache keygen` wrote, <prefix>.pub, to trusted-public-keys in that machine's nix.conf)");
+        }
+        return Err(e);
+    }
     let what = format!("{} store paths ({})", closure.len(), ui::size(bytes));
     println!(
         "pushed {what} for {} to {to}, signed by {key_name}, in {:.1} s",

@@ -90,6 +90,10 @@ impl Test {
                 ("/usr/sbin/sfdisk", "fdisk"),
                 // bundle/tests/minisign.rs: the oracle of the update bundle's signatures
                 ("/usr/bin/minisign", "minisign"),
+                // xtask/tests/team_cache.rs: a remote builder and pushes through a real sshd
+                ("/usr/sbin/sshd", "openssh-server"),
+                ("/usr/bin/ssh", "openssh-client"),
+                ("/usr/sbin/ip", "iproute2"),
             ];
             if let Some((cc, libc)) =
                 host::cross_tools(crate::config::Arch::Aarch64, crate::host::host_arch()?)
