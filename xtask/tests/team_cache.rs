@@ -15,7 +15,9 @@
 //! - A remote builder over `ssh-ng` through Nix's localhost shortcut (a store of its own under
 //!   a folder, its daemon with the sandbox and the host's tool folders, as a builder machine
 //!   would have) builds a kernel config derivation and a small package, and a local rebuild
-//!   (`nix-store --check`) gives the same bytes.
+//!   (`nix-store --check`) gives the same bytes; again with Nix 2.26 as the client.
+//! - Nix 2.26 (`BONSAI_NIX=debian13`) signs and pushes, and a fresh store pulls from that cache
+//!   alone; a tampered narinfo is refused there too.
 //!
 //! - The same through a real sshd (Debian's openssh-server) in a network namespace of the
 //!   test's own, logged in with a key and checked against the builder's host key from
@@ -640,8 +642,12 @@ fn a_remote_builder_builds_a_kernel_config_and_a_package() {
     .unwrap();
     // The kernel that the package build below takes from this machine's store.
     team();
-    builds_remotely(root, "ssh-ng://localhost?", None, &|args| {
+    builds_remotely(root, "ssh-ng://localhost?", Some(&store), &|args| {
         run_in(root, args, &[])
+    });
+    // The same with Nix 2.26 on this side (the builder's daemon stays the host's 2.8).
+    builds_remotely(root, "ssh-ng://localhost?", Some(&store), &|args| {
+        run_in(root, args, &[("BONSAI_NIX", "debian13")])
     });
 }
 
