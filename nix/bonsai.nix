@@ -112,11 +112,13 @@ let
     if fromPackage then prebuilt
     # The merged config goes in as a derivation output that evaluation never reads: no import
     # from derivation, so Hydra, `nix flake check` and allow-import-from-derivation = false
-    # evaluate every board. As in Nixpkgs, `config` is then empty (the kernel is not modular).
+    # evaluate every board.
     else pkgs.linuxManualConfig {
       inherit src version;
       configfile = "${kernelConfig}/config";
       allowImportFromDerivation = false;
+      # bonsai reads CONFIG_MODULES from the fragments: with it the kernel has a `modules` output.
+      config = if kernelReq.modular or false then { CONFIG_MODULES = "y"; } else { };
     };
   # Every override is checked, also of attributes the image does not name.
   checked = builtins.foldl' (acc: attr: builtins.seq pkgs.${attr} acc) true (builtins.attrNames overridesReq);

@@ -496,7 +496,8 @@ let
         fi'' else ""}
         ${if isModular then ''
         ${make} -j''${NIX_BUILD_CORES:-2} modules
-        ${make} INSTALL_MOD_PATH=$modules INSTALL_MOD_STRIP=1 modules_install
+        ${make} INSTALL_MOD_PATH=$modules INSTALL_MOD_STRIP=1 DEPMOD=depmod modules_install
+        test -s $modules/lib/modules/${modDir}/modules.dep || { echo "depmod wrote no modules.dep" >&2; exit 1; }
         rm -f $modules/lib/modules/*/build $modules/lib/modules/*/source'' else ""}
       '';
     in

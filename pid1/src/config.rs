@@ -31,10 +31,17 @@ pub struct Config {
     pub mounts: Vec<Mount>,
     #[serde(default)]
     pub tmpfiles: Vec<TmpFile>,
+    /// Commands run before the hostname and the tmpfiles (the data mounts).
+    #[serde(default)]
+    pub early: Vec<Vec<String>>,
     #[serde(default)]
     pub setup: Vec<Vec<String>>,
     #[serde(default)]
     pub services: Vec<Service>,
+    /// Mount points unmounted at shutdown, in this order, after every process has ended
+    /// (remounted read-only when busy).
+    #[serde(default)]
+    pub unmount: Vec<String>,
     #[serde(default)]
     pub after_start: Vec<Vec<String>>,
     #[serde(default = "default_stop_timeout")]

@@ -145,6 +145,7 @@ fn pid1() -> ! {
 }
 
 fn boot_setup(config: &Config) {
+    setup::run_commands(&config.early);
     if let Some(name) = &config.hostname {
         setup::set_hostname(name);
     }

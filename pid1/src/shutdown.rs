@@ -20,6 +20,9 @@ const KILL_GRACE: Duration = Duration::from_secs(1);
 pub fn shutdown(sup: &mut Supervisor, halt: Shutdown) {
     stop_services(sup);
     kill_everything_else(sup);
+    if sup.mode == Mode::Pid1 {
+        unmount_all(&sup.unmount);
+    }
     nix::unistd::sync();
     log!("{}", halt.name());
     if sup.mode == Mode::Test {
@@ -37,6 +40,25 @@ pub fn shutdown(sup: &mut Supervisor, halt: Shutdown) {
     // PID 1 must never exit: keep reaping whatever is left.
     loop {
         sup.wait_events(None);
+    }
+}
+
+/// Unmounts `[[setup.mounts]]` (given newest first) once nothing runs any more; a busy one is
+/// remounted read-only, so its filesystem is clean either way.
+pub fn unmount_all(targets: &[String]) {
+    use nix::mount::{mount, umount2, MntFlags, MsFlags};
+    for t in targets {
+        match umount2(t.as_str(), MntFlags::empty()) {
+            Ok(()) => log!("unmounted {t}"),
+            Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+            Err(e) => {
+                let ro = MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+                match mount(None::<&str>, t.as_str(), None::<&str>, ro, None::<&str>) {
+                    Ok(()) => log!("{t} busy ({e}), remounted read-only"),
+                    Err(e2) => log!("unmounting {t} failed: {e}; read-only: {e2}"),
+                }
+            }
+        }
     }
 }
 

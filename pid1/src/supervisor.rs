@@ -139,6 +139,8 @@ pub struct Supervisor {
     after_start: Vec<Vec<String>>,
     after_start_state: AfterStart,
     pub(crate) shutdown_timeout: Duration,
+    /// Mount points to unmount at shutdown, in order.
+    pub(crate) unmount: Vec<String>,
     pipes: Vec<Pipe>,
     signals: Option<SignalFd>,
     seq: u64,
@@ -161,6 +163,7 @@ impl Supervisor {
             after_start: config.after_start.clone(),
             after_start_state: AfterStart::Pending,
             shutdown_timeout: Duration::from_millis(config.shutdown_timeout_ms),
+            unmount: config.unmount.clone(),
             pipes: Vec::new(),
             signals,
             seq: 0,
@@ -186,8 +189,10 @@ impl Supervisor {
             console: console.to_string(),
             mounts: vec![],
             tmpfiles: vec![],
+            early: vec![],
             setup: vec![],
             services: vec![],
+            unmount: vec![],
             after_start: vec![],
             shutdown_timeout_ms: 5000,
         };

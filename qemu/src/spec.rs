@@ -105,8 +105,8 @@ impl Accel {
     }
 }
 
-/// QEMU user-mode networking. It is always `restrict=on`: the guest reaches nothing outside,
-/// and only the listed ports on the host's loopback reach the guest.
+/// QEMU user-mode networking. It is `restrict=on` unless `unrestricted` is set: the guest
+/// reaches nothing outside, and only the listed ports on the host's loopback reach the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserNet {
     /// The NIC model for the machine, e.g. `virtio-net-pci` on x86 q35 and arm virt.
@@ -117,12 +117,20 @@ pub struct UserNet {
     /// one process per connection, speaking over its stdin and stdout (QEMU's `guestfwd` with
     /// `cmd:`). The only way out of `restrict=on`.
     pub guest_forwards: Vec<(String, String)>,
+    /// `restrict=off`: restricted, QEMU's DHCP server sends no router and no DNS server
+    /// (libslirp's bootp.c), which a DHCP test needs. The guest can then reach what the host
+    /// reaches.
+    pub unrestricted: bool,
 }
 
 impl UserNet {
     /// The `-netdev` value.
     pub fn netdev_arg(&self) -> String {
-        let mut arg = String::from("user,id=net0,restrict=on");
+        let mut arg = String::from(if self.unrestricted {
+            "user,id=net0,restrict=off"
+        } else {
+            "user,id=net0,restrict=on"
+        });
         for (host, guest) in &self.host_forwards {
             arg.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
         }
@@ -273,6 +281,7 @@ mod tests {
                 device: "virtio-net-pci".into(),
                 host_forwards: vec![(2222, 22), (8080, 80)],
                 guest_forwards: vec![],
+                unrestricted: false,
             }),
             drives: vec!["/tmp/data.img".into()],
             firmware: None,
@@ -454,6 +463,7 @@ mod tests {
             device: "virtio-net-pci".into(),
             host_forwards: vec![],
             guest_forwards: vec![],
+            unrestricted: false,
         };
         assert_eq!(net.netdev_arg(), "user,id=net0,restrict=on");
         let fwd = UserNet {

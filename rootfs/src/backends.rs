@@ -137,6 +137,9 @@ fn setup_script(sys: &System) -> String {
         );
     }
     let _ = writeln!(s, "mkdir -p {}", RUN_DIRS.join(" "));
+    if !sys.mounts.is_empty() {
+        s.push_str("/etc/bonsai/mounts\n");
+    }
     let _ = writeln!(s, "hostname {}", sh_quote(&sys.hostname));
     for (i, step) in sys.steps.iter().enumerate() {
         match step {
@@ -655,6 +658,115 @@ exit 0
     s
 }
 
+/// `/etc/bonsai/mounts`: `[[setup.mounts]]` in order, run by every backend before the other
+/// setup steps. Each waits for its device, makes the filesystem when the
+/// device is empty and `make-fs` is set, and mounts it; a failure is said on the console and
+/// boot goes on (a data partition that fails must not leave the device unbootable).
+fn mounts_script(sys: &System) -> String {
+    let mut s = String::from(
+        "#!/bin/sh\n# [[setup.mounts]], in order (every backend runs this script)\nexport PATH=/bin\n",
+    );
+    for m in &sys.mounts {
+        let target = sh_quote(&m.target);
+        let shown = &m.device;
+        let find = format!("[ -b {d} ] && dev={d}", d = sh_quote(&m.device));
+        let tries = m.timeout_ms.div_ceil(50);
+        let _ = writeln!(
+            s,
+            "dev=; i=0\nwhile :; do {find}; [ -n \"$dev\" ] && break; [ $i -ge {tries} ] && break; usleep 50000; i=$((i + 1)); done"
+        );
+        let _ = writeln!(
+            s,
+            "if [ -z \"$dev\" ]; then echo \"bonsai: mount {shown} on {t}: no such device after {ms} ms\" >/dev/console\nelse",
+            t = m.target,
+            ms = m.timeout_ms
+        );
+        if let Some(mkfs) = &m.make_fs {
+            let _ = writeln!(
+                s,
+                "\tif [ -z \"$(head -c 65536 \"$dev\" | tr -d '\\000' | head -c 1)\" ]; then\n\t\techo \"bonsai: mount: $dev is empty, making {fs} on it\" >/dev/console\n\t\t{} \"$dev\" >/dev/null 2>&1 || echo \"bonsai: mount: making {fs} on $dev failed\" >/dev/console\n\tfi",
+                sh_words(mkfs),
+                fs = m.fstype
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\tmkdir -p {target}\n\tif mount -t {} -o {} \"$dev\" {target}; then echo \"bonsai: mounted $dev on {t}\" >/dev/console; else echo \"bonsai: mount $dev on {t} failed\" >/dev/console; fi\nfi",
+            sh_quote(&m.fstype),
+            sh_quote(&m.options),
+            t = m.target
+        );
+    }
+    s
+}
+
+/// `/etc/bonsai/unmounts`: the shell backends' last step before the kernel call, after every
+/// service has stopped: `[[setup.mounts]]` in reverse order, read-only when busy.
+fn unmounts_script(sys: &System) -> String {
+    let mut s = String::from(
+        "#!/bin/sh\n# [[setup.mounts]] in reverse order, at shutdown\nexport PATH=/bin\n",
+    );
+    for m in sys.mounts.iter().rev() {
+        let t = sh_quote(&m.target);
+        let _ = writeln!(
+            s,
+            "if grep -q \" {p} \" /proc/mounts; then\n\tif umount {t}; then echo \"bonsai: unmounted {p}\"; elif mount -o remount,ro {t}; then echo \"bonsai: {p} busy, remounted read-only\"; else echo \"bonsai: unmounting {p} failed\"; fi >/dev/console\nfi",
+            p = m.target
+        );
+    }
+    s
+}
+
+/// `/etc/bonsai/dhcp <interface>`: the first lease for `[[setup.interfaces]] dhcp = true`.
+/// Setup waits for it up to 10 s (5 discovers, 2 s apart); udhcpc then stays in the background,
+/// renewing the lease, or, when none came, still asking (once a minute).
+const DHCP: &str = r#"#!/bin/sh
+# DHCP (IPv4) on one interface, the same on every backend: busybox udhcpc and /etc/bonsai/udhcpc
+export PATH=/bin
+iface=$1
+exec udhcpc -i "$iface" -s /etc/bonsai/udhcpc -p "/run/bonsai/dhcp-$iface.pid" -t 5 -T 2 -A 60 -b >/dev/null 2>&1
+"#;
+
+/// udhcpc's event script: the lease's address (replacing the previous lease's only; static
+/// addresses stay), the default route through the first router, and /etc/resolv.conf.
+const UDHCPC: &str = r#"#!/bin/sh
+# udhcpc events for bonsai's DHCP: $interface $ip $mask $router $dns $domain
+export PATH=/bin
+lease=/run/bonsai/dhcp-$interface.lease
+event=$1
+gw=${router%% *}
+case "$event" in
+deconfig)
+	[ -s "$lease" ] && ip -4 addr del "$(cat "$lease")" dev "$interface" 2>/dev/null
+	rm -f "$lease"
+	ip link set "$interface" up
+	;;
+bound|renew)
+	new="$ip/${mask:-32}"
+	old=$(cat "$lease" 2>/dev/null)
+	if [ "$old" != "$new" ]; then
+		[ -n "$old" ] && ip -4 addr del "$old" dev "$interface" 2>/dev/null
+		ip -4 addr add "$new" dev "$interface"
+		echo "$new" >"$lease"
+	fi
+	[ -n "$gw" ] && ip -4 route replace default via "$gw" dev "$interface"
+	{
+		[ -n "$domain" ] && echo "search $domain"
+		for d in $dns; do echo "nameserver $d"; done
+	} >/etc/resolv.conf.dhcp && mv /etc/resolv.conf.dhcp /etc/resolv.conf
+	rm -f "/run/bonsai/dhcp-$interface.nolease"
+	echo "bonsai: dhcp: $interface $event $new router ${gw:-none} dns ${dns:-none}" >/dev/console
+	;;
+leasefail|nak)
+	if [ ! -e "/run/bonsai/dhcp-$interface.nolease" ]; then
+		: >"/run/bonsai/dhcp-$interface.nolease"
+		echo "bonsai: dhcp: no lease on $interface; booting on, still asking in the background" >/dev/console
+	fi
+	;;
+esac
+exit 0
+"#;
+
 /// Stops longruns in reverse order, then asks PID 1 to end the system.
 fn shutdown_script(sys: &System, backend: Backend) -> String {
     let mut s = String::from(
@@ -685,6 +797,10 @@ fn shutdown_script(sys: &System, backend: Backend) -> String {
             ),
         };
         let _ = writeln!(s, "{stop}\necho \"bonsai: stopped {n}\" >/dev/console");
+    }
+    // bonsai-init unmounts natively, after it has stopped everything.
+    if !sys.mounts.is_empty() && backend != Backend::BonsaiInit {
+        s.push_str("/etc/bonsai/unmounts\n");
     }
     s.push_str("sync\n");
     s.push_str(match backend {
@@ -742,7 +858,9 @@ struct InitJson<'a> {
     console: &'a str,
     mounts: Vec<MountJson>,
     tmpfiles: Vec<serde_json::Value>,
+    early: Vec<Vec<String>>,
     setup: Vec<Vec<String>>,
+    unmount: Vec<String>,
     services: Vec<serde_json::Value>,
     after_start: Vec<Vec<String>>,
     shutdown_timeout_ms: u64,
@@ -823,7 +941,13 @@ fn init_json(sys: &System) -> String {
             })
             .collect(),
         tmpfiles: tmpfiles.collect(),
+        early: if sys.mounts.is_empty() {
+            Vec::new()
+        } else {
+            vec![vec!["/etc/bonsai/mounts".into()]]
+        },
         setup,
+        unmount: sys.mounts.iter().rev().map(|m| m.target.clone()).collect(),
         services,
         after_start: vec![vec!["/etc/bonsai/harness".into()]],
         shutdown_timeout_ms: sys
@@ -875,6 +999,18 @@ pub fn render(tree: &mut Tree, sys: &System, inputs: &InitInputs) -> Result<()> 
             "#!/bin/sh\n# stage 1 of the shell backends: setup, then oneshots in order\n/etc/bonsai/setup\n/etc/bonsai/oneshots\n".into(),
         ),
     ];
+    if !sys.mounts.is_empty() {
+        files.push(exe("etc/bonsai/mounts", mounts_script(sys)));
+        files.push(exe("etc/bonsai/unmounts", unmounts_script(sys)));
+    }
+    if sys
+        .network
+        .iter()
+        .any(|c| c.first().map(String::as_str) == Some(crate::system::DHCP_SCRIPT))
+    {
+        files.push(exe("etc/bonsai/dhcp", DHCP.to_string()));
+        files.push(exe("etc/bonsai/udhcpc", UDHCPC.to_string()));
+    }
     for (i, step) in sys.steps.iter().enumerate() {
         if let Step::File { content, .. } = step {
             files.push((

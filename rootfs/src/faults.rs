@@ -39,6 +39,9 @@ pub enum Fault {
     Hang,
     /// The health step says it blessed a trial but leaves the entry as it is.
     NoBless,
+    /// `[[setup.mounts]]` are not unmounted at shutdown (the devices suite's clean-filesystem
+    /// row must fail).
+    NoUnmount,
 }
 
 pub const FAULTS: &[(&str, Fault)] = &[
@@ -56,15 +59,18 @@ pub const FAULTS: &[(&str, Fault)] = &[
     ("health-fails", Fault::HealthFails),
     ("hang", Fault::Hang),
     ("no-bless", Fault::NoBless),
+    ("no-unmount", Fault::NoUnmount),
 ];
 
 /// The faults of the A/B test's releases (and of its own negative test): `all` leaves them out,
-/// since they break whole releases rather than one behaviour the conformance suite checks.
+/// since they break whole releases rather than one behaviour the conformance suite checks; so
+/// does it the devices suite's (its profile is another one).
 const RELEASE_FAULTS: &[Fault] = &[
     Fault::InitExits,
     Fault::HealthFails,
     Fault::Hang,
     Fault::NoBless,
+    Fault::NoUnmount,
 ];
 
 /// Parses a comma-separated list (`all` for every fault).
@@ -228,6 +234,12 @@ fn edit(path: &str, t: &str, fault: Fault) -> String {
                 s["stop_timeout_ms"] = 3_600_000.into();
             }
         }),
+        Fault::NoUnmount if path == "etc/bonsai/shutdown" => {
+            drop_lines(t, |l| l == "/etc/bonsai/unmounts")
+        }
+        Fault::NoUnmount if json => edit_json(t, |v| {
+            v["unmount"] = serde_json::json!([]);
+        }),
         Fault::NoTmp if path == "etc/bonsai/setup" => drop_lines(t, |l| {
             l.contains(" /tmp && mount ") || l.ends_with(" tmpfs /tmp")
         }),
@@ -297,6 +309,10 @@ mod tests {
         spec.services.insert(
             "o2".into(),
             svc(r#"{"command": ["/bin/true"], "kind": "oneshot", "after": ["o1"]}"#),
+        );
+        spec.setup.mounts.push(
+            serde_json::from_str(r#"{"device": "/dev/vda", "where": "/data", "type": "vfat"}"#)
+                .unwrap(),
         );
         validate(&spec, "h", &|_| true).unwrap()
     }

@@ -104,6 +104,42 @@ pub struct SetupSpec {
     pub symlinks: Vec<SymlinkSpec>,
     #[serde(default)]
     pub interfaces: Vec<InterfaceSpec>,
+    /// Filesystems mounted in order before any service, unmounted at shutdown.
+    #[serde(default)]
+    pub mounts: Vec<MountSpec>,
+}
+
+/// `[[setup.mounts]]`: a filesystem on a device given by its path under `/dev`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct MountSpec {
+    /// The block device, e.g. `/dev/vda`.
+    pub device: String,
+    /// The label `make-fs` gives the filesystem it makes (FAT: at most 11 characters).
+    pub label: Option<String>,
+    /// Where it is mounted (made when missing).
+    #[serde(rename = "where")]
+    pub target: String,
+    /// `vfat`, `ext2`, … (the kernel must have it).
+    #[serde(rename = "type")]
+    pub fstype: String,
+    /// mount(8) options.
+    #[serde(default = "default_mount_options")]
+    pub options: String,
+    /// Makes the filesystem when the device is empty (its first 64 KiB all zero): a data
+    /// partition on its first boot. A device holding anything else is never formatted.
+    #[serde(default)]
+    pub make_fs: bool,
+    /// How long boot waits for the device to appear, in ms.
+    #[serde(default = "default_device_timeout")]
+    pub timeout_ms: u64,
+}
+
+fn default_mount_options() -> String {
+    "rw".into()
+}
+fn default_device_timeout() -> u64 {
+    5000
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -143,6 +179,9 @@ pub struct InterfaceSpec {
     pub addresses: Vec<String>,
     #[serde(default)]
     pub routes: Vec<RouteSpec>,
+    /// IPv4 address, default route and /etc/resolv.conf from DHCP (busybox udhcpc).
+    #[serde(default)]
+    pub dhcp: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
@@ -360,12 +399,27 @@ pub enum Step {
     },
 }
 
+/// One `[[setup.mounts]]`, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataMount {
+    pub device: String,
+    pub label: Option<String>,
+    pub target: String,
+    pub fstype: String,
+    pub options: String,
+    /// The program (argv without the device) that makes the filesystem on an empty device.
+    pub make_fs: Option<Vec<String>>,
+    pub timeout_ms: u64,
+}
+
 /// The validated system: services in a topological order (dependencies first, then by name).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct System {
     pub hostname: String,
     pub services: Vec<Service>,
     pub steps: Vec<Step>,
+    /// `[[setup.mounts]]` in order: mounted before the other steps, unmounted in reverse.
+    pub mounts: Vec<DataMount>,
     /// Commands (full argv: /bin/sysctl, /bin/ip) applied in order after loopback is up.
     pub network: Vec<Vec<String>>,
     pub users: Vec<User>,
@@ -381,6 +435,9 @@ impl System {
         self.services.iter().filter(|s| s.kind == Kind::Oneshot)
     }
 }
+
+/// The shared script that gets a DHCP lease for one interface (every backend runs it).
+pub const DHCP_SCRIPT: &str = "/etc/bonsai/dhcp";
 
 const SIGNALS: &[(&str, i32)] = &[
     ("HUP", 1),
@@ -410,13 +467,15 @@ pub fn validate(
     }
     let order = topo_order(&services)?;
     let steps = setup_steps(spec, &accounts)?;
-    let network = network(spec)?;
+    let network = network(spec, program_exists)?;
+    let mounts = data_mounts(spec, program_exists)?;
     let hostname = hostname(spec, default_hostname)?;
     let health = health(&spec.health, program_exists)?;
     Ok(System {
         hostname,
         services: order.into_iter().map(|n| services[&n].clone()).collect(),
         steps,
+        mounts,
         network,
         users: accounts.users.into_values().collect(),
         groups: accounts.groups.into_iter().collect(),
@@ -654,8 +713,115 @@ fn setup_steps(spec: &SystemSpec, accounts: &Accounts) -> Result<Vec<Step>, Stri
     Ok(steps)
 }
 
-/// The `sysctl` and `ip` commands for `[[setup.interfaces]]`, in order.
-fn network(spec: &SystemSpec) -> Result<Vec<Vec<String>>, String> {
+/// The program that makes a filesystem of `fstype`, with its label option.
+fn mkfs_argv(fstype: &str, label: Option<&str>) -> Option<Vec<String>> {
+    let (prog, flag) = match fstype {
+        "vfat" => ("mkdosfs", "-n"),
+        "ext2" => ("mke2fs", "-L"),
+        _ => return None,
+    };
+    let mut argv = vec![prog.to_string()];
+    if let Some(l) = label {
+        // FAT pads its 11-byte label with spaces (busybox's mkdosfs would pad with NULs).
+        let l = if fstype == "vfat" {
+            format!("{l:<11}")
+        } else {
+            l.to_string()
+        };
+        argv.extend([flag.to_string(), l]);
+    }
+    Some(argv)
+}
+
+/// `[[setup.mounts]]`, checked: a device or a label, an absolute target, a known mkfs.
+fn data_mounts(
+    spec: &SystemSpec,
+    program_exists: &dyn Fn(&str) -> bool,
+) -> Result<Vec<DataMount>, String> {
+    let mut out: Vec<DataMount> = Vec::new();
+    let simple = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    for (i, m) in spec.setup.mounts.iter().enumerate() {
+        let key = format!("setup.mounts[{i}]");
+        if !m.target.starts_with('/') || m.target.split('/').any(|c| c == "..") {
+            return Err(format!("{key}.where: '{}' is not absolute", m.target));
+        }
+        if m.target == "/" || out.iter().any(|o| o.target == m.target) {
+            return Err(format!(
+                "{key}.where: '{}' is the root or mounted twice",
+                m.target
+            ));
+        }
+        if !simple(&m.fstype) {
+            return Err(format!(
+                "{key}.type: '{}' is not a filesystem type",
+                m.fstype
+            ));
+        }
+        if m.options.is_empty() || m.options.contains([' ', '\'', '"', '\n']) {
+            return Err(format!(
+                "{key}.options: '{}' is not a mount option list",
+                m.options
+            ));
+        }
+        let d = &m.device;
+        if !d.starts_with("/dev/") || d.contains([' ', '\'', '"', '\n']) {
+            return Err(format!(
+                "{key}.device: '{d}' is not a device path under /dev"
+            ));
+        }
+        if let Some(l) = &m.label {
+            if !simple(l) || l.len() > 11 {
+                return Err(format!(
+                    "{key}.label: '{l}' is not a label (letters, digits, - _ ., at most 11)"
+                ));
+            }
+        }
+        let make_fs = if m.make_fs {
+            let argv = mkfs_argv(&m.fstype, m.label.as_deref()).ok_or_else(|| {
+                format!(
+                    "{key}.make-fs: bonsai makes vfat (mkdosfs) and ext2 (mke2fs), not '{}'",
+                    m.fstype
+                )
+            })?;
+            if !program_exists(&argv[0]) {
+                return Err(format!(
+                    "{key}.make-fs: needs {} (busybox), which the image does not have",
+                    argv[0]
+                ));
+            }
+            Some(argv)
+        } else {
+            None
+        };
+        if m.timeout_ms == 0 || m.timeout_ms > 600_000 {
+            return Err(format!(
+                "{key}.timeout-ms: {} is not between 1 and 600000",
+                m.timeout_ms
+            ));
+        }
+        out.push(DataMount {
+            device: m.device.clone(),
+            label: m.label.clone(),
+            target: m.target.clone(),
+            fstype: m.fstype.clone(),
+            options: m.options.clone(),
+            make_fs,
+            timeout_ms: m.timeout_ms,
+        });
+    }
+    Ok(out)
+}
+
+/// The `sysctl` and `ip` commands for `[[setup.interfaces]]`, in order; `dhcp = true` adds the
+/// shared `/etc/bonsai/dhcp <name>` after the link is up.
+fn network(
+    spec: &SystemSpec,
+    program_exists: &dyn Fn(&str) -> bool,
+) -> Result<Vec<Vec<String>>, String> {
     let mut network = Vec::new();
     for (i, iface) in spec.setup.interfaces.iter().enumerate() {
         let key = format!("setup.interfaces[{i}]");
@@ -683,6 +849,14 @@ fn network(spec: &SystemSpec) -> Result<Vec<Vec<String>>, String> {
             }
         }
         network.push(ip(&["link", "set", &iface.name, "up"]));
+        if iface.dhcp {
+            if !program_exists("udhcpc") {
+                return Err(format!(
+                    "{key}.dhcp: needs udhcpc (busybox), which the image does not have"
+                ));
+            }
+            network.push(vec![DHCP_SCRIPT.into(), iface.name.clone()]);
+        }
         for a in &iface.addresses {
             check_cidr(a, &format!("{key}.addresses"))?;
             network.push(ip(&["addr", "add", a, "dev", &iface.name]));
@@ -888,6 +1062,74 @@ mod tests {
         );
     }
 
+    fn mount(toml_text: &str) -> MountSpec {
+        serde_json::from_value(toml_like(toml_text)).unwrap()
+    }
+
+    #[test]
+    fn dhcp_runs_the_shared_script_after_the_link_is_up() {
+        let mut spec = SystemSpec::default();
+        spec.setup.interfaces.push(InterfaceSpec {
+            name: "eth1".into(),
+            addresses: vec![],
+            routes: vec![],
+            dhcp: true,
+        });
+        let sys = validate(&spec, "h", &all_exist).unwrap();
+        let text: Vec<String> = sys.network.iter().map(|c| c.join(" ")).collect();
+        assert_eq!(text, ["/bin/ip link set eth1 up", "/etc/bonsai/dhcp eth1"]);
+        let no_udhcpc = |p: &str| p != "udhcpc";
+        assert_eq!(
+            validate(&spec, "h", &no_udhcpc).unwrap_err(),
+            "setup.interfaces[0].dhcp: needs udhcpc (busybox), which the image does not have"
+        );
+    }
+
+    #[test]
+    fn mounts_are_checked_and_name_their_key() {
+        let mut spec = SystemSpec::default();
+        spec.setup.mounts.push(mount(
+            "device = \"/dev/vda\"\nlabel = \"data\"\nwhere = \"/data\"\ntype = \"vfat\"\nmake-fs = true",
+        ));
+        let sys = validate(&spec, "h", &all_exist).unwrap();
+        assert_eq!(sys.mounts[0].options, "rw");
+        assert_eq!(sys.mounts[0].timeout_ms, 5000);
+        assert_eq!(
+            sys.mounts[0].make_fs.as_deref(),
+            Some(&["mkdosfs".to_string(), "-n".into(), "data       ".into()][..])
+        );
+        let bad = |t: &str| {
+            let mut spec = SystemSpec::default();
+            spec.setup.mounts.push(mount(t));
+            validate(&spec, "h", &all_exist).unwrap_err()
+        };
+        assert_eq!(
+            bad("device = \"/dev/vda\"\nwhere = \"/data\"\ntype = \"xfs\"\nmake-fs = true"),
+            "setup.mounts[0].make-fs: bonsai makes vfat (mkdosfs) and ext2 (mke2fs), not 'xfs'"
+        );
+        assert_eq!(
+            bad("device = \"vda\"\nwhere = \"/data\"\ntype = \"vfat\""),
+            "setup.mounts[0].device: 'vda' is not a device path under /dev"
+        );
+        assert_eq!(
+            bad("device = \"/dev/vda\"\nlabel = \"much-too-long\"\nwhere = \"/data\"\ntype = \"vfat\""),
+            "setup.mounts[0].label: 'much-too-long' is not a label (letters, digits, - _ ., at most 11)"
+        );
+        assert_eq!(
+            bad("device = \"/dev/vda\"\nwhere = \"data\"\ntype = \"vfat\""),
+            "setup.mounts[0].where: 'data' is not absolute"
+        );
+        let mut spec = SystemSpec::default();
+        spec.setup.mounts.push(mount(
+            "device = \"/dev/vda\"\nwhere = \"/data\"\ntype = \"vfat\"\nmake-fs = true",
+        ));
+        let no_mkdosfs = |p: &str| p != "mkdosfs";
+        assert_eq!(
+            validate(&spec, "h", &no_mkdosfs).unwrap_err(),
+            "setup.mounts[0].make-fs: needs mkdosfs (busybox), which the image does not have"
+        );
+    }
+
     #[test]
     fn network_commands_are_rendered_in_order() {
         let mut spec = SystemSpec::default();
@@ -898,6 +1140,7 @@ mod tests {
                 to: "default".into(),
                 via: Some("10.0.2.2".into()),
             }],
+            dhcp: false,
         });
         let sys = validate(&spec, "h", &all_exist).unwrap();
         let text: Vec<String> = sys.network.iter().map(|c| c.join(" ")).collect();

@@ -113,6 +113,9 @@ impl Boot {
             qemu::boot_interactive(&spec).map_err(|e| anyhow::anyhow!("{e}"))?;
             return Ok(());
         }
+        if !self.disk {
+            apply_test_machine(&mut spec, &out, &info, true)?;
+        }
         let timeout = Duration::from_secs(self.timeout.unwrap_or(board.qemu.boot_timeout));
         let verbose = self.verbose || ui::level() == ui::Level::Verbose;
         let outcome = check(&board, &out, &info, &spec, timeout, verbose)?;
@@ -292,11 +295,47 @@ pub fn qemu_spec(
             device: d.clone(),
             host_forwards: host_forward.into_iter().collect(),
             guest_forwards: Vec::new(),
+            unrestricted: false,
         }),
         drives: Vec::new(),
         firmware: None,
         extra_args: board.qemu.extra_args.clone(),
     })
+}
+
+/// The test disk of a check boot: `<out>/test-disk.img`.
+pub fn test_disk_path(out: &Path) -> PathBuf {
+    out.join("test-disk.img")
+}
+
+/// Adds the profile's `[test-machine]` to a check boot's QEMU: the extra devices, and the test
+/// disk as the first virtio drive. `fresh` makes the disk empty (all zero, sparse) first; a
+/// later boot of the same series keeps what the earlier ones wrote.
+pub fn apply_test_machine(
+    spec: &mut QemuSpec,
+    out: &Path,
+    info: &BuildInfo,
+    fresh: bool,
+) -> Result<()> {
+    let tm = &info.test_machine;
+    if let Some(bytes) = tm.disk_bytes(&info.profile)? {
+        let path = test_disk_path(out);
+        if fresh || !path.is_file() {
+            let _ = std::fs::remove_file(&path);
+            let f = std::fs::File::create(&path)
+                .with_context(|| format!("creating the test disk {}", path.display()))?;
+            f.set_len(bytes)
+                .with_context(|| format!("sizing the test disk {}", path.display()))?;
+        }
+        spec.drives.insert(0, path);
+    }
+    spec.extra_args.extend(tm.qemu_args.iter().cloned());
+    if tm.net_restrict == Some(false) {
+        if let Some(n) = spec.network.as_mut() {
+            n.unrestricted = true;
+        }
+    }
+    Ok(())
 }
 
 /// Boots headless, runs the image's checks and judges the console; an error if anything failed.

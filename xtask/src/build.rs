@@ -73,6 +73,9 @@ pub struct BuildInfo {
     /// Console lines expected at any time.
     #[serde(default)]
     pub console_expect: Vec<String>,
+    /// The profile's `[test-machine]`: what QEMU adds when the checks run.
+    #[serde(default)]
+    pub test_machine: crate::config::TestMachine,
     /// Hash of everything the build read (see [`fingerprint`]); equal means nothing to do.
     #[serde(default)]
     pub fingerprint: String,
@@ -1186,6 +1189,7 @@ fn build_info(
         checks: all_checks(board, profile),
         shutdown_expect: profile.shutdown_expect.clone(),
         console_expect: profile.console_expect.clone(),
+        test_machine: profile.test_machine.clone(),
         fingerprint,
         ssh_key: image.ssh_key.clone(),
         outputs: written.outputs,

@@ -225,6 +225,54 @@ struct RawProfile {
     /// Arguments for a package's `.override`: attribute -> argument -> value.
     #[serde(default)]
     overrides: BTreeMap<String, toml::Table>,
+    /// What QEMU gives the guest when the profile's checks run (a child's keys win).
+    test_machine: Option<TestMachine>,
+}
+
+/// `[test-machine]`: the hardware a profile's checks need under QEMU (`boot --check`,
+/// `conformance`): a blank data disk, boots per backend, extra devices.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct TestMachine {
+    /// A blank raw disk (`"32 MiB"`), the first virtio drive (`/dev/vda`): made empty before a
+    /// backend's first boot and kept across its boots, so that what one boot writes the next
+    /// one reads.
+    #[serde(default)]
+    pub disk: Option<String>,
+    /// Conformance boots per backend, at least (`--repeat` can ask for more).
+    #[serde(default)]
+    pub boots: Option<u32>,
+    /// Extra QEMU arguments (devices), after the board's own.
+    #[serde(default)]
+    pub qemu_args: Vec<String>,
+    /// `false`: QEMU's user network without `restrict=on`, whose DHCP replies then carry a
+    /// router and a DNS server (restricted, libslirp leaves both out).
+    #[serde(default)]
+    pub net_restrict: Option<bool>,
+}
+
+impl TestMachine {
+    fn merge(&mut self, child: &TestMachine) {
+        if child.disk.is_some() {
+            self.disk = child.disk.clone();
+        }
+        if child.boots.is_some() {
+            self.boots = child.boots;
+        }
+        self.qemu_args.extend(child.qemu_args.iter().cloned());
+        if child.net_restrict.is_some() {
+            self.net_restrict = child.net_restrict;
+        }
+    }
+
+    /// The disk's size in bytes; errors name the key.
+    pub fn disk_bytes(&self, profile: &str) -> Result<Option<u64>> {
+        let Some(d) = &self.disk else { return Ok(None) };
+        match parse_size(d) {
+            Some(n) if n >= 1 << 20 && n % 512 == 0 => Ok(Some(n)),
+            _ => bail!("profiles/{profile}.toml: key 'test-machine.disk': '{d}' is not a size of at least 1 MiB (e.g. \"32 MiB\")"),
+        }
+    }
 }
 
 /// One argument of a package's `.override`, as the profile chain sets it.
@@ -393,6 +441,7 @@ pub struct Profile {
     pub system: SystemSpec,
     pub shutdown_expect: Vec<String>,
     pub console_expect: Vec<String>,
+    pub test_machine: TestMachine,
     pub authorized_keys: Option<String>,
     /// The image policy merged along the inheritance chain (parents first).
     pub policy: rootfs::Policy,
@@ -648,6 +697,7 @@ impl Config {
         let mut system = SystemSpec::default();
         let mut shutdown_expect = Vec::new();
         let mut console_expect = Vec::new();
+        let mut test_machine = TestMachine::default();
         let mut authorized_keys = None;
         let mut policy = rootfs::Policy::default();
         let mut development = false;
@@ -727,9 +777,14 @@ impl Config {
                     .setup
                     .interfaces
                     .extend(setup.interfaces.iter().cloned());
+                system.setup.mounts.extend(setup.mounts.iter().cloned());
             }
             shutdown_expect.extend(raw.shutdown_expect.iter().cloned());
             console_expect.extend(raw.console_expect.iter().cloned());
+            if let Some(t) = &raw.test_machine {
+                test_machine.merge(t);
+                test_machine.disk_bytes(p)?;
+            }
             if raw.authorized_keys.is_some() {
                 authorized_keys = raw.authorized_keys.clone();
             }
@@ -777,6 +832,7 @@ impl Config {
             system,
             shutdown_expect,
             console_expect,
+            test_machine,
             authorized_keys,
             policy,
             development,
@@ -1103,6 +1159,40 @@ memory = "256M"
         for p in cfg.profile_names().unwrap() {
             cfg.load_profile(&p).unwrap_or_else(|e| panic!("{e:#}"));
         }
+    }
+
+    #[test]
+    fn test_machine_merges_along_the_chain_and_checks_its_disk() {
+        let d = project();
+        write(
+            d.path(),
+            "profiles/dev.toml",
+            "description = \"d\"\ninherit = [\"base\"]\n[test-machine]\ndisk = \"32 MiB\"\nboots = 2\nqemu-args = [\"-device\", \"x\"]\n",
+        );
+        write(
+            d.path(),
+            "profiles/child.toml",
+            "description = \"c\"\ninherit = [\"dev\"]\n[test-machine]\nqemu-args = [\"-device\", \"y\"]\nnet-restrict = false\n",
+        );
+        let t = Config::new(d.path())
+            .load_profile("child")
+            .unwrap()
+            .test_machine;
+        assert_eq!(t.disk.as_deref(), Some("32 MiB"));
+        assert_eq!(t.disk_bytes("child").unwrap(), Some(32 << 20));
+        assert_eq!(t.boots, Some(2));
+        assert_eq!(t.qemu_args, ["-device", "x", "-device", "y"]);
+        assert_eq!(t.net_restrict, Some(false));
+        write(
+            d.path(),
+            "profiles/bad.toml",
+            "description = \"b\"\n[test-machine]\ndisk = \"big\"\n",
+        );
+        let e = Config::new(d.path()).load_profile("bad").unwrap_err();
+        assert_eq!(
+            format!("{e:#}"),
+            "profiles/bad.toml: key 'test-machine.disk': 'big' is not a size of at least 1 MiB (e.g. \"32 MiB\")"
+        );
     }
 
     #[test]

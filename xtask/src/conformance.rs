@@ -169,7 +169,14 @@ impl Conformance {
                 ..Build::default()
             }
             .run()?;
-            let spec = qemu_spec(&board, &built.out, &built.info, None)?;
+            let mut spec = qemu_spec(&board, &built.out, &built.info, None)?;
+            // The test disk starts empty for each backend, and its boots share it.
+            crate::boot::apply_test_machine(&mut spec, &built.out, &built.info, true)?;
+            let boots = self
+                .repeat
+                .max(built.info.test_machine.boots.unwrap_or(1))
+                .max(1);
+            let mut last_token: Option<String> = None;
             let timeout = Duration::from_secs(
                 self.timeout
                     .unwrap_or(board.qemu.boot_timeout.max(MIN_TIMEOUT_S)),
@@ -181,8 +188,14 @@ impl Conformance {
                 ready: Vec::new(),
                 init_to_up: Vec::new(),
             };
-            for i in 0..self.repeat.max(1) {
+            for i in 0..boots {
                 let run = check_run(&board, &built.out, &built.info, &spec, timeout, false);
+                let disk_rows = disk_rows(&built.out, &built.info, &run, &mut last_token);
+                for (what, why) in &disk_rows {
+                    if let Err(why) = why {
+                        ui::detail(format!("FAIL {what} (judged on the host): {why}"));
+                    }
+                }
                 if let Some(r) = &run.report {
                     col.ready.push(r.ready_uptime);
                     if let (Some(up), Some(start)) = (r.services_up, run.init_started) {
@@ -194,16 +207,101 @@ impl Conformance {
                     .iter()
                     .chain(run.console.iter())
                     .cloned()
+                    .chain(disk_rows.iter().map(|(w, r)| (w.clone(), r.is_ok())))
                     .collect();
                 merge(&mut col.rows, &boot, i);
                 if run.failure.is_some() && col.failure.is_none() {
                     col.failure = run.failure.clone();
+                }
+                if col.failure.is_none() {
+                    if let Some((what, Err(why))) = disk_rows.iter().find(|(_, r)| r.is_err()) {
+                        col.failure = Some(format!("boot {}: {what}: {why}", i + 1));
+                    }
                 }
             }
             columns.push(col);
         }
         Ok((columns, skipped))
     }
+}
+
+/// The rows judged across the boots of one test disk, from raw data: the `data-mount` check's
+/// tokens (the first boot finds a new filesystem, each later one what the boot before wrote)
+/// and the disk's own bytes after the guest powered off (the filesystem is clean).
+fn disk_rows(
+    out: &std::path::Path,
+    info: &crate::build::BuildInfo,
+    run: &crate::boot::CheckRun,
+    last: &mut Option<String>,
+) -> Vec<(String, Result<(), String>)> {
+    let mut rows = Vec::new();
+    let Some(i) = info.checks.iter().position(|c| {
+        c.judge
+            .as_deref()
+            .is_some_and(|j| j.starts_with("data-mount"))
+    }) else {
+        return rows;
+    };
+    let output = run
+        .report
+        .as_ref()
+        .and_then(|r| r.checks.get(i))
+        .map(|c| c.output.clone())
+        .unwrap_or_default();
+    let want = last.clone().unwrap_or_else(|| "none".into());
+    let persist = match crate::judge::data_tokens(&output) {
+        None => Err("the check printed no prev/now tokens".to_string()),
+        Some((prev, now)) => {
+            *last = Some(now);
+            if prev == want {
+                Ok(())
+            } else {
+                Err(format!("read '{prev}', the boot before wrote '{want}'"))
+            }
+        }
+    };
+    rows.push((
+        "mount: this boot reads what the last one wrote".to_string(),
+        persist,
+    ));
+    let path = crate::boot::test_disk_path(out);
+    let mut head = vec![0u8; 4096];
+    let disk = std::fs::File::open(&path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+        .map(|()| head)
+        .map_err(|e| format!("reading {}: {e}", path.display()));
+    let clean = disk.clone().and_then(|d| crate::judge::fat_clean(&d));
+    rows.push((
+        "mount: the filesystem is clean after poweroff".to_string(),
+        clean,
+    ));
+    // The label make-fs gave the test disk's filesystem, as its boot sector holds it.
+    let want = crate::config::Config::new(&crate::project_root())
+        .load_profile(&info.profile)
+        .ok()
+        .and_then(|p| {
+            p.system
+                .setup
+                .mounts
+                .iter()
+                .find(|m| m.device == "/dev/vda" && m.make_fs)
+                .map(|m| m.label.clone().unwrap_or_default())
+        });
+    if let Some(want) = want {
+        let label = disk.and_then(|d| {
+            crate::judge::fat_label(&d).ok_or_else(|| "no FAT boot sector".to_string())
+        });
+        let row = match label {
+            Ok(l) if l == want => Ok(()),
+            Ok(l) => Err(format!("the label is '{l}', not '{want}'")),
+            Err(e) => Err(e),
+        };
+        rows.push((
+            "mount: make-fs gave the filesystem its label".to_string(),
+            row,
+        ));
+    }
+    rows
 }
 
 fn print_matrix(columns: &[Column]) {

@@ -60,6 +60,10 @@ pub enum Judge {
     SamePid1,
     /// `oom`: the kernel's OOM killer named a process, and a `<label> <pid> <state>` line is alive.
     Oom,
+    /// `data-mount <where>`: the `/proc/mounts` line of a `[[setup.mounts]]` target shows its
+    /// device and type, and the `prev <token>` / `now <token>` lines are there (what the boots
+    /// of one disk wrote and read is compared across boots by the conformance run).
+    DataMount(String),
 }
 
 /// What was booted, as the host recorded it when it built the image (`build.json`): the init
@@ -167,6 +171,13 @@ impl Judge {
             Some("pid1") => Judge::Pid1,
             Some("same-pid1") => Judge::SamePid1,
             Some("oom") => Judge::Oom,
+            Some("data-mount") => {
+                let t = words.get(1).ok_or("'data-mount' needs a mount point")?;
+                if !spec.setup.mounts.iter().any(|m| m.target == *t) {
+                    return Err(format!("no [[setup.mounts]] is mounted on '{t}'"));
+                }
+                Judge::DataMount(t.to_string())
+            }
             _ => {
                 return Err(format!(
                     "'{text}' is not a judge (one of: {})",
@@ -203,6 +214,7 @@ impl Judge {
             Judge::Pid1 => pid1(output, subject),
             Judge::SamePid1 => same_pid1(output, subject),
             Judge::Oom => oom(output),
+            Judge::DataMount(t) => data_mount(output, spec, t),
         }
     }
 }
@@ -224,6 +236,7 @@ pub const KINDS: &[&str] = &[
     "pid1",
     "same-pid1",
     "oom",
+    "data-mount",
 ];
 
 /// Judges every check of `checks` that names a judge, in `report` (same order): a check that
@@ -658,6 +671,83 @@ fn mounts(output: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The `prev <token>` and `now <token>` lines of a `data-mount` check: what the last boot left
+/// on the disk (`none` on a new filesystem) and what this boot wrote.
+pub fn data_tokens(output: &str) -> Option<(String, String)> {
+    let get = |key: &str| {
+        lines(output).find_map(|w| (w.len() == 2 && w[0] == key).then(|| w[1].to_string()))
+    };
+    Some((get("prev")?, get("now")?))
+}
+
+fn data_mount(output: &str, spec: &SystemSpec, target: &str) -> Result<(), String> {
+    let m = spec
+        .setup
+        .mounts
+        .iter()
+        .find(|m| m.target == target)
+        .ok_or_else(|| format!("no [[setup.mounts]] on {target}"))?;
+    let line = lines(output)
+        .find(|w| w.len() >= 4 && w[1] == target)
+        .ok_or_else(|| format!("{target} is not mounted"))?;
+    if line[2] != m.fstype {
+        return Err(format!("{target} is {}, not {}", line[2], m.fstype));
+    }
+    if line[0] != m.device {
+        return Err(format!(
+            "{target} is mounted from {}, not {}",
+            line[0], m.device
+        ));
+    }
+    let opts: Vec<&str> = line[3].split(',').collect();
+    if m.options.split(',').any(|o| o == "rw") && !opts.contains(&"rw") {
+        return Err(format!("{target} is not read-write ({})", line[3]));
+    }
+    let (_, now) = data_tokens(output).ok_or("no 'prev <token>' and 'now <token>' lines")?;
+    if now.len() != 36 {
+        return Err(format!("'{now}' is not a boot id"));
+    }
+    Ok(())
+}
+
+/// Whether the FAT filesystem at the start of `disk` was unmounted cleanly: Linux sets the
+/// dirty bit of the boot sector's state byte (FAT32: offset 0x41, FAT12/16: 0x25) when it
+/// mounts the volume read-write and clears it when it unmounts it (fs/fat/inode.c).
+pub fn fat_clean(disk: &[u8]) -> Result<(), String> {
+    if disk.len() < 512 || disk[510..512] != [0x55, 0xAA] {
+        return Err("the disk holds no FAT boot sector (the filesystem was never made)".into());
+    }
+    let fat32 = u16::from_le_bytes([disk[22], disk[23]]) == 0;
+    let (off, kind) = if fat32 {
+        (0x41, "FAT32")
+    } else {
+        (0x25, "FAT12/16")
+    };
+    if disk[off] & 1 != 0 {
+        return Err(format!(
+            "the {kind} volume's dirty bit is set (state 0x{:02x}): it was not unmounted",
+            disk[off]
+        ));
+    }
+    Ok(())
+}
+
+/// The volume label in a FAT boot sector (FAT32: offset 0x47, FAT12/16: 0x2b), without its
+/// padding; `None` when `disk` starts with no FAT boot sector.
+pub fn fat_label(disk: &[u8]) -> Option<String> {
+    if disk.len() < 512 || disk[510..512] != [0x55, 0xAA] {
+        return None;
+    }
+    let fat32 = u16::from_le_bytes([disk[22], disk[23]]) == 0;
+    let off = if fat32 { 0x47 } else { 0x2b };
+    let raw = &disk[off..off + 11];
+    Some(
+        String::from_utf8_lossy(raw)
+            .trim_end_matches([' ', '\0'])
+            .to_string(),
+    )
+}
+
 /// `<svc> got <SIG> at <uptime>` lines: (signal, uptime).
 fn got_signals(shutdown: &str, name: &str) -> Vec<(String, f64)> {
     lines(shutdown)
@@ -886,6 +976,97 @@ mod tests {
         );
         s.services.insert("ticker".into(), svc("command = [\"x\"]"));
         s
+    }
+
+    /// A FAT boot sector as mkdosfs writes it: FAT16 (sectors per FAT at 22 set) or FAT32
+    /// (that field 0), with the given label and state byte.
+    fn boot_sector(fat32: bool, label: &str, state: u8) -> Vec<u8> {
+        let mut b = vec![0u8; 4096];
+        b[510] = 0x55;
+        b[511] = 0xAA;
+        let (fats, st, lab) = if fat32 {
+            (0u16, 0x41, 0x47)
+        } else {
+            (32u16, 0x25, 0x2b)
+        };
+        b[22..24].copy_from_slice(&fats.to_le_bytes());
+        b[st] = state;
+        let mut l = label.as_bytes().to_vec();
+        l.resize(11, b' ');
+        b[lab..lab + 11].copy_from_slice(&l);
+        b
+    }
+
+    #[test]
+    fn fat_state_and_label_come_from_the_boot_sector() {
+        for fat32 in [false, true] {
+            assert_eq!(fat_clean(&boot_sector(fat32, "bonsaidata", 0)), Ok(()));
+            let dirty = fat_clean(&boot_sector(fat32, "bonsaidata", 1)).unwrap_err();
+            assert!(dirty.contains("dirty bit"), "{dirty}");
+            assert_eq!(
+                fat_label(&boot_sector(fat32, "bonsaidata", 0)).as_deref(),
+                Some("bonsaidata")
+            );
+        }
+        // A FAT32 volume's state byte is not where FAT16 keeps it: reading the wrong offset
+        // would call a dirty FAT32 volume clean.
+        let mut b = boot_sector(true, "x", 1);
+        b[0x25] = 0;
+        assert!(fat_clean(&b).is_err());
+        assert!(fat_clean(&vec![0u8; 4096])
+            .unwrap_err()
+            .contains("never made"));
+        assert_eq!(fat_label(&vec![0u8; 4096]), None);
+    }
+
+    #[test]
+    fn data_mount_judges_the_mounts_line_and_the_tokens() {
+        let mut s = spec();
+        s.setup.mounts.push(
+            toml::from_str(
+                "device = \"/dev/vda\"\nwhere = \"/data\"\ntype = \"vfat\"\nmake-fs = true",
+            )
+            .unwrap(),
+        );
+        let subject = Subject {
+            backend: "busybox",
+            store_paths: &[],
+        };
+        let judge = |out: &str| {
+            Judge::parse("data-mount /data", &s)
+                .unwrap()
+                .judge(&s, &subject, out, "")
+        };
+        let id = "0b3f1c52-5c2e-4a57-9a43-9f1ee1d7c0aa";
+        let line = "/dev/vda /data vfat rw,relatime,fmask=0022 0 0";
+        assert_eq!(judge(&format!("prev none\nnow {id}\n{line}\n")), Ok(()));
+        assert_eq!(
+            data_tokens(&format!("prev {id}\nnow x\n")),
+            Some((id.to_string(), "x".to_string()))
+        );
+        for (out, why) in [
+            (format!("prev none\nnow {id}\n"), "not mounted"),
+            (
+                format!("prev none\nnow {id}\n/dev/vda /data vfat ro,relatime 0 0"),
+                "not read-write",
+            ),
+            (
+                format!("prev none\nnow {id}\n/dev/vdb /data vfat rw 0 0"),
+                "mounted from /dev/vdb",
+            ),
+            (
+                format!("prev none\nnow {id}\n/dev/vda /data ext2 rw 0 0"),
+                "is ext2",
+            ),
+            (format!("{line}\n"), "no 'prev"),
+            (format!("prev none\nnow nothing\n{line}\n"), "not a boot id"),
+        ] {
+            let err = judge(&out).unwrap_err();
+            assert!(err.contains(why), "{out}: {err}");
+        }
+        assert!(Judge::parse("data-mount /elsewhere", &s)
+            .unwrap_err()
+            .contains("/elsewhere"));
     }
 
     fn run(judge: &str, output: &str) -> Result<(), String> {

@@ -72,6 +72,23 @@ fn options(text: &str) -> BTreeMap<String, String> {
     m
 }
 
+/// `CONFIG_X=m  (fragment)` for every option of a merged config that is `m`: the fragment that
+/// set it, or that Kconfig made it a module.
+fn module_lines(merged: &BTreeMap<String, String>, report: &[nix::ConfigOption]) -> Vec<String> {
+    merged
+        .iter()
+        .filter(|(_, v)| v.as_str() == "m")
+        .map(|(k, _)| {
+            let from = report
+                .iter()
+                .find(|o| &o.option == k)
+                .map(|o| format!("set by {}", o.fragment))
+                .unwrap_or_else(|| "Kconfig's choice: no fragment sets it".to_string());
+            format!("{k}=m  ({from})")
+        })
+        .collect()
+}
+
 impl KernelConfig {
     pub fn run(self) -> Result<()> {
         crate::settings::load(&project_root())?;
@@ -126,6 +143,14 @@ impl KernelConfig {
                 o.option, o.wanted, o.got, o.fragment
             );
         }
+        // Every option the merged config builds as a module, whether a fragment asked for it
+        // or Kconfig chose `m` for it because a fragment enabled modules.
+        let merged = options(&std::fs::read_to_string(dir.join("config"))?);
+        let modules = module_lines(&merged, &report);
+        println!("{} option(s) built as modules (=m):", modules.len());
+        for l in &modules {
+            println!("  {l}");
+        }
         let dropped = report.iter().filter(|o| !o.survived).count();
         if dropped > 0 {
             bail!(
@@ -138,5 +163,32 @@ impl KernelConfig {
             report.len()
         ));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_modules_list_names_who_made_each_one_a_module() {
+        let merged = options(
+            "CONFIG_MODULES=y\nCONFIG_VIRTIO_BALLOON=m\nCONFIG_EFIVAR_FS=m\n# CONFIG_X is not set\n",
+        );
+        let report = vec![nix::ConfigOption {
+            option: "CONFIG_VIRTIO_BALLOON".into(),
+            wanted: "m".into(),
+            got: "m".into(),
+            fragment: "qemu-x86_64.config".into(),
+            survived: true,
+            reason: String::new(),
+        }];
+        assert_eq!(
+            module_lines(&merged, &report),
+            [
+                "CONFIG_EFIVAR_FS=m  (Kconfig's choice: no fragment sets it)",
+                "CONFIG_VIRTIO_BALLOON=m  (set by qemu-x86_64.config)",
+            ]
+        );
     }
 }

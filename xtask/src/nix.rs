@@ -116,7 +116,11 @@ impl Eval {
     ) -> Result<Eval> {
         let kernel = match &board.kernel.source {
             KernelSource::Build { base, fragments } => {
-                serde_json::json!({ "base": base, "fragments": fragments })
+                // Whether the kernel is modular is known here, from the fragments' text: Nix
+                // gets it as linuxManualConfig's `config` (no import from derivation), so the
+                // kernel has its `modules` output exactly when a fragment sets CONFIG_MODULES.
+                let modular = modular(&root.join("kernel-configs"), fragments);
+                serde_json::json!({ "base": base, "fragments": fragments, "modular": modular })
             }
             KernelSource::Package(p) => serde_json::json!({ "package": p }),
         };
@@ -665,6 +669,22 @@ pub fn closure(roots: &[PathBuf]) -> Result<BTreeMap<String, PathInfo>> {
     Ok(infos.into_iter().map(|i| (i.path.clone(), i)).collect())
 }
 
+/// Whether a fragment (the last one that says) sets `CONFIG_MODULES=y`.
+pub fn modular(dir: &Path, fragments: &[String]) -> bool {
+    let mut on = false;
+    for f in fragments {
+        let text = std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+        for line in text.lines().map(str::trim) {
+            if line == "CONFIG_MODULES=y" {
+                on = true;
+            } else if line == "# CONFIG_MODULES is not set" || line == "CONFIG_MODULES=n" {
+                on = false;
+            }
+        }
+    }
+    on
+}
+
 /// The kernel image file inside a kernel package's output.
 pub fn kernel_image(kernel: &Path, arch: Arch) -> Result<PathBuf> {
     let names: &[&str] = match arch {
@@ -943,5 +963,37 @@ error: 1 dependencies of derivation '/nix/store/abc-bonsai.drv' failed to build"
             failure_summary(&lines("a\n\nb\nc\nd")),
             "Nix failed; last lines of its log: b | c | d"
         );
+    }
+}
+
+#[cfg(test)]
+mod modular_tests {
+    use super::modular;
+
+    #[test]
+    fn the_last_fragment_that_says_decides_whether_the_kernel_is_modular() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("a.config"), "CONFIG_X=y\nCONFIG_MODULES=y\n").unwrap();
+        std::fs::write(d.path().join("off.config"), "# CONFIG_MODULES is not set\n").unwrap();
+        std::fs::write(
+            d.path().join("none.config"),
+            "CONFIG_MODULES_TREE_LOOKUP=y\n",
+        )
+        .unwrap();
+        let f = |names: &[&str]| {
+            modular(
+                d.path(),
+                &names.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            )
+        };
+        assert!(f(&["a.config"]));
+        assert!(f(&["a.config", "none.config"]));
+        assert!(!f(&["a.config", "off.config"]));
+        assert!(!f(&["none.config"]));
+        // The shipped boards that build drivers as modules.
+        let root = crate::project_root().join("kernel-configs");
+        for board in ["qemu-x86_64.config", "qemu-aarch64.config"] {
+            assert!(modular(&root, &[board.to_string()]), "{board}");
+        }
     }
 }

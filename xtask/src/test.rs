@@ -23,6 +23,7 @@ pub const SLOW_TEST_TARGETS: &[(&str, &str)] = &[
     ("xtask", "update_test"),
     ("xtask", "optional_deps"),
     ("xtask", "team_cache"),
+    ("xtask", "devices"),
     // Debian's minisign as the oracle of the bundle's signatures (installed by the full run)
     ("bundle", "minisign"),
 ];

@@ -319,21 +319,9 @@ fn every_init_backend_passes_the_conformance_suite() {
     for init in ["busybox", "runit", "s6", "bonsai-init"] {
         assert!(header.contains(init), "{header}");
     }
-    let rows: Vec<&str> = stdout
-        .lines()
-        .filter(|l| l.contains(" | ") && !l.starts_with("check "))
-        .collect();
+    let rows = common::matrix_rows(&stdout);
     assert!(rows.len() >= 18, "too few rows:\n{stdout}");
-    for row in rows
-        .iter()
-        .filter(|r| !r.starts_with("ready at") && !r.starts_with("/init to"))
-    {
-        assert_eq!(
-            row.matches("pass").count(),
-            4,
-            "not every backend passed: {row}"
-        );
-    }
+    common::assert_every_row_passes(&rows, 4);
     // Services up and the kernel's `Run /init` line are on one clock (the kernel log's), so
     // every backend reports a real, positive time between them.
     let up = rows

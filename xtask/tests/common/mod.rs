@@ -157,3 +157,26 @@ pub fn scratch_repo() -> tempfile::TempDir {
     }
     dir
 }
+
+/// The rows of a `conformance` matrix on stdout, its header left out.
+pub fn matrix_rows(stdout: &str) -> Vec<&str> {
+    stdout
+        .lines()
+        .filter(|l| l.contains(" | ") && !l.starts_with("check "))
+        .collect()
+}
+
+/// Fails unless every check row of a conformance matrix (the time rows left out) shows `pass`
+/// in each of its `backends` columns.
+pub fn assert_every_row_passes(rows: &[&str], backends: usize) {
+    for row in rows
+        .iter()
+        .filter(|r| !r.starts_with("ready at") && !r.starts_with("/init to"))
+    {
+        assert_eq!(
+            row.matches("pass").count(),
+            backends,
+            "not every backend passed: {row}"
+        );
+    }
+}
