@@ -137,6 +137,9 @@ fn setup_script(sys: &System) -> String {
         );
     }
     let _ = writeln!(s, "mkdir -p {}", RUN_DIRS.join(" "));
+    if sys.modules.is_some() {
+        s.push_str("/etc/bonsai/modules\n");
+    }
     if !sys.mounts.is_empty() {
         s.push_str("/etc/bonsai/mounts\n");
     }
@@ -658,6 +661,40 @@ exit 0
     s
 }
 
+/// What bonsai-init runs first of its setup, as the shell backends' setup script does: the
+/// modules step, then the mounts.
+fn early_steps(sys: &System) -> Vec<Vec<String>> {
+    let mut v = Vec::new();
+    if sys.modules.is_some() {
+        v.push(vec![MODULES_SCRIPT.to_string()]);
+    }
+    if !sys.mounts.is_empty() {
+        v.push(vec!["/etc/bonsai/mounts".to_string()]);
+    }
+    v
+}
+
+const MODULES_SCRIPT: &str = "/etc/bonsai/modules";
+
+/// `/etc/bonsai/modules`: `[kernel] load` in order, then coldplug: every modalias a device
+/// under /sys shows, through modprobe's `modules.alias` (a modalias no kept module matches is
+/// left alone). Each module loaded is said on the console.
+fn modules_script(m: &crate::system::Modules) -> String {
+    let mut s = String::from(
+        "#!/bin/sh\n# [kernel] modules: the load list, then coldplug by modalias (every backend runs this)\nexport PATH=/bin\n",
+    );
+    for name in &m.load {
+        let _ = writeln!(
+            s,
+            "if modprobe {name}; then echo \"bonsai: module {name} loaded\" >/dev/console; else echo \"bonsai: module {name}: modprobe failed\" >/dev/console; fi"
+        );
+    }
+    s.push_str(
+        "for a in $(cat /sys/bus/*/devices/*/modalias 2>/dev/null | sort -u); do\n\tbefore=$(cut -d' ' -f1 /proc/modules)\n\tmodprobe -q \"$a\" 2>/dev/null || continue\n\tfor name in $(cut -d' ' -f1 /proc/modules); do\n\t\tcase \" $(echo $before) \" in *\" $name \"*) ;; *) echo \"bonsai: module $name loaded for $a\" >/dev/console ;; esac\n\tdone\ndone\n",
+    );
+    s
+}
+
 /// `/etc/bonsai/mounts`: `[[setup.mounts]]` in order, run by every backend before the other
 /// setup steps. Each waits for its device, makes the filesystem when the
 /// device is empty and `make-fs` is set, and mounts it; a failure is said on the console and
@@ -941,11 +978,7 @@ fn init_json(sys: &System) -> String {
             })
             .collect(),
         tmpfiles: tmpfiles.collect(),
-        early: if sys.mounts.is_empty() {
-            Vec::new()
-        } else {
-            vec![vec!["/etc/bonsai/mounts".into()]]
-        },
+        early: early_steps(sys),
         setup,
         unmount: sys.mounts.iter().rev().map(|m| m.target.clone()).collect(),
         services,
@@ -999,6 +1032,9 @@ pub fn render(tree: &mut Tree, sys: &System, inputs: &InitInputs) -> Result<()> 
             "#!/bin/sh\n# stage 1 of the shell backends: setup, then oneshots in order\n/etc/bonsai/setup\n/etc/bonsai/oneshots\n".into(),
         ),
     ];
+    if let Some(m) = &sys.modules {
+        files.push(exe("etc/bonsai/modules", modules_script(m)));
+    }
     if !sys.mounts.is_empty() {
         files.push(exe("etc/bonsai/mounts", mounts_script(sys)));
         files.push(exe("etc/bonsai/unmounts", unmounts_script(sys)));
@@ -1452,5 +1488,58 @@ mod tests {
             .collect();
         assert_eq!(names, ["prep", "sleeper"]);
         assert_eq!(json["services"][1]["stop_signal"], 2);
+    }
+
+    /// Modules before mounts (a disk's driver may be a module), on every backend; the mounts
+    /// unmounted in reverse at shutdown; the coldplug loop is a real shell loop.
+    #[test]
+    fn modules_then_mounts_first_of_setup_and_unmounts_in_reverse() {
+        let mut spec = SystemSpec::default();
+        spec.kernel.modules = vec!["virtio_balloon".into(), "test_firmware".into()];
+        spec.kernel.load = vec!["test_firmware".into()];
+        for (dev, at) in [("/dev/vda", "/data"), ("/dev/vdb", "/data/more")] {
+            spec.setup.mounts.push(
+                serde_json::from_value(
+                    serde_json::json!({"device": dev, "where": at, "type": "ext2"}),
+                )
+                .unwrap(),
+            );
+        }
+        let sys = validate(&spec, "host", &|_| true).unwrap();
+        let setup = setup_script(&sys);
+        let (m, d) = (
+            setup.find("/etc/bonsai/modules\n").unwrap(),
+            setup.find("/etc/bonsai/mounts\n").unwrap(),
+        );
+        assert!(m < d && d < setup.find("hostname ").unwrap(), "{setup}");
+        let json: serde_json::Value = serde_json::from_str(&init_json(&sys)).unwrap();
+        assert_eq!(
+            json["early"],
+            serde_json::json!([["/etc/bonsai/modules"], ["/etc/bonsai/mounts"]])
+        );
+        assert_eq!(json["unmount"], serde_json::json!(["/data/more", "/data"]));
+        let un = unmounts_script(&sys);
+        assert!(
+            un.find("/data/more").unwrap() < un.find(" /data ").unwrap(),
+            "{un}"
+        );
+        let script = modules_script(sys.modules.as_ref().unwrap());
+        assert!(
+            script.contains("if modprobe test_firmware; then"),
+            "{script}"
+        );
+        let out = std::process::Command::new("sh")
+            .args(["-n", "-c", &script])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{script}");
+        for b in ALL {
+            let mut t = Tree::new();
+            render(&mut t, &sys, &inputs(b)).unwrap();
+            assert!(
+                t.contains("etc/bonsai/modules") && t.contains("etc/bonsai/mounts"),
+                "{b:?}"
+            );
+        }
     }
 }

@@ -42,6 +42,9 @@ pub enum Fault {
     /// `[[setup.mounts]]` are not unmounted at shutdown (the devices suite's clean-filesystem
     /// row must fail).
     NoUnmount,
+    /// The modules step loads no module for the devices present at boot (the devices suite's
+    /// coldplug row must fail).
+    NoColdplug,
 }
 
 pub const FAULTS: &[(&str, Fault)] = &[
@@ -60,6 +63,7 @@ pub const FAULTS: &[(&str, Fault)] = &[
     ("hang", Fault::Hang),
     ("no-bless", Fault::NoBless),
     ("no-unmount", Fault::NoUnmount),
+    ("no-coldplug", Fault::NoColdplug),
 ];
 
 /// The faults of the A/B test's releases (and of its own negative test): `all` leaves them out,
@@ -71,6 +75,7 @@ const RELEASE_FAULTS: &[Fault] = &[
     Fault::Hang,
     Fault::NoBless,
     Fault::NoUnmount,
+    Fault::NoColdplug,
 ];
 
 /// Parses a comma-separated list (`all` for every fault).
@@ -240,6 +245,9 @@ fn edit(path: &str, t: &str, fault: Fault) -> String {
         Fault::NoUnmount if json => edit_json(t, |v| {
             v["unmount"] = serde_json::json!([]);
         }),
+        Fault::NoColdplug if path == "etc/bonsai/modules" => {
+            t.replace("modprobe -q \"$a\"", "false")
+        }
         Fault::NoTmp if path == "etc/bonsai/setup" => drop_lines(t, |l| {
             l.contains(" /tmp && mount ") || l.ends_with(" tmpfs /tmp")
         }),
@@ -310,6 +318,7 @@ mod tests {
             "o2".into(),
             svc(r#"{"command": ["/bin/true"], "kind": "oneshot", "after": ["o1"]}"#),
         );
+        spec.kernel.modules.push("virtio_balloon".into());
         spec.setup.mounts.push(
             serde_json::from_str(r#"{"device": "/dev/vda", "where": "/data", "type": "vfat"}"#)
                 .unwrap(),

@@ -268,6 +268,20 @@ pub struct SystemSpec {
     pub users: BTreeMap<String, UserSpec>,
     pub groups: BTreeMap<String, GroupSpec>,
     pub health: HealthSpec,
+    pub kernel: KernelSpec,
+}
+
+/// A profile's `[kernel]`: the loadable modules the image carries.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct KernelSpec {
+    /// Modules the image carries, with what they depend on (`modules.dep`); each is loaded when
+    /// a device whose modalias it matches is there at boot.
+    #[serde(default)]
+    pub modules: Vec<String>,
+    /// Modules loaded at boot in this order, device or not (each also in `modules`).
+    #[serde(default)]
+    pub load: Vec<String>,
 }
 
 /// `[health]`: what a boot from a disk slot must pass before a trial boot is blessed. Services
@@ -420,6 +434,9 @@ pub struct System {
     pub steps: Vec<Step>,
     /// `[[setup.mounts]]` in order: mounted before the other steps, unmounted in reverse.
     pub mounts: Vec<DataMount>,
+    /// `[kernel] modules`: when set, the modules step runs first of the setup (coldplug by
+    /// modalias), after the `load` list in order.
+    pub modules: Option<Modules>,
     /// Commands (full argv: /bin/sysctl, /bin/ip) applied in order after loopback is up.
     pub network: Vec<Vec<String>>,
     pub users: Vec<User>,
@@ -434,6 +451,12 @@ impl System {
     pub fn oneshots(&self) -> impl Iterator<Item = &Service> {
         self.services.iter().filter(|s| s.kind == Kind::Oneshot)
     }
+}
+
+/// The modules step: `[kernel] load` in order, then every module a present device asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Modules {
+    pub load: Vec<String>,
 }
 
 /// The shared script that gets a DHCP lease for one interface (every backend runs it).
@@ -469,6 +492,7 @@ pub fn validate(
     let steps = setup_steps(spec, &accounts)?;
     let network = network(spec, program_exists)?;
     let mounts = data_mounts(spec, program_exists)?;
+    let modules = modules(&spec.kernel, program_exists)?;
     let hostname = hostname(spec, default_hostname)?;
     let health = health(&spec.health, program_exists)?;
     Ok(System {
@@ -476,6 +500,7 @@ pub fn validate(
         services: order.into_iter().map(|n| services[&n].clone()).collect(),
         steps,
         mounts,
+        modules,
         network,
         users: accounts.users.into_values().collect(),
         groups: accounts.groups.into_iter().collect(),
@@ -711,6 +736,46 @@ fn setup_steps(spec: &SystemSpec, accounts: &Accounts) -> Result<Vec<Step>, Stri
     }
 
     Ok(steps)
+}
+
+/// A module name as the kernel spells it (`-` and `_` are the same to modprobe).
+pub fn module_name(name: &str) -> String {
+    name.replace('-', "_")
+}
+
+/// `[kernel]`, checked: names, `load` within `modules`, and modprobe in the image.
+fn modules(
+    spec: &KernelSpec,
+    program_exists: &dyn Fn(&str) -> bool,
+) -> Result<Option<Modules>, String> {
+    if spec.modules.is_empty() {
+        if let Some(m) = spec.load.first() {
+            return Err(format!("kernel.load: '{m}' is not in kernel.modules"));
+        }
+        return Ok(None);
+    }
+    for m in spec.modules.iter().chain(&spec.load) {
+        if m.is_empty()
+            || !m
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(format!("kernel.modules: '{m}' is not a module name"));
+        }
+    }
+    let names: Vec<String> = spec.modules.iter().map(|m| module_name(m)).collect();
+    if let Some(m) = spec.load.iter().find(|m| !names.contains(&module_name(m))) {
+        return Err(format!("kernel.load: '{m}' is not in kernel.modules"));
+    }
+    if !program_exists("modprobe") {
+        return Err(
+            "kernel.modules: loading modules needs modprobe (busybox), which the image does not have"
+                .into(),
+        );
+    }
+    Ok(Some(Modules {
+        load: spec.load.iter().map(|m| module_name(m)).collect(),
+    }))
 }
 
 /// The program that makes a filesystem of `fstype`, with its label option.
@@ -1082,6 +1147,32 @@ mod tests {
         assert_eq!(
             validate(&spec, "h", &no_udhcpc).unwrap_err(),
             "setup.interfaces[0].dhcp: needs udhcpc (busybox), which the image does not have"
+        );
+    }
+
+    #[test]
+    fn kernel_modules_are_checked_and_name_their_key() {
+        let mut spec = SystemSpec::default();
+        assert_eq!(validate(&spec, "h", &all_exist).unwrap().modules, None);
+        spec.kernel.modules = vec!["virtio-balloon".into(), "test_firmware".into()];
+        spec.kernel.load = vec!["test-firmware".into()];
+        let sys = validate(&spec, "h", &all_exist).unwrap();
+        assert_eq!(sys.modules.unwrap().load, ["test_firmware"]);
+        let no_modprobe = |p: &str| p != "modprobe";
+        assert_eq!(
+            validate(&spec, "h", &no_modprobe).unwrap_err(),
+            "kernel.modules: loading modules needs modprobe (busybox), which the image does not have"
+        );
+        spec.kernel.load = vec!["virtio_net".into()];
+        assert_eq!(
+            validate(&spec, "h", &all_exist).unwrap_err(),
+            "kernel.load: 'virtio_net' is not in kernel.modules"
+        );
+        spec.kernel.load.clear();
+        spec.kernel.modules.push("../evil".into());
+        assert_eq!(
+            validate(&spec, "h", &all_exist).unwrap_err(),
+            "kernel.modules: '../evil' is not a module name"
         );
     }
 

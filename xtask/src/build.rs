@@ -269,6 +269,9 @@ fn no_local_builds(eval: &Eval, plan: &Plan) -> Result<()> {
         attrs.push("kernelConfig".into());
     }
     attrs.push("kernel".into());
+    if !plan.profile.system.kernel.modules.is_empty() {
+        attrs.push("kernel.modules".into());
+    }
     ui::step("check that nothing would be built on this machine (--no-local-builds)");
     // The outputs the build reads (nix-instantiate names one when it is not `out`), not every
     // output: a cache need not hold a kernel's `dev`.
@@ -331,6 +334,8 @@ struct Realised {
     packages: Vec<PathBuf>,
     kernel_image: PathBuf,
     dtb: Option<PathBuf>,
+    /// The kernel's `modules` output, when the profile names modules.
+    modules: Option<PathBuf>,
 }
 
 impl Plan {
@@ -398,7 +403,21 @@ impl Plan {
             .map(|i| format!("packages.p{i}"))
             .collect();
         attrs.push("kernel".into());
+        let want_modules = !self.profile.system.kernel.modules.is_empty();
+        if want_modules {
+            if let KernelSource::Build { fragments, .. } = &board.kernel.source {
+                if !nix::modular(&self.root.join("kernel-configs"), fragments) {
+                    bail!(
+                        "profiles/{}.toml: key 'kernel.modules': the kernel of boards/{}.toml is not modular (no fragment sets CONFIG_MODULES=y)",
+                        self.profile.name,
+                        board.name
+                    );
+                }
+            }
+            attrs.push("kernel.modules".into());
+        }
         let mut packages = eval.build(&attrs, "realising packages")?;
+        let modules = if want_modules { packages.pop() } else { None };
         let kernel_pkg = packages.pop().unwrap();
         record.kernel = Some(kernel_pkg.display().to_string());
         let kernel_image = nix::kernel_image(&kernel_pkg, board.arch)?;
@@ -413,6 +432,7 @@ impl Plan {
             packages,
             kernel_image,
             dtb,
+            modules,
         })
     }
 
@@ -436,6 +456,14 @@ impl Plan {
             .clone()
             .filter(|_| self.backend == rootfs::Backend::BonsaiInit);
         let (mut extra, ssh_key) = self.extra_files()?;
+        if let Some(m) = &realised.modules {
+            let (files, kept) = crate::kmod::image_files(m, &self.profile.system.kernel.modules)
+                .with_context(|| {
+                    format!("profiles/{}.toml: key 'kernel.modules'", self.profile.name)
+                })?;
+            ui::detail(format!("kernel modules: {}", kept.join(", ")));
+            extra.extend(files);
+        }
         if let (Some(bin), Some(_)) = (&binary, &self.update_key) {
             let node = match self.backend {
                 rootfs::Backend::BonsaiInit => rootfs::Node::symlink("bonsai-init"),

@@ -227,6 +227,8 @@ struct RawProfile {
     overrides: BTreeMap<String, toml::Table>,
     /// What QEMU gives the guest when the profile's checks run (a child's keys win).
     test_machine: Option<TestMachine>,
+    /// Loadable modules the image carries (merged along the chain, parents' first).
+    kernel: Option<rootfs::system::KernelSpec>,
 }
 
 /// `[test-machine]`: the hardware a profile's checks need under QEMU (`boot --check`,
@@ -778,6 +780,14 @@ impl Config {
                     .interfaces
                     .extend(setup.interfaces.iter().cloned());
                 system.setup.mounts.extend(setup.mounts.iter().cloned());
+            }
+            if let Some(k) = &raw.kernel {
+                for m in &k.modules {
+                    if !system.kernel.modules.contains(m) {
+                        system.kernel.modules.push(m.clone());
+                    }
+                }
+                system.kernel.load.extend(k.load.iter().cloned());
             }
             shutdown_expect.extend(raw.shutdown_expect.iter().cloned());
             console_expect.extend(raw.console_expect.iter().cloned());

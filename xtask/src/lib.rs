@@ -20,6 +20,7 @@ pub mod hygiene;
 pub mod image;
 pub mod judge;
 pub mod kernel_config;
+pub mod kmod;
 pub mod list;
 pub mod new_board;
 pub mod nix;

@@ -1,8 +1,9 @@
 //! The devices suite end to end: `cargo xtask conformance --profile devices` on qemu-x86_64 and
 //! qemu-aarch64 with every init backend (DHCP address, route and resolv.conf as text, a NIC with
 //! no server, a data partition made on the first boot and read back on the second, judged on
-//! the host from the guest's output and from the disk's own bytes after poweroff), a broken
-//! variant whose mounts are not unmounted at shutdown, and the kernel-config report's modules.
+//! the host from the guest's output and from the disk's own bytes after poweroff, a driver built
+//! as a module that loads for its device at boot), broken variants that do not unmount or load
+//! no module at coldplug, and the kernel-config report's modules.
 //! Needs Nix and QEMU (`cargo xtask test` installs them); fails, never skips, without them.
 
 use std::sync::Mutex;
@@ -34,6 +35,8 @@ fn devices_pass_on(board: &str) {
         "mount: this boot reads what the last one wrote",
         "mount: the filesystem is clean after poweroff",
         "mount: make-fs gave the filesystem its label",
+        "module: only named modules and their deps are in the image",
+        "module: virtio_balloon loaded at coldplug, device bound",
     ] {
         let row = rows
             .iter()
@@ -58,11 +61,11 @@ fn devices_rows_pass_on_every_backend_on_aarch64() {
     devices_pass_on("qemu-aarch64");
 }
 
-/// A backend that leaves its mounts mounted at poweroff: the disk's FAT dirty bit stays set, and
-/// the host's row says so. Both shutdown paths: the shell backends' shutdown script (busybox)
-/// and bonsai-init's own.
+/// Backends that leave their mounts mounted at poweroff and load no module at coldplug: the
+/// disk's FAT dirty bit stays set and the balloon's driver is not loaded, and the host's rows say
+/// so. Both paths: the shell backends' scripts (busybox) and bonsai-init's own shutdown.
 #[test]
-fn a_backend_that_does_not_unmount_fails_the_clean_row() {
+fn backends_that_do_not_unmount_or_coldplug_fail_those_rows() {
     let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     require("qemu-system-x86_64", "qemu-system-x86");
     let out = xtask(&[
@@ -74,24 +77,37 @@ fn a_backend_that_does_not_unmount_fails_the_clean_row() {
         "--init",
         "bonsai-init",
         "--broken",
-        "no-unmount",
+        "no-unmount,no-coldplug",
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "a broken unmount passed:\n{stdout}");
+    assert!(
+        !out.status.success(),
+        "the broken backends passed:\n{stdout}"
+    );
     let rows = matrix_rows(&stdout);
-    let clean = rows
-        .iter()
-        .find(|r| r.starts_with("mount: the filesystem is clean after poweroff"))
-        .unwrap_or_else(|| panic!("no clean row:\n{stdout}"));
-    assert_eq!(clean.matches("FAIL").count(), 2, "{clean}");
+    let row = |name: &str| {
+        *rows
+            .iter()
+            .find(|r| r.starts_with(name))
+            .unwrap_or_else(|| panic!("no row '{name}':\n{stdout}"))
+    };
+    for failing in [
+        "mount: the filesystem is clean after poweroff",
+        "module: virtio_balloon loaded at coldplug, device bound",
+        "console shows 'bonsai: module virtio_balloon loaded for",
+    ] {
+        assert_eq!(row(failing).matches("FAIL").count(), 2, "{}", row(failing));
+    }
     assert!(stderr.contains("dirty bit is set"), "{stderr}");
-    // What the fault does not touch still passes: the data was written and read back.
-    let persist = rows
-        .iter()
-        .find(|r| r.starts_with("mount: the data partition is mounted read-write"))
-        .unwrap();
-    assert_eq!(persist.matches("pass").count(), 2, "{persist}");
+    // What the faults do not touch still passes: the data was written and read back, and the
+    // module is in the image.
+    for passing in [
+        "mount: this boot reads what the last one wrote",
+        "module: only named modules and their deps are in the image",
+    ] {
+        assert_eq!(row(passing).matches("pass").count(), 2, "{}", row(passing));
+    }
 }
 
 #[test]
