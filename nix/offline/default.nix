@@ -31,8 +31,10 @@ let
   # Cross toolchain prefix: empty when building natively.
   crossPrefix = if system == hostSystem then "" else target.cross;
 
-  # Debian versions without the epoch (store path names cannot hold ':').
-  debVersion = v: let m = builtins.match "[0-9]+:(.*)" v; in if m == null then v else builtins.head m;
+  # Debian versions without the epoch, and '~' (a backport's or stable update's) as '_': store
+  # path names cannot hold ':' or '~'.
+  storeSafe = builtins.replaceStrings [ "~" ] [ "_" ];
+  debVersion = v: let m = builtins.match "[0-9]+:(.*)" v; in storeSafe (if m == null then v else builtins.head m);
 
   lockFor = a: builtins.fromJSON (builtins.readFile (./. + "/${a.deb}.lock.json"));
   targetLock = lockFor target;
@@ -40,7 +42,7 @@ let
 
   debFrom = a: lock: name:
     let p = lock.packages.${name} or (throw "bonsai offline package set: Debian package ${name} is not in nix/offline/${a.deb}.lock.json");
-    in builtins.path { path = debs + "/${a.deb}/${p.file}"; name = p.file; sha256 = p.sha256; recursive = false; };
+    in builtins.path { path = debs + "/${a.deb}/${p.file}"; name = storeSafe p.file; sha256 = p.sha256; recursive = false; };
   deb = debFrom target targetLock;
   hostDeb = debFrom host hostLock;
 
@@ -380,6 +382,17 @@ let
   zlib = mkDeb { pname = "zlib"; debNames = [ "zlib1g" ]; outputs = [ "out" "dev" "static" ]; postInstall = devLinks "out"; };
   libxcrypt = mkDeb { pname = "libxcrypt"; debNames = [ "libcrypt1" ]; outputs = [ "out" "man" ]; split = "to man 'share/man'"; };
   libtommath = mkDeb { pname = "libtommath"; debNames = [ "libtommath1" ]; };
+  # Firmware as Nixpkgs ships it: files under out/lib/firmware (here cfg80211's regulatory
+  # database and its signature, which the kernel loads with request_firmware). Debian ships two
+  # copies for update-alternatives; Nixpkgs has upstream's as regulatory.db{,.p7s}.
+  wireless-regdb = mkDeb { pname = "wireless-regdb"; debNames = [ "wireless-regdb" ]; withGlibc = false;
+    postInstall = ''
+      cd $out/lib/firmware
+      mv regulatory.db-upstream regulatory.db
+      mv regulatory.db.p7s-upstream regulatory.db.p7s
+      rm regulatory.db-debian regulatory.db.p7s-debian
+      cd - >/dev/null
+    ''; };
   gmp = mkDeb { pname = "gmp"; debNames = [ "libgmp10" ]; };
   libtomcrypt = mkDeb { pname = "libtomcrypt"; debNames = [ "libtomcrypt1" ]; deps = [ libtommath gmp ]; };
   # Nixpkgs' dropbear: the client tools in out/bin, the server in out/sbin.
@@ -630,7 +643,7 @@ let
     in f (builtins.intersectAttrs (builtins.functionArgs f) set // overrides);
 
   base = {
-    inherit glibc busybox skalibs execline s6 runit zlib libxcrypt libtommath libtomcrypt gmp dropbear linux linuxManualConfig;
+    inherit glibc busybox skalibs execline s6 runit zlib libxcrypt libtommath libtomcrypt gmp dropbear wireless-regdb linux linuxManualConfig;
     inherit stdenv patchelf autoPatchelfHook runtimeShell;
     pkgsStatic = { busybox = busyboxStatic; };
   # Tools for bonsai's own glue (kernel configs): the bootstrap userland and the host toolchain.

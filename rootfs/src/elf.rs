@@ -476,9 +476,59 @@ fn align_up(v: usize, align: usize) -> usize {
         .map_or(usize::MAX, |x| x & !(align - 1))
 }
 
+/// The `.modinfo` section of a kernel module (`key=value` strings, NUL-separated), as
+/// `modinfo` reads it; `None` when `data` is not an ELF file with that section.
+pub fn modinfo(data: &[u8]) -> Option<Vec<(String, String)>> {
+    use object::{Object, ObjectSection};
+    let file = object::File::parse(data).ok()?;
+    let section = file.section_by_name(".modinfo")?;
+    let bytes = section.data().ok()?;
+    Some(
+        bytes
+            .split(|b| *b == 0)
+            .filter_map(|entry| {
+                let s = std::str::from_utf8(entry).ok()?;
+                let (k, v) = s.split_once('=')?;
+                Some((k.to_string(), v.to_string()))
+            })
+            .collect(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A relocatable ELF like a kernel module, with a `.modinfo` section as modpost writes it.
+    #[test]
+    fn modinfo_reads_the_key_value_strings_of_a_module() {
+        use object::write::Object;
+        let mut obj = Object::new(
+            object::BinaryFormat::Elf,
+            object::Architecture::X86_64,
+            object::Endianness::Little,
+        );
+        let sec = obj.add_section(
+            Vec::new(),
+            b".modinfo".to_vec(),
+            object::SectionKind::ReadOnlyString,
+        );
+        obj.append_section_data(
+            sec,
+            b"license=GPL\0firmware=vendor/chip.bin\0firmware=regulatory.db\0alias=virtio:d00000005v*\0",
+            1,
+        );
+        let data = obj.write().unwrap();
+        let info = modinfo(&data).unwrap();
+        let fw: Vec<&str> = info
+            .iter()
+            .filter(|(k, _)| k == "firmware")
+            .map(|(_, v)| v.as_str())
+            .collect();
+        assert_eq!(fw, ["vendor/chip.bin", "regulatory.db"]);
+        assert_eq!(info[0], ("license".to_string(), "GPL".to_string()));
+        assert_eq!(modinfo(b"not an elf"), None);
+    }
 
     #[test]
     fn garbage_is_an_error_not_a_panic() {

@@ -54,7 +54,7 @@ pub mod refs;
 mod select;
 mod strip;
 mod verify;
-pub use crate::elf::ElfKind;
+pub use crate::elf::{modinfo, ElfKind};
 pub use crate::policy::{
     DlopenPriority, DlopenThreshold, DropRule, Glob, Policy, PruneClass, StripModules,
 };

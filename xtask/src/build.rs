@@ -456,14 +456,27 @@ impl Plan {
             .clone()
             .filter(|_| self.backend == rootfs::Backend::BonsaiInit);
         let (mut extra, ssh_key) = self.extra_files()?;
+        let mut asked = Vec::new();
         if let Some(m) = &realised.modules {
             let (files, kept) = crate::kmod::image_files(m, &self.profile.system.kernel.modules)
                 .with_context(|| {
                     format!("profiles/{}.toml: key 'kernel.modules'", self.profile.name)
                 })?;
             ui::detail(format!("kernel modules: {}", kept.join(", ")));
+            asked = crate::kmod::firmware_asked(&files)?;
             extra.extend(files);
         }
+        let (firmware, warnings) =
+            crate::kmod::firmware_files(&realised.packages, &self.profile.firmware, &asked)
+                .with_context(|| format!("profiles/{}.toml", self.profile.name))?;
+        for w in warnings {
+            ui::warn(w);
+        }
+        if !firmware.is_empty() {
+            let names: Vec<&str> = firmware.iter().map(|(p, _)| p.as_str()).collect();
+            ui::detail(format!("firmware: {}", names.join(", ")));
+        }
+        extra.extend(firmware);
         if let (Some(bin), Some(_)) = (&binary, &self.update_key) {
             let node = match self.backend {
                 rootfs::Backend::BonsaiInit => rootfs::Node::symlink("bonsai-init"),

@@ -229,6 +229,17 @@ struct RawProfile {
     test_machine: Option<TestMachine>,
     /// Loadable modules the image carries (merged along the chain, parents' first).
     kernel: Option<rootfs::system::KernelSpec>,
+    /// Firmware files the image carries.
+    firmware: Option<FirmwareSpec>,
+}
+
+/// `[firmware]`: files under `lib/firmware/` of the profile's packages, copied to the image's
+/// `/lib/firmware/` (besides those the kept modules ask for, which come when a package has them).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct FirmwareSpec {
+    #[serde(default)]
+    pub files: Vec<String>,
 }
 
 /// `[test-machine]`: the hardware a profile's checks need under QEMU (`boot --check`,
@@ -444,6 +455,8 @@ pub struct Profile {
     pub shutdown_expect: Vec<String>,
     pub console_expect: Vec<String>,
     pub test_machine: TestMachine,
+    /// `[firmware] files`, merged along the chain.
+    pub firmware: Vec<String>,
     pub authorized_keys: Option<String>,
     /// The image policy merged along the inheritance chain (parents first).
     pub policy: rootfs::Policy,
@@ -700,6 +713,7 @@ impl Config {
         let mut shutdown_expect = Vec::new();
         let mut console_expect = Vec::new();
         let mut test_machine = TestMachine::default();
+        let mut firmware: Vec<String> = Vec::new();
         let mut authorized_keys = None;
         let mut policy = rootfs::Policy::default();
         let mut development = false;
@@ -781,6 +795,11 @@ impl Config {
                     .extend(setup.interfaces.iter().cloned());
                 system.setup.mounts.extend(setup.mounts.iter().cloned());
             }
+            for f in raw.firmware.iter().flat_map(|f| &f.files) {
+                if !firmware.contains(f) {
+                    firmware.push(f.clone());
+                }
+            }
             if let Some(k) = &raw.kernel {
                 for m in &k.modules {
                     if !system.kernel.modules.contains(m) {
@@ -843,6 +862,7 @@ impl Config {
             shutdown_expect,
             console_expect,
             test_machine,
+            firmware,
             authorized_keys,
             policy,
             development,

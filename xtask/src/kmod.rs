@@ -122,12 +122,16 @@ pub fn version_dir(modules_out: &Path) -> Result<(String, PathBuf)> {
 /// A file for the image: its path there and its node.
 pub type ImageFile = (String, rootfs::Node);
 
+/// A read-only file copied from the store path `owner` (named in the manifest).
+fn store_file(host: PathBuf, owner: &Path) -> rootfs::Node {
+    let mut n = rootfs::Node::file(rootfs::Source::Host(host), 0o444);
+    n.owner = Some(owner.display().to_string());
+    n
+}
+
 /// The image's files for `names`: every kept `.ko` (from the store) and the cut-down
 /// `modules.dep` and `modules.alias`, under `lib/modules/<version>/`.
-pub fn image_files(
-    modules_out: &Path,
-    names: &[String],
-) -> Result<(Vec<ImageFile>, Vec<String>)> {
+pub fn image_files(modules_out: &Path, names: &[String]) -> Result<(Vec<ImageFile>, Vec<String>)> {
     let (version, dir) = version_dir(modules_out)?;
     let read = |f: &str| {
         std::fs::read_to_string(dir.join(f))
@@ -146,10 +150,7 @@ pub fn image_files(
     let at = format!("lib/modules/{version}");
     let mut files = Vec::new();
     for p in &kept {
-        files.push((
-            format!("{at}/{p}"),
-            rootfs::Node::file(rootfs::Source::Host(dir.join(p)), 0o444),
-        ));
+        files.push((format!("{at}/{p}"), store_file(dir.join(p), modules_out)));
     }
     files.push((
         format!("{at}/modules.dep"),
@@ -166,6 +167,88 @@ pub fn image_files(
         ),
     ));
     Ok((files, kept_names.into_iter().collect()))
+}
+
+/// What the kept modules ask for (`modinfo -F firmware`): (module, file), in module order.
+pub fn firmware_asked(files: &[ImageFile]) -> Result<Vec<(String, String)>> {
+    let mut asked = Vec::new();
+    for (path, node) in files {
+        let Some(name) = path.strip_suffix(".ko").and_then(|p| p.rsplit('/').next()) else {
+            continue;
+        };
+        let rootfs::NodeKind::File {
+            source: rootfs::Source::Host(host),
+        } = &node.kind
+        else {
+            continue;
+        };
+        let data = std::fs::read(host).with_context(|| format!("reading {}", host.display()))?;
+        let info = rootfs::modinfo(&data)
+            .with_context(|| format!("{}: not a kernel module (no .modinfo)", host.display()))?;
+        for (k, v) in info {
+            if k == "firmware" {
+                asked.push((module_name(name), v));
+            }
+        }
+    }
+    Ok(asked)
+}
+
+/// A firmware file name as `request_firmware` takes it: relative, no `..`.
+fn firmware_name_ok(f: &str) -> bool {
+    !f.is_empty()
+        && !f.starts_with('/')
+        && f.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
+}
+
+/// The image's `/lib/firmware` files: every file `[firmware] files` names (an error when no
+/// package has it) and every one a kept module asks for that a package has (a warning, which the
+/// caller prints, when none has it: drivers list every firmware version they can use). Each is
+/// looked up in the packages' `lib/firmware/`, first package first.
+pub fn firmware_files(
+    packages: &[PathBuf],
+    named: &[String],
+    asked: &[(String, String)],
+) -> Result<(Vec<ImageFile>, Vec<String>)> {
+    let find = |f: &str| {
+        packages
+            .iter()
+            .map(|p| (p.join("lib/firmware").join(f), p.clone()))
+            .find(|(f, _)| f.is_file())
+    };
+    let mut files: BTreeMap<String, (PathBuf, PathBuf)> = BTreeMap::new();
+    let mut warnings = Vec::new();
+    for f in named {
+        if !firmware_name_ok(f) {
+            bail!(
+                "key 'firmware.files': '{f}' is not a firmware file name (relative, without '..')"
+            );
+        }
+        let host = find(f).with_context(|| {
+            format!(
+                "key 'firmware.files': no package of the profile has lib/firmware/{f} (add the firmware package to `packages`)"
+            )
+        })?;
+        files.insert(f.clone(), host);
+    }
+    for (module, f) in asked {
+        if files.contains_key(f) {
+            continue;
+        }
+        match find(f).filter(|_| firmware_name_ok(f)) {
+            Some(host) => {
+                files.insert(f.clone(), host);
+            }
+            None => warnings.push(format!(
+                "kernel module {module} asks for firmware {f}, which no package of the profile has: the image goes without it (name it in [firmware] files to make this an error)"
+            )),
+        }
+    }
+    let files = files
+        .into_iter()
+        .map(|(f, (host, pkg))| (format!("lib/firmware/{f}"), store_file(host, &pkg)))
+        .collect();
+    Ok((files, warnings))
 }
 
 #[cfg(test)]
@@ -223,6 +306,39 @@ alias fs-vfat vfat\n\
 alias fs-fat fat\n";
         let kept_names: BTreeSet<String> = ["fat".to_string(), "nls_base".to_string()].into();
         assert_eq!(cut_alias(alias, &kept_names), "alias fs-fat fat\n");
+    }
+
+    #[test]
+    fn firmware_is_named_or_asked_for_and_found_in_the_packages() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        std::fs::create_dir_all(a.join("lib/firmware/vendor")).unwrap();
+        std::fs::create_dir_all(b.join("lib/firmware")).unwrap();
+        std::fs::write(a.join("lib/firmware/vendor/chip.bin"), "a").unwrap();
+        std::fs::write(b.join("lib/firmware/regulatory.db"), "RGDB").unwrap();
+        let pkgs = vec![a.clone(), b.clone()];
+        let asked = vec![
+            ("chipdrv".to_string(), "vendor/chip.bin".to_string()),
+            ("chipdrv".to_string(), "vendor/chip-v2.bin".to_string()),
+        ];
+        let (files, warnings) =
+            firmware_files(&pkgs, &["regulatory.db".to_string()], &asked).unwrap();
+        let paths: Vec<&str> = files.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["lib/firmware/regulatory.db", "lib/firmware/vendor/chip.bin"]
+        );
+        assert_eq!(
+            warnings,
+            ["kernel module chipdrv asks for firmware vendor/chip-v2.bin, which no package of the profile has: the image goes without it (name it in [firmware] files to make this an error)"]
+        );
+        let e = firmware_files(&pkgs, &["nope.bin".to_string()], &[]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "key 'firmware.files': no package of the profile has lib/firmware/nope.bin (add the firmware package to `packages`)"
+        );
+        let e = firmware_files(&pkgs, &["../etc/shadow".to_string()], &[]).unwrap_err();
+        assert!(e.to_string().contains("not a firmware file name"), "{e}");
     }
 
     #[test]

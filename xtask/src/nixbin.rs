@@ -231,6 +231,17 @@ pub fn provision(root: &Path) -> Result<PathBuf> {
     if PROGRAMS.iter().all(|p| bin.join(p).is_file()) {
         return Ok(bin);
     }
+    // One provisioning at a time (tests run builds in parallel): the others wait, then find it.
+    fs::create_dir_all(cache.join("nix"))?;
+    let busy = cache.join("nix").join(format!(".debian13-{key}.lock"));
+    let busy_file =
+        fs::File::create(&busy).with_context(|| format!("creating {}", busy.display()))?;
+    busy_file
+        .lock()
+        .with_context(|| format!("locking {}", busy.display()))?;
+    if PROGRAMS.iter().all(|p| bin.join(p).is_file()) {
+        return Ok(bin);
+    }
     let debs = cache
         .join("debs")
         .join(format!("{SUITE}-{}", arch.debian()));

@@ -37,6 +37,8 @@ fn devices_pass_on(board: &str) {
         "mount: make-fs gave the filesystem its label",
         "module: only named modules and their deps are in the image",
         "module: virtio_balloon loaded at coldplug, device bound",
+        "firmware: a request for a file the image has succeeds",
+        "firmware: a missing file fails as the kernel reports it",
     ] {
         let row = rows
             .iter()
