@@ -38,7 +38,7 @@ fn devices_pass_on(board: &str) {
         "module: only named modules and their deps are in the image",
         "module: virtio_balloon loaded at coldplug, device bound",
         "firmware: a request for a file the image has succeeds",
-        "firmware: a missing file fails as the kernel reports it",
+        "firmware: a request for a missing file gets the kernel's -2",
     ] {
         let row = rows
             .iter()
