@@ -1523,6 +1523,23 @@ mod tests {
             un.find("/data/more").unwrap() < un.find(" /data ").unwrap(),
             "{un}"
         );
+        // What the README says of a busy mount and of a device that never appears.
+        assert!(
+            un.contains("elif mount -o remount,ro /data; then echo \"bonsai: /data busy, remounted read-only\""),
+            "{un}"
+        );
+        let mounts = mounts_script(&sys);
+        assert!(
+            mounts.contains("echo \"bonsai: mount /dev/vda on /data: no such device after 5000 ms\" >/dev/console\nelse"),
+            "{mounts}"
+        );
+        for script in [&un, &mounts] {
+            let out = std::process::Command::new("sh")
+                .args(["-n", "-c", script])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{script}");
+        }
         let script = modules_script(sys.modules.as_ref().unwrap());
         assert!(
             script.contains("if modprobe test_firmware; then"),

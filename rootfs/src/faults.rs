@@ -67,8 +67,8 @@ pub const FAULTS: &[(&str, Fault)] = &[
 ];
 
 /// The faults of the A/B test's releases (and of its own negative test): `all` leaves them out,
-/// since they break whole releases rather than one behaviour the conformance suite checks; so
-/// does it the devices suite's (its profile is another one).
+/// since they break whole releases rather than one behaviour the conformance suite checks. It
+/// leaves out the devices suite's faults too: they break rows of another profile.
 const RELEASE_FAULTS: &[Fault] = &[
     Fault::InitExits,
     Fault::HealthFails,
