@@ -22,6 +22,7 @@
 mod client;
 mod config;
 mod console;
+mod devices;
 mod mounts;
 mod native;
 mod service;
@@ -92,6 +93,10 @@ unsafe fn collect_args(argc: c_int, argv: *const *const c_char) -> Vec<String> {
 fn run_command(args: &[String]) -> i32 {
     if args.first().map(String::as_str) == Some("update") {
         return update::main(args.get(1..).unwrap_or_default());
+    }
+    // The device rules' handler, a setup step (rootfs renders `bonsai-init devices`).
+    if args == ["devices"] {
+        return devices::main();
     }
     match client::parse(args) {
         client::Command::Signal(sig) => client::signal_init(sig),

@@ -37,6 +37,8 @@
 //! ...the check's output (stdout and stderr)...
 //! BONSAI-CHECK-END <nonce> <index> <exit-code>   after it, with its exit code
 //! BONSAI-DONE <nonce>                            after the last check
+//! BONSAI-HOST <nonce> qmp <command> [<json>]      a request: the host runs QMP <command> with
+//!                                                 the arguments object <json> (no spaces)
 //! ```
 //!
 //! After `BONSAI-DONE` the guest runs `reboot -f`; QEMU runs with `-no-reboot`, so it exits.
@@ -79,6 +81,7 @@ pub const TIME: &str = "BONSAI-TIME";
 pub const CHECK_BEGIN: &str = "BONSAI-CHECK-BEGIN";
 pub const CHECK_END: &str = "BONSAI-CHECK-END";
 pub const DONE: &str = "BONSAI-DONE";
+pub const HOST: &str = "BONSAI-HOST";
 
 /// The kernel parameter carrying the run's nonce.
 pub const NONCE_PARAM: &str = "bonsai.nonce";
@@ -99,12 +102,30 @@ pub const PANIC_PATTERNS: &[&str] = &[
 /// One marker, parsed.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Marker {
-    Ready { uptime: f64 },
-    ServicesUp { uptime: f64 },
-    Time { label: String, uptime: f64 },
-    CheckBegin { index: usize },
-    CheckEnd { index: usize, exit: i32 },
+    Ready {
+        uptime: f64,
+    },
+    ServicesUp {
+        uptime: f64,
+    },
+    Time {
+        label: String,
+        uptime: f64,
+    },
+    CheckBegin {
+        index: usize,
+    },
+    CheckEnd {
+        index: usize,
+        exit: i32,
+    },
     Done,
+    /// The guest asks the host to act on the machine (QMP `command` with `arguments`), e.g. to
+    /// plug in a disk while a check waits for it.
+    Host {
+        command: String,
+        arguments: String,
+    },
 }
 
 /// The parameters the host appends to the kernel command line for a check run.
@@ -197,9 +218,24 @@ pub fn parse_marker(line: &str, nonce: &str) -> Option<Marker> {
             exit: exit.parse().ok()?,
         },
         (DONE, []) => Marker::Done,
+        (HOST, ["qmp", command]) if is_qmp_name(command) => Marker::Host {
+            command: command.to_string(),
+            arguments: "{}".to_string(),
+        },
+        (HOST, ["qmp", command, arguments]) if is_qmp_name(command) => Marker::Host {
+            command: command.to_string(),
+            arguments: arguments.to_string(),
+        },
         _ => return None,
     };
     Some(marker)
+}
+
+/// A QMP command name: `device_add`, `query-pci`.
+fn is_qmp_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
 fn parse_uptime(field: &str) -> Option<f64> {
@@ -244,6 +280,23 @@ mod tests {
         assert_eq!(
             parse_marker("BONSAI-CHECK-END 0123456789abcdef 3 -1", N),
             Some(Marker::CheckEnd { index: 3, exit: -1 })
+        );
+        assert_eq!(
+            parse_marker(
+                "BONSAI-HOST 0123456789abcdef qmp device_del {\"id\":\"hp\"}\r",
+                N
+            ),
+            Some(Marker::Host {
+                command: "device_del".into(),
+                arguments: "{\"id\":\"hp\"}".into()
+            })
+        );
+        assert_eq!(
+            parse_marker("BONSAI-HOST 0123456789abcdef qmp query-pci", N),
+            Some(Marker::Host {
+                command: "query-pci".into(),
+                arguments: "{}".into()
+            })
         );
         assert_eq!(
             parse_marker("BONSAI-DONE 0123456789abcdef", N),
@@ -294,6 +347,16 @@ mod tests {
         assert_eq!(parse_marker("BONSAI-CHECK-END 0123456789abcdef 1", N), None);
         assert_eq!(parse_marker("BONSAI-DONE 0123456789abcdef extra", N), None);
         assert_eq!(parse_marker("BONSAI-BOGUS 0123456789abcdef", N), None);
+        assert_eq!(parse_marker("BONSAI-HOST 0123456789abcdef", N), None);
+        assert_eq!(parse_marker("BONSAI-HOST 0123456789abcdef qmp", N), None);
+        assert_eq!(
+            parse_marker("BONSAI-HOST 0123456789abcdef shell rm", N),
+            None
+        );
+        assert_eq!(
+            parse_marker("BONSAI-HOST 0123456789abcdef qmp Device;add {}", N),
+            None
+        );
     }
 
     #[test]

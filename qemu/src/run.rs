@@ -291,6 +291,7 @@ pub fn boot_check(
     let console = read_in_background(Arc::clone(&qemu));
     let mut judge = Judge::new(nonce, checks);
     let mut lines = LineSplitter::default();
+    let mut host = HostActions::default();
 
     // A timeout too large to add is as good as none.
     let deadline = start
@@ -311,6 +312,18 @@ pub fn boot_check(
                 }
                 for line in lines.push(&bytes) {
                     judge.feed(&line, progress);
+                }
+                for (command, arguments) in std::mem::take(&mut judge.requests) {
+                    let outcome = host.run(&spec, &command, &arguments);
+                    // In the console log, marked as the host's, for whoever reads it after.
+                    let shown = match &outcome {
+                        Ok(answer) => format!("[host] QMP {command} {arguments}: {answer}\n"),
+                        Err(e) => format!("[host] QMP {command} {arguments}: {e}\n"),
+                    };
+                    let _ = log.write_all(shown.as_bytes());
+                    if let Err(e) = outcome {
+                        judge.pending_errors.push(e);
+                    }
                 }
                 if judge.panic.is_some() && !matches!(phase, Phase::Panicked(_)) {
                     phase = Phase::Panicked(Instant::now() + PANIC_GRACE);
@@ -375,6 +388,44 @@ pub fn boot_check(
             failed,
             report: Box::new(report),
         })
+    }
+}
+
+/// What the host does for the guest's `BONSAI-HOST` requests: QMP commands, on a connection
+/// made at the first request.
+#[derive(Default)]
+struct HostActions {
+    qmp: Option<crate::qmp::Qmp>,
+}
+
+/// How long QEMU may take to open its QMP socket after it has started.
+const QMP_CONNECT: Duration = Duration::from_secs(10);
+
+impl HostActions {
+    /// Runs one request; the answer as JSON text, or why it failed (one line).
+    fn run(&mut self, spec: &QemuSpec, command: &str, arguments: &str) -> Result<String, String> {
+        let what = format!("the guest's request QMP {command}");
+        let Some(path) = &spec.qmp else {
+            return Err(format!(
+                "{what}: this machine has no QMP socket (give the profile's [test-machine] hotplug)"
+            ));
+        };
+        let args: serde_json::Value = serde_json::from_str(arguments)
+            .map_err(|e| format!("{what}: its arguments {arguments} are not JSON: {e}"))?;
+        if !args.is_object() {
+            return Err(format!(
+                "{what}: its arguments {arguments} are not a JSON object"
+            ));
+        }
+        if self.qmp.is_none() {
+            self.qmp = Some(
+                crate::qmp::Qmp::connect(path, QMP_CONNECT).map_err(|e| format!("{what}: {e}"))?,
+            );
+        }
+        let qmp = self.qmp.as_mut().ok_or_else(|| what.clone())?;
+        qmp.execute(command, args)
+            .map(|answer| answer.to_string())
+            .map_err(|e| format!("{what}: {e}"))
     }
 }
 
@@ -521,6 +572,13 @@ struct Judge<'a> {
     done: bool,
     panic: Option<String>,
     last_line: String,
+    /// `BONSAI-HOST` requests not yet carried out: QMP command and arguments.
+    requests: Vec<(String, String)>,
+    /// Requests that failed since the last check began: they belong to the next one (a check
+    /// prints its markers only when it ends, after its requests).
+    pending_errors: Vec<String>,
+    /// Per check, the first of its requests that failed.
+    host_errors: Vec<Option<String>>,
 }
 
 impl<'a> Judge<'a> {
@@ -537,6 +595,9 @@ impl<'a> Judge<'a> {
             done: false,
             panic: None,
             last_line: String::new(),
+            requests: Vec::new(),
+            pending_errors: Vec::new(),
+            host_errors: vec![None; checks.len()],
         }
     }
 
@@ -568,6 +629,9 @@ impl<'a> Judge<'a> {
                 if let Some(i) = self.slot(index) {
                     self.open = Some(i);
                     self.outputs[i] = Some(Vec::new());
+                    if let Some(e) = self.pending_errors.drain(..).next() {
+                        self.host_errors[i] = Some(e);
+                    }
                 }
             }
             Marker::CheckEnd { index, exit } => {
@@ -582,6 +646,7 @@ impl<'a> Judge<'a> {
                 }
             }
             Marker::Done => self.done = true,
+            Marker::Host { command, arguments } => self.requests.push((command, arguments)),
         }
     }
 
@@ -597,6 +662,7 @@ impl<'a> Judge<'a> {
             .map(|lines| normalize_output(&lines.join("\n")))
             .unwrap_or_default();
         let reason = match (self.outputs[i].is_some(), exit) {
+            (true, Some(_)) if self.host_errors[i].is_some() => self.host_errors[i].clone(),
             (false, None) => Some("never started".to_string()),
             (true, None) => Some("no end marker".to_string()),
             (false, Some(_)) => Some("end marker without begin marker".to_string()),
@@ -790,6 +856,51 @@ BONSAI-CHECK-END 00000000000000aa 2 0";
         ] {
             assert_eq!(protocol::is_kernel_message(line), kernel, "{line:?}");
         }
+    }
+
+    #[test]
+    fn host_requests_are_collected_and_a_failed_one_fails_the_next_check() {
+        let checks = [check("plug", None, 0), check("after", None, 0)];
+        let mut judge = Judge::new(N, &checks);
+        feed_all(
+            &mut judge,
+            &format!(
+                "BONSAI-READY {N} 1.0\nBONSAI-HOST {N} qmp device_add {{\"id\":\"d\"}}\nBONSAI-HOST ffffffffffffffff qmp device_del\n"
+            ),
+        );
+        assert_eq!(
+            std::mem::take(&mut judge.requests),
+            vec![("device_add".to_string(), "{\"id\":\"d\"}".to_string())]
+        );
+        judge
+            .pending_errors
+            .push("QMP device_add failed: GenericError: no bus".into());
+        feed_all(
+            &mut judge,
+            &format!(
+                "BONSAI-CHECK-BEGIN {N} 1\nok\nBONSAI-CHECK-END {N} 1 0\nBONSAI-CHECK-BEGIN {N} 2\nBONSAI-CHECK-END {N} 2 0\n"
+            ),
+        );
+        let results = judge.results();
+        assert!(!results[0].passed);
+        assert_eq!(
+            results[0].reason.as_deref(),
+            Some("QMP device_add failed: GenericError: no bus")
+        );
+        assert!(results[1].passed, "{:?}", results[1]);
+    }
+
+    #[test]
+    fn a_request_without_a_qmp_socket_or_with_bad_arguments_is_refused() {
+        let mut host = HostActions::default();
+        let mut spec = crate::spec::tests_support::q35();
+        let e = host.run(&spec, "device_add", "{}").unwrap_err();
+        assert!(e.contains("no QMP socket"), "{e}");
+        spec.qmp = Some("/nonexistent/qmp.sock".into());
+        let e = host.run(&spec, "device_add", "[1]").unwrap_err();
+        assert!(e.contains("not a JSON object"), "{e}");
+        let e = host.run(&spec, "device_add", "{oops").unwrap_err();
+        assert!(e.contains("are not JSON"), "{e}");
     }
 
     #[test]

@@ -37,6 +37,9 @@ pub struct QemuSpec {
     pub firmware: Option<Firmware>,
     /// Extra arguments from the board file, appended verbatim after everything else.
     pub extra_args: Vec<String>,
+    /// A QMP server on this Unix socket (headless only): a check run carries out the guest's
+    /// `BONSAI-HOST … qmp` requests through it (hotplug).
+    pub qmp: Option<PathBuf>,
 }
 
 /// The firmware that boots a disk.
@@ -232,6 +235,9 @@ impl QemuSpec {
             );
         }
         args.extend(self.extra_args.iter().cloned());
+        if let (Mode::Headless, Some(path)) = (mode, &self.qmp) {
+            args.extend(crate::qmp::qmp_args(path));
+        }
         args
     }
 
@@ -261,10 +267,15 @@ pub fn shell_quote(arg: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests_support {
+    pub use super::tests::q35;
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
     use super::*;
 
-    fn q35() -> QemuSpec {
+    pub fn q35() -> QemuSpec {
         QemuSpec {
             binary: "qemu-system-x86_64".into(),
             install_hint: Some("apt-get install qemu-system-x86".into()),
@@ -286,6 +297,7 @@ mod tests {
             drives: vec!["/tmp/data.img".into()],
             firmware: None,
             extra_args: vec!["-rtc".into(), "base=utc".into()],
+            qmp: None,
         }
     }
 
@@ -306,6 +318,7 @@ mod tests {
             drives: vec![],
             firmware: None,
             extra_args: vec![],
+            qmp: None,
         }
     }
 

@@ -74,6 +74,7 @@ fn spec(binary: String) -> QemuSpec {
         drives: vec![],
         firmware: None,
         extra_args: vec![],
+        qmp: None,
     }
 }
 

@@ -140,6 +140,9 @@ fn setup_script(sys: &System) -> String {
     if sys.modules.is_some() {
         s.push_str("/etc/bonsai/modules\n");
     }
+    if sys.devices.is_some() {
+        let _ = writeln!(s, "{}", crate::devices::DEVICES_SCRIPT);
+    }
     if !sys.mounts.is_empty() {
         s.push_str("/etc/bonsai/mounts\n");
     }
@@ -668,6 +671,9 @@ fn early_steps(sys: &System) -> Vec<Vec<String>> {
     if sys.modules.is_some() {
         v.push(vec![MODULES_SCRIPT.to_string()]);
     }
+    if sys.devices.is_some() {
+        v.push(vec!["/bin/bonsai-init".to_string(), "devices".to_string()]);
+    }
     if !sys.mounts.is_empty() {
         v.push(vec!["/etc/bonsai/mounts".to_string()]);
     }
@@ -706,7 +712,10 @@ fn mounts_script(sys: &System) -> String {
     for m in &sys.mounts {
         let target = sh_quote(&m.target);
         let shown = &m.device;
-        let find = format!("[ -b {d} ] && dev={d}", d = sh_quote(&m.device));
+        let find = match m.device.strip_prefix("LABEL=") {
+            Some(_) => format!("dev=$(findfs {} 2>/dev/null)", sh_quote(&m.device)),
+            None => format!("[ -b {d} ] && dev={d}", d = sh_quote(&m.device)),
+        };
         let tries = m.timeout_ms.div_ceil(50);
         let _ = writeln!(
             s,
@@ -719,9 +728,19 @@ fn mounts_script(sys: &System) -> String {
             ms = m.timeout_ms
         );
         if let Some(mkfs) = &m.make_fs {
+            // With device rules, the new filesystem's label is news to them (by-label links):
+            // a change event, handled before the mount goes on.
+            let relabel = if sys.devices.is_some() {
+                format!(
+                    "\n\t\techo change >\"/sys/class/block/${{dev##*/}}/uevent\" && {}",
+                    crate::devices::SETTLE_SCRIPT
+                )
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 s,
-                "\tif [ -z \"$(head -c 65536 \"$dev\" | tr -d '\\000' | head -c 1)\" ]; then\n\t\techo \"bonsai: mount: $dev is empty, making {fs} on it\" >/dev/console\n\t\t{} \"$dev\" >/dev/null 2>&1 || echo \"bonsai: mount: making {fs} on $dev failed\" >/dev/console\n\tfi",
+                "\tif [ -z \"$(head -c 65536 \"$dev\" | tr -d '\\000' | head -c 1)\" ]; then\n\t\techo \"bonsai: mount: $dev is empty, making {fs} on it\" >/dev/console\n\t\t{} \"$dev\" >/dev/null 2>&1 || echo \"bonsai: mount: making {fs} on $dev failed\" >/dev/console{relabel}\n\tfi",
                 sh_words(mkfs),
                 fs = m.fstype
             );
@@ -735,6 +754,11 @@ fn mounts_script(sys: &System) -> String {
         );
     }
     s
+}
+
+#[cfg(test)]
+pub(crate) fn tests_mounts_script(sys: &System) -> String {
+    mounts_script(sys)
 }
 
 /// `/etc/bonsai/unmounts`: the shell backends' last step before the kernel call, after every
@@ -1034,6 +1058,32 @@ pub fn render(tree: &mut Tree, sys: &System, inputs: &InitInputs) -> Result<()> 
     ];
     if let Some(m) = &sys.modules {
         files.push(exe("etc/bonsai/modules", modules_script(m)));
+    }
+    if let Some(d) = &sys.devices {
+        files.push(exe(
+            crate::devices::SETTLE_SCRIPT.trim_start_matches('/'),
+            crate::devices::SETTLE.to_string(),
+        ));
+        if backend == Backend::BonsaiInit {
+            files.push((
+                "etc/bonsai/devices.json".into(),
+                file(crate::devices::devices_json(d), 0o644),
+            ));
+        } else {
+            files.push(exe(
+                crate::devices::DEVICES_SCRIPT.trim_start_matches('/'),
+                crate::devices::DEVICES.to_string(),
+            ));
+            files.push(exe(
+                "etc/bonsai/uevent",
+                crate::devices::UEVENT_SCRIPT.to_string(),
+            ));
+            files.push(exe("etc/bonsai/devrule", crate::devices::devrule_script(d)));
+            files.push((
+                "etc/mdev.conf".into(),
+                file(crate::devices::mdev_conf(d), 0o644),
+            ));
+        }
     }
     if !sys.mounts.is_empty() {
         files.push(exe("etc/bonsai/mounts", mounts_script(sys)));
@@ -1507,15 +1557,24 @@ mod tests {
         }
         let sys = validate(&spec, "host", &|_| true).unwrap();
         let setup = setup_script(&sys);
-        let (m, d) = (
+        let (m, dev, d) = (
             setup.find("/etc/bonsai/modules\n").unwrap(),
+            setup.find("/etc/bonsai/devices\n").unwrap(),
             setup.find("/etc/bonsai/mounts\n").unwrap(),
         );
-        assert!(m < d && d < setup.find("hostname ").unwrap(), "{setup}");
+        assert!(
+            m < dev && dev < d && d < setup.find("hostname ").unwrap(),
+            "{setup}"
+        );
         let json: serde_json::Value = serde_json::from_str(&init_json(&sys)).unwrap();
+        // Loadable modules bring the device handler (modalias loading at hotplug).
         assert_eq!(
             json["early"],
-            serde_json::json!([["/etc/bonsai/modules"], ["/etc/bonsai/mounts"]])
+            serde_json::json!([
+                ["/etc/bonsai/modules"],
+                ["/bin/bonsai-init", "devices"],
+                ["/etc/bonsai/mounts"]
+            ])
         );
         assert_eq!(json["unmount"], serde_json::json!(["/data/more", "/data"]));
         let un = unmounts_script(&sys);
@@ -1557,6 +1616,42 @@ mod tests {
                 t.contains("etc/bonsai/modules") && t.contains("etc/bonsai/mounts"),
                 "{b:?}"
             );
+            // The device handler: mdev's files for the shell backends, JSON for bonsai-init.
+            let shell = b != Backend::BonsaiInit;
+            assert_eq!(t.contains("etc/mdev.conf"), shell, "{b:?}");
+            assert_eq!(t.contains("etc/bonsai/devrule"), shell, "{b:?}");
+            assert_eq!(t.contains("etc/bonsai/devices.json"), !shell, "{b:?}");
+            assert!(t.contains("etc/bonsai/devices-settle"), "{b:?}");
         }
+    }
+
+    /// make-fs tells the device rules of the new filesystem (its label) and settles.
+    #[test]
+    fn make_fs_sends_a_change_when_device_rules_are_on() {
+        let mut spec = SystemSpec::default();
+        spec.setup.mounts.push(
+            serde_json::from_value(serde_json::json!({"device": "/dev/vda", "where": "/data", "type": "vfat", "make-fs": true, "label": "d"}))
+                .unwrap(),
+        );
+        let sys = validate(&spec, "host", &|_| true).unwrap();
+        assert!(!mounts_script(&sys).contains("uevent"));
+        spec.device_rules.push(crate::devices::DeviceRuleSpec {
+            kernel: Some("vd*".into()),
+            symlinks: vec!["disk/by-label/{label}".into()],
+            ..Default::default()
+        });
+        let sys = validate(&spec, "host", &|_| true).unwrap();
+        let m = mounts_script(&sys);
+        assert!(
+            m.contains(
+                "echo change >\"/sys/class/block/${dev##*/}/uevent\" && /etc/bonsai/devices-settle"
+            ),
+            "{m}"
+        );
+        let out = std::process::Command::new("sh")
+            .args(["-n", "-c", &m])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{m}");
     }
 }

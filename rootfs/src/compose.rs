@@ -29,6 +29,8 @@ pub struct ComposeSpec {
 const CHECK_RUNNER: &str = r#"#!/bin/sh
 # Runs the board's checks and reports them on the console (see the qemu crate's protocol).
 nonce=$1
+# for /etc/bonsai/host, through which a check asks the host to act on the machine
+export BONSAI_NONCE=$nonce
 i=0
 for f in /etc/bonsai/checks/*; do
 	i=$((i + 1))
@@ -39,6 +41,15 @@ for f in /etc/bonsai/checks/*; do
 	# One write, so that other writers to the console cannot land inside a check's output.
 	printf 'BONSAI-CHECK-BEGIN %s %d\n%sBONSAI-CHECK-END %s %d %d\n' "$nonce" "$i" "$out" "$nonce" "$i" "$rc"
 done
+"#;
+
+/// `/etc/bonsai/host qmp <command> [<json>]`: a check's request to the host (the qemu crate's
+/// protocol, `BONSAI-HOST`), straight to the console: the check's own output is printed only
+/// when it ends.
+const HOST_REQUEST: &str = r#"#!/bin/sh
+# asks the host to run a QMP command on this machine (hotplug); only while checks run
+[ -n "$BONSAI_NONCE" ] || { echo "bonsai-host: not in a check run" >&2; exit 2; }
+printf 'BONSAI-HOST %s %s\n' "$BONSAI_NONCE" "$*" >/dev/console
 "#;
 
 fn file(bytes: impl Into<Vec<u8>>, mode: u32) -> Node {
@@ -84,6 +95,7 @@ pub fn compose(tree: &mut Tree, spec: &ComposeSpec) -> Result<()> {
 
     tree.merge(&backend_tree)?;
     tree.insert("etc/bonsai/run-checks", file(CHECK_RUNNER, 0o755))?;
+    tree.insert("etc/bonsai/host", file(HOST_REQUEST, 0o755))?;
     for (i, (name, run)) in spec.checks.iter().enumerate() {
         let body = format!("# {}\n{}\n", name.replace('\n', " "), run);
         tree.insert(format!("etc/bonsai/checks/{:03}", i + 1), file(body, 0o644))?;

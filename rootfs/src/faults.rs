@@ -42,9 +42,12 @@ pub enum Fault {
     /// `[[setup.mounts]]` are not unmounted at shutdown (the devices suite's clean-filesystem
     /// row must fail).
     NoUnmount,
-    /// The modules step loads no module for the devices present at boot (the devices suite's
-    /// coldplug row must fail).
+    /// The modules step loads no module for the devices present at boot, nor does the device
+    /// handler by modalias (the devices suite's module rows must fail).
     NoColdplug,
+    /// The device handler applies no `[[device-rules]]` (the devices suite's coldplug and
+    /// hotplug rows must fail).
+    NoDeviceRules,
 }
 
 pub const FAULTS: &[(&str, Fault)] = &[
@@ -64,6 +67,7 @@ pub const FAULTS: &[(&str, Fault)] = &[
     ("no-bless", Fault::NoBless),
     ("no-unmount", Fault::NoUnmount),
     ("no-coldplug", Fault::NoColdplug),
+    ("no-device-rules", Fault::NoDeviceRules),
 ];
 
 /// The faults of the A/B test's releases (and of its own negative test): `all` leaves them out,
@@ -76,6 +80,7 @@ const RELEASE_FAULTS: &[Fault] = &[
     Fault::NoBless,
     Fault::NoUnmount,
     Fault::NoColdplug,
+    Fault::NoDeviceRules,
 ];
 
 /// Parses a comma-separated list (`all` for every fault).
@@ -248,6 +253,16 @@ fn edit(path: &str, t: &str, fault: Fault) -> String {
         Fault::NoColdplug if path == "etc/bonsai/modules" => {
             t.replace("modprobe -q \"$a\"", "false")
         }
+        Fault::NoColdplug if path == "etc/mdev.conf" => drop_lines(t, |l| l.starts_with("-$MODALIAS=")),
+        Fault::NoColdplug if path == "etc/bonsai/devices.json" => edit_json(t, |v| {
+            v["modprobe"] = false.into();
+        }),
+        Fault::NoDeviceRules if path == "etc/mdev.conf" => {
+            drop_lines(t, |l| l.contains("/etc/bonsai/devrule "))
+        }
+        Fault::NoDeviceRules if path == "etc/bonsai/devices.json" => edit_json(t, |v| {
+            v["rules"] = serde_json::json!([]);
+        }),
         Fault::NoTmp if path == "etc/bonsai/setup" => drop_lines(t, |l| {
             l.contains(" /tmp && mount ") || l.ends_with(" tmpfs /tmp")
         }),
@@ -319,6 +334,11 @@ mod tests {
             svc(r#"{"command": ["/bin/true"], "kind": "oneshot", "after": ["o1"]}"#),
         );
         spec.kernel.modules.push("virtio_balloon".into());
+        spec.device_rules.push(crate::devices::DeviceRuleSpec {
+            kernel: Some("vd*".into()),
+            mode: Some("0660".into()),
+            ..Default::default()
+        });
         spec.setup.mounts.push(
             serde_json::from_str(r#"{"device": "/dev/vda", "where": "/data", "type": "vfat"}"#)
                 .unwrap(),

@@ -41,6 +41,7 @@ pub use crate::tree::{
 };
 pub mod backends;
 mod compose;
+pub mod devices;
 pub mod faults;
 pub mod system;
 pub use crate::backends::{Backend, InitInputs};

@@ -113,7 +113,8 @@ pub struct SetupSpec {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct MountSpec {
-    /// The block device, e.g. `/dev/vda`.
+    /// The block device, e.g. `/dev/vda`, or `LABEL=<label>`: the device whose filesystem has
+    /// that label (busybox `findfs`).
     pub device: String,
     /// The label `make-fs` gives the filesystem it makes (FAT: at most 11 characters).
     pub label: Option<String>,
@@ -269,6 +270,8 @@ pub struct SystemSpec {
     pub groups: BTreeMap<String, GroupSpec>,
     pub health: HealthSpec,
     pub kernel: KernelSpec,
+    /// `[[device-rules]]`, in order (parents' first).
+    pub device_rules: Vec<crate::devices::DeviceRuleSpec>,
 }
 
 /// A profile's `[kernel]`: the loadable modules the image carries.
@@ -437,6 +440,9 @@ pub struct System {
     /// `[kernel] modules`: when set, the modules step runs first of the setup (coldplug by
     /// modalias), after the `load` list in order.
     pub modules: Option<Modules>,
+    /// `[[device-rules]]` (and, with loadable modules, loading by modalias at hotplug): when
+    /// set, the devices step runs after the modules step and before the mounts.
+    pub devices: Option<crate::devices::Devices>,
     /// Commands (full argv: /bin/sysctl, /bin/ip) applied in order after loopback is up.
     pub network: Vec<Vec<String>>,
     pub users: Vec<User>,
@@ -493,6 +499,17 @@ pub fn validate(
     let network = network(spec, program_exists)?;
     let mounts = data_mounts(spec, program_exists)?;
     let modules = modules(&spec.kernel, program_exists)?;
+    let module_names: Vec<String> = spec.kernel.modules.iter().map(|m| module_name(m)).collect();
+    let devices = crate::devices::validate(
+        &spec.device_rules,
+        &|key: &str, owner: &Option<String>, group: &Option<String>| {
+            accounts
+                .resolve(key, owner, group)
+                .map_err(|e| e.replace(".user:", ".owner:"))
+        },
+        &module_names,
+        program_exists,
+    )?;
     let hostname = hostname(spec, default_hostname)?;
     let health = health(&spec.health, program_exists)?;
     Ok(System {
@@ -501,6 +518,7 @@ pub fn validate(
         steps,
         mounts,
         modules,
+        devices,
         network,
         users: accounts.users.into_values().collect(),
         groups: accounts.groups.into_iter().collect(),
@@ -833,9 +851,25 @@ fn data_mounts(
             ));
         }
         let d = &m.device;
-        if !d.starts_with("/dev/") || d.contains([' ', '\'', '"', '\n']) {
+        if let Some(l) = d.strip_prefix("LABEL=") {
+            if !simple(l) || l.len() > 16 {
+                return Err(format!(
+                    "{key}.device: '{d}' is not a label (letters, digits, - _ ., at most 16)"
+                ));
+            }
+            if m.make_fs {
+                return Err(format!(
+                    "{key}.make-fs: needs a device path, not '{d}' (an empty device has no label)"
+                ));
+            }
+            if !program_exists("findfs") {
+                return Err(format!(
+                    "{key}.device: finding '{d}' needs findfs (busybox), which the image does not have"
+                ));
+            }
+        } else if !d.starts_with("/dev/") || d.contains([' ', '\'', '"', '\n']) {
             return Err(format!(
-                "{key}.device: '{d}' is not a device path under /dev"
+                "{key}.device: '{d}' is neither a device path under /dev nor LABEL=<label>"
             ));
         }
         if let Some(l) = &m.label {
@@ -1200,7 +1234,7 @@ mod tests {
         );
         assert_eq!(
             bad("device = \"vda\"\nwhere = \"/data\"\ntype = \"vfat\""),
-            "setup.mounts[0].device: 'vda' is not a device path under /dev"
+            "setup.mounts[0].device: 'vda' is neither a device path under /dev nor LABEL=<label>"
         );
         assert_eq!(
             bad("device = \"/dev/vda\"\nlabel = \"much-too-long\"\nwhere = \"/data\"\ntype = \"vfat\""),
@@ -1209,6 +1243,28 @@ mod tests {
         assert_eq!(
             bad("device = \"/dev/vda\"\nwhere = \"data\"\ntype = \"vfat\""),
             "setup.mounts[0].where: 'data' is not absolute"
+        );
+        assert_eq!(
+            bad("device = \"LABEL=data\"\nwhere = \"/data\"\ntype = \"vfat\"\nmake-fs = true"),
+            "setup.mounts[0].make-fs: needs a device path, not 'LABEL=data' (an empty device has no label)"
+        );
+        assert_eq!(
+            bad("device = \"LABEL=a b\"\nwhere = \"/data\"\ntype = \"vfat\""),
+            "setup.mounts[0].device: 'LABEL=a b' is not a label (letters, digits, - _ ., at most 16)"
+        );
+        let mut spec = SystemSpec::default();
+        spec.setup.mounts.push(mount(
+            "device = \"LABEL=data\"\nwhere = \"/data\"\ntype = \"vfat\"",
+        ));
+        assert_eq!(
+            validate(&spec, "h", &|p: &str| p != "findfs").unwrap_err(),
+            "setup.mounts[0].device: finding 'LABEL=data' needs findfs (busybox), which the image does not have"
+        );
+        let sys = validate(&spec, "h", &all_exist).unwrap();
+        let script = crate::backends::tests_mounts_script(&sys);
+        assert!(
+            script.contains("dev=$(findfs LABEL=data 2>/dev/null)"),
+            "{script}"
         );
         let mut spec = SystemSpec::default();
         spec.setup.mounts.push(mount(

@@ -300,6 +300,7 @@ pub fn qemu_spec(
         drives: Vec::new(),
         firmware: None,
         extra_args: board.qemu.extra_args.clone(),
+        qmp: None,
     })
 }
 
@@ -330,6 +331,44 @@ pub fn apply_test_machine(
         spec.drives.insert(0, path);
     }
     spec.extra_args.extend(tm.qemu_args.iter().cloned());
+    let slots = tm.hotplug_slots.unwrap_or(0);
+    let hotplug_disk = tm.hotplug_disk_bytes(&info.profile)?;
+    if slots > 0 {
+        for i in 1..=slots {
+            spec.extra_args.extend([
+                "-device".to_string(),
+                format!("pcie-root-port,id=hp{i},chassis={i},slot={i}"),
+            ]);
+        }
+        // q35 hands its root ports' hotplug to ACPI by default (_OSC then denies the kernel
+        // native PCIe hotplug, and the kernel has no ACPI hotplug driver): native, as on virt.
+        if spec.machine == "q35" {
+            spec.extra_args.extend([
+                "-global".to_string(),
+                "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off".to_string(),
+            ]);
+        }
+        let sock = out.join("qmp.sock");
+        let _ = std::fs::remove_file(&sock);
+        spec.qmp = Some(sock);
+    }
+    if let Some(bytes) = hotplug_disk {
+        let path = out.join("hotplug-disk.img");
+        if fresh || !path.is_file() {
+            let _ = std::fs::remove_file(&path);
+            let f = std::fs::File::create(&path)
+                .with_context(|| format!("creating the hotplug disk {}", path.display()))?;
+            f.set_len(bytes)
+                .with_context(|| format!("sizing the hotplug disk {}", path.display()))?;
+        }
+        spec.extra_args.extend([
+            "-drive".to_string(),
+            format!(
+                "if=none,id=hpdisk,format=raw,file={}",
+                path.display().to_string().replace(',', ",,")
+            ),
+        ]);
+    }
     if tm.net_restrict == Some(false) {
         if let Some(n) = spec.network.as_mut() {
             n.unrestricted = true;

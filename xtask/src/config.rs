@@ -231,6 +231,9 @@ struct RawProfile {
     kernel: Option<rootfs::system::KernelSpec>,
     /// Firmware files the image carries.
     firmware: Option<FirmwareSpec>,
+    /// Device rules (parents' first, then the profile's own, in order).
+    #[serde(default)]
+    device_rules: Vec<rootfs::devices::DeviceRuleSpec>,
 }
 
 /// `[firmware]`: files under `lib/firmware/` of the profile's packages, copied to the image's
@@ -262,10 +265,24 @@ pub struct TestMachine {
     /// router and a DNS server (restricted, libslirp leaves both out).
     #[serde(default)]
     pub net_restrict: Option<bool>,
+    /// PCIe root ports `hp1`…`hpN` for QMP `device_add`, and a QMP socket through which the
+    /// host carries out the checks' requests (`/etc/bonsai/host qmp …`).
+    #[serde(default)]
+    pub hotplug_slots: Option<u32>,
+    /// A blank raw disk (`"16 MiB"`) that QEMU holds unplugged as drive `hpdisk`, for a check
+    /// to plug in (`device_add` of a `virtio-blk-pci` with `drive: hpdisk`).
+    #[serde(default)]
+    pub hotplug_disk: Option<String>,
 }
 
 impl TestMachine {
     fn merge(&mut self, child: &TestMachine) {
+        if child.hotplug_slots.is_some() {
+            self.hotplug_slots = child.hotplug_slots;
+        }
+        if child.hotplug_disk.is_some() {
+            self.hotplug_disk = child.hotplug_disk.clone();
+        }
         if child.disk.is_some() {
             self.disk = child.disk.clone();
         }
@@ -284,6 +301,20 @@ impl TestMachine {
         match parse_size(d) {
             Some(n) if n >= 1 << 20 && n % 512 == 0 => Ok(Some(n)),
             _ => bail!("profiles/{profile}.toml: key 'test-machine.disk': '{d}' is not a size of at least 1 MiB (e.g. \"32 MiB\")"),
+        }
+    }
+
+    /// The hotplug disk's size in bytes; errors name the key.
+    pub fn hotplug_disk_bytes(&self, profile: &str) -> Result<Option<u64>> {
+        let Some(d) = &self.hotplug_disk else {
+            return Ok(None);
+        };
+        if self.hotplug_slots.unwrap_or(0) == 0 {
+            bail!("profiles/{profile}.toml: key 'test-machine.hotplug-disk' needs 'test-machine.hotplug-slots' (a root port to plug it into)");
+        }
+        match parse_size(d) {
+            Some(n) if n >= 1 << 20 && n % 512 == 0 => Ok(Some(n)),
+            _ => bail!("profiles/{profile}.toml: key 'test-machine.hotplug-disk': '{d}' is not a size of at least 1 MiB (e.g. \"16 MiB\")"),
         }
     }
 }
@@ -774,6 +805,7 @@ impl Config {
             for (k, v) in &raw.groups {
                 system.groups.insert(k.clone(), v.clone());
             }
+            system.device_rules.extend(raw.device_rules.iter().cloned());
             if let Some(h) = &raw.health {
                 if h.trial_deadline_ms.is_some() {
                     system.health.trial_deadline_ms = h.trial_deadline_ms;

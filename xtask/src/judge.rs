@@ -64,6 +64,14 @@ pub enum Judge {
     /// device and type, and the `prev <token>` / `now <token>` lines are there (what the boots
     /// of one disk wrote and read is compared across boots by the conformance run).
     DataMount(String),
+    /// `hotplug-add <ms>`: a device plugged in through QMP (`t request`) had its link by
+    /// `t appeared` within `<ms>`, and its `node <mode> <owner> <group>` and
+    /// `link <path> <target>` are what the `[[device-rules]]` rule with that link says.
+    HotplugAdd(u64),
+    /// `hotplug-remove <ms>`: after `device_del` (`t remove`) the node and link were gone by
+    /// `t gone` within `<ms>` (`after <path> absent` lines), and the rule's commands ran once
+    /// each: exactly one `log add <kernel>` and one `log remove <kernel>` line.
+    HotplugRemove(u64),
 }
 
 /// What was booted, as the host recorded it when it built the image (`build.json`): the init
@@ -178,6 +186,14 @@ impl Judge {
                 }
                 Judge::DataMount(t.to_string())
             }
+            Some(k @ ("hotplug-add" | "hotplug-remove")) => {
+                let ms = num(1)?.ok_or_else(|| format!("'{k}' needs a deadline in ms"))? as u64;
+                if k == "hotplug-add" {
+                    Judge::HotplugAdd(ms)
+                } else {
+                    Judge::HotplugRemove(ms)
+                }
+            }
             _ => {
                 return Err(format!(
                     "'{text}' is not a judge (one of: {})",
@@ -215,6 +231,8 @@ impl Judge {
             Judge::SamePid1 => same_pid1(output, subject),
             Judge::Oom => oom(output),
             Judge::DataMount(t) => data_mount(output, spec, t),
+            Judge::HotplugAdd(ms) => hotplug_add(output, spec, *ms),
+            Judge::HotplugRemove(ms) => hotplug_remove(output, *ms),
         }
     }
 }
@@ -237,6 +255,8 @@ pub const KINDS: &[&str] = &[
     "same-pid1",
     "oom",
     "data-mount",
+    "hotplug-add",
+    "hotplug-remove",
 ];
 
 /// Judges every check of `checks` that names a judge, in `report` (same order): a check that
@@ -710,6 +730,98 @@ fn data_mount(output: &str, spec: &SystemSpec, target: &str) -> Result<(), Strin
     Ok(())
 }
 
+/// The `t <label> <uptime>` lines' span from `from` to `to`, in ms, against `deadline`.
+fn span_within(output: &str, from: &str, to: &str, deadline: u64) -> Result<f64, String> {
+    let at = |label: &str| -> Result<f64, String> {
+        lines(output)
+            .find(|w| w.len() == 3 && w[0] == "t" && w[1] == label)
+            .and_then(|w| w[2].parse::<f64>().ok())
+            .ok_or_else(|| format!("no 't {label} <uptime>' line"))
+    };
+    let ms = (at(to)? - at(from)?) * 1000.0;
+    if ms > deadline as f64 {
+        return Err(format!(
+            "{to} {ms:.0} ms after {from}, over the deadline of {deadline} ms"
+        ));
+    }
+    Ok(ms)
+}
+
+fn hotplug_add(output: &str, spec: &SystemSpec, deadline: u64) -> Result<(), String> {
+    span_within(output, "request", "appeared", deadline)?;
+    let link = lines(output)
+        .find(|w| w.first() == Some(&"link"))
+        .ok_or("no 'link <path> <target>' line")?;
+    let (path, target) = match link.as_slice() {
+        [_, p, t] => (*p, *t),
+        _ => return Err(format!("the link is not there: {}", link.join(" "))),
+    };
+    let kernel = target.rsplit('/').next().unwrap_or_default();
+    let rel = path
+        .strip_prefix("/dev/")
+        .ok_or("the link is not under /dev")?;
+    let rule = spec
+        .device_rules
+        .iter()
+        .find(|r| {
+            r.symlinks
+                .iter()
+                .any(|l| l.replace("{kernel}", kernel) == rel)
+        })
+        .ok_or_else(|| format!("no [[device-rules]] rule makes {path}"))?;
+    let want_target = format!("{}{kernel}", "../".repeat(rel.matches('/').count()));
+    if target != want_target {
+        return Err(format!("{path} points at {target}, not {want_target}"));
+    }
+    let node = lines(output)
+        .find(|w| w.first() == Some(&"node"))
+        .ok_or("no 'node <mode> <owner> <group>' line")?;
+    let [_, mode, owner, group] = node.as_slice() else {
+        return Err(format!("the node is not there: {}", node.join(" ")));
+    };
+    let want_mode = rule
+        .mode
+        .as_deref()
+        .unwrap_or("600")
+        .trim_start_matches('0');
+    let want_owner = rule.owner.as_deref().unwrap_or("root");
+    let want_group = rule.group.as_deref().unwrap_or(want_owner);
+    if mode.trim_start_matches('0') != want_mode || *owner != want_owner || *group != want_group {
+        return Err(format!(
+            "/dev/{kernel} is {mode} {owner}:{group}, the rule says {want_mode} {want_owner}:{want_group}"
+        ));
+    }
+    Ok(())
+}
+
+fn hotplug_remove(output: &str, deadline: u64) -> Result<(), String> {
+    span_within(output, "remove", "gone", deadline)?;
+    let after: Vec<Vec<&str>> = lines(output)
+        .filter(|w| w.first() == Some(&"after"))
+        .collect();
+    if after.is_empty() {
+        return Err("no 'after <path> absent|present' lines".into());
+    }
+    if let Some(w) = after.iter().find(|w| w.get(2) != Some(&"absent")) {
+        return Err(format!(
+            "{} is still there after device_del",
+            w.get(1).unwrap_or(&"?")
+        ));
+    }
+    let logged: Vec<String> = lines(output)
+        .filter(|w| w.first() == Some(&"log"))
+        .map(|w| w[1..].join(" "))
+        .collect();
+    let adds = logged.iter().filter(|l| l.starts_with("add ")).count();
+    let removes = logged.iter().filter(|l| l.starts_with("remove ")).count();
+    if adds != 1 || removes != 1 {
+        return Err(format!(
+            "the rule's commands ran {adds} time(s) on add and {removes} on remove, not once each (log: {logged:?})"
+        ));
+    }
+    Ok(())
+}
+
 /// Whether the FAT filesystem at the start of `disk` was unmounted cleanly: Linux sets the
 /// dirty bit of the boot sector's state byte (FAT32: offset 0x41, FAT12/16: 0x25) when it
 /// mounts the volume read-write and clears it when it unmounts it (fs/fat/inode.c).
@@ -1017,6 +1129,60 @@ mod tests {
             .unwrap_err()
             .contains("never made"));
         assert_eq!(fat_label(&vec![0u8; 4096]), None);
+    }
+
+    #[test]
+    fn hotplug_judges_read_times_modes_links_and_counts() {
+        let mut s = spec();
+        s.device_rules.push(
+            toml::from_str(
+                "subsystem = \"block\"\nattrs = { size = \"32768\" }\ngroup = \"disk\"\nmode = \"0640\"\nsymlinks = [\"disk/hot-{kernel}\"]",
+            )
+            .unwrap(),
+        );
+        let subject = Subject {
+            backend: "busybox",
+            store_paths: &[],
+        };
+        let add = Judge::parse("hotplug-add 10000", &s).unwrap();
+        let good = "t request 27.07\nt appeared 27.52\nnode 640 root disk\nlink /dev/disk/hot-vdb ../vdb\n";
+        assert_eq!(add.judge(&s, &subject, good, ""), Ok(()));
+        let late = good.replace("t appeared 27.52", "t appeared 40.00");
+        assert!(add
+            .judge(&s, &subject, &late, "")
+            .unwrap_err()
+            .contains("over the deadline of 10000 ms"));
+        let mode = good.replace("node 640", "node 600");
+        assert_eq!(
+            add.judge(&s, &subject, &mode, "").unwrap_err(),
+            "/dev/vdb is 600 root:disk, the rule says 640 root:disk"
+        );
+        let nolink = good.replace(" ../vdb", "");
+        assert!(add
+            .judge(&s, &subject, &nolink, "")
+            .unwrap_err()
+            .starts_with("the link is not there"));
+        let target = good.replace(" ../vdb", " vdb");
+        assert_eq!(
+            add.judge(&s, &subject, &target, "").unwrap_err(),
+            "/dev/disk/hot-vdb points at vdb, not ../vdb"
+        );
+        let remove = Judge::parse("hotplug-remove 15000", &s).unwrap();
+        let good = "t remove 28.40\nt gone 33.88\nafter /dev/vdb absent\nafter /dev/disk/hot-vdb absent\nlog add vdb\nlog remove vdb\n";
+        assert_eq!(remove.judge(&s, &subject, good, ""), Ok(()));
+        let twice = format!("{good}log add vdb\n");
+        assert!(remove
+            .judge(&s, &subject, &twice, "")
+            .unwrap_err()
+            .contains("ran 2 time(s) on add and 1 on remove"));
+        let stays = good.replace("after /dev/vdb absent", "after /dev/vdb present");
+        assert_eq!(
+            remove.judge(&s, &subject, &stays, "").unwrap_err(),
+            "/dev/vdb is still there after device_del"
+        );
+        assert!(Judge::parse("hotplug-add", &s)
+            .unwrap_err()
+            .contains("needs a deadline"));
     }
 
     #[test]

@@ -39,6 +39,10 @@ fn devices_pass_on(board: &str) {
         "module: virtio_balloon loaded at coldplug, device bound",
         "firmware: a request for a file the image has succeeds",
         "firmware: a request for a missing file gets the kernel's -2",
+        "coldplug: the data disk has its rule's owner, group, mode and links",
+        "hotplug: a disk plugged in through QMP gets its rule's mode and link in time",
+        "module: virtio_console loaded at hotplug",
+        "hotplug: device_del removes the node and link; the add and remove commands ran once each",
     ] {
         let row = rows
             .iter()
@@ -63,9 +67,10 @@ fn devices_rows_pass_on_every_backend_on_aarch64() {
     devices_pass_on("qemu-aarch64");
 }
 
-/// Backends that leave their mounts mounted at poweroff and load no module at coldplug: the
-/// disk's FAT dirty bit stays set and the balloon's driver is not loaded, and the host's rows say
-/// so. Both paths: the shell backends' scripts (busybox) and bonsai-init's own shutdown.
+/// Backends that leave their mounts mounted at poweroff, load no module by modalias and apply no
+/// device rule: the disk's FAT dirty bit stays set, the balloon's driver is not loaded (nor
+/// virtio_console at hotplug), the disks keep devtmpfs' mode without links, and the host's rows
+/// say so. Both paths: the shell backends' (busybox, mdev) and bonsai-init's own.
 #[test]
 fn backends_that_do_not_unmount_or_coldplug_fail_those_rows() {
     let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
@@ -79,7 +84,7 @@ fn backends_that_do_not_unmount_or_coldplug_fail_those_rows() {
         "--init",
         "bonsai-init",
         "--broken",
-        "no-unmount,no-coldplug",
+        "no-unmount,no-coldplug,no-device-rules",
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -98,6 +103,10 @@ fn backends_that_do_not_unmount_or_coldplug_fail_those_rows() {
         "mount: the filesystem is clean after poweroff",
         "module: virtio_balloon loaded at coldplug, device bound",
         "console shows 'bonsai: module virtio_balloon loaded for",
+        "module: virtio_console loaded at hotplug",
+        "coldplug: the data disk has its rule's owner, group, mode and links",
+        "hotplug: a disk plugged in through QMP gets its rule's mode and link in time",
+        "hotplug: device_del removes the node and link; the add and remove commands ran once each",
     ] {
         assert_eq!(row(failing).matches("FAIL").count(), 2, "{}", row(failing));
     }
@@ -118,7 +127,11 @@ fn kernel_config_report_shows_the_modules() {
     require("nix-build", "nix-bin");
     for board in ["qemu-x86_64", "qemu-aarch64"] {
         let report = ok(&["kernel-config", "--board", board]);
-        for option in ["CONFIG_VIRTIO_BALLOON", "CONFIG_TEST_FIRMWARE"] {
+        for option in [
+            "CONFIG_VIRTIO_BALLOON",
+            "CONFIG_VIRTIO_CONSOLE",
+            "CONFIG_TEST_FIRMWARE",
+        ] {
             let line = report
                 .lines()
                 .find(|l| l.split_whitespace().next() == Some(option))
