@@ -709,11 +709,16 @@ fn mounts_script(sys: &System) -> String {
     let mut s = String::from(
         "#!/bin/sh\n# [[setup.mounts]], in order (every backend runs this script)\nexport PATH=/bin\n",
     );
+    if sys.mounts.iter().any(|m| m.device.starts_with("LABEL=")) {
+        // The same label reader as the device rules' {label} (ext2/3/4, FAT).
+        s.push_str(crate::devices::FSLABEL);
+        s.push_str("bylabel() {\n\tfor b in /sys/class/block/*; do\n\t\td=/dev/${b##*/}\n\t\t[ -b \"$d\" ] && [ \"$(fslabel \"$d\")\" = \"$1\" ] && { echo \"$d\"; return 0; }\n\tdone\n\treturn 1\n}\n");
+    }
     for m in &sys.mounts {
         let target = sh_quote(&m.target);
         let shown = &m.device;
         let find = match m.device.strip_prefix("LABEL=") {
-            Some(_) => format!("dev=$(findfs {} 2>/dev/null)", sh_quote(&m.device)),
+            Some(l) => format!("dev=$(bylabel {})", sh_quote(l)),
             None => format!("[ -b {d} ] && dev={d}", d = sh_quote(&m.device)),
         };
         let tries = m.timeout_ms.div_ceil(50);

@@ -334,7 +334,7 @@ pub fn mdev_conf(d: &Devices) -> String {
 /// The shell function that prints the label of the filesystem on a device: ext2/3/4 (the
 /// superblock's volume name) or FAT (the boot sector's label, trailing spaces dropped; none for
 /// `NO NAME`). Nothing for anything else.
-const FSLABEL: &str = r#"fslabel() {
+pub(crate) const FSLABEL: &str = r#"fslabel() {
 	b() { dd if="$1" bs=1 skip="$2" count="$3" 2>/dev/null | tr -d '\000'; }
 	if [ "$(dd if="$1" bs=1 skip=1080 count=2 2>/dev/null)" = "$(printf 'S\357')" ]; then
 		b "$1" 1144 16
